@@ -1,0 +1,152 @@
+"""Base classes for source and sink plugins.
+
+A **source** runs in its own thread and emits events::
+
+    class Heartbeat(Source):
+        @dataclass(kw_only=True)
+        class Config:
+            interval: Duration = option(10.0, doc="Seconds between beats.")
+
+        def run(self) -> None:
+            while not self.stopping.wait(self.config.interval):
+                self.emit("heartbeat", {"uptime": time.monotonic()})
+
+A **sink** is driven by a forwarder thread that owns it: ``open()``, then
+``publish(batch)`` again and again, then ``close()``::
+
+    class Printer(Sink):
+        def publish(self, events):
+            for event in events:
+                print(event.to_cloudevent_json())
+            return events          # every one of them is confirmed
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+from agent.event import Event, QueuedEvent
+
+
+class Source:
+    """Base class of source plugins.
+
+    The agent creates one instance per ``[[sources.NAME]]`` table and calls
+    :meth:`run` in a thread of its own. ``run`` returns when
+    :attr:`stopping` is set; if it raises, the error is logged with the
+    instance name and ``run`` is called again after a backoff.
+
+    Attributes set for you: ``name`` (instance name), ``config`` (an instance
+    of :attr:`Config`), ``agent_id``, ``log`` (a logger named after the
+    instance) and ``stopping`` (a ``threading.Event``).
+    """
+
+    #: The config schema: a dataclass (see :mod:`agent.schema`), or None for
+    #: a source that takes no options besides ``name``.
+    Config: ClassVar[type | None] = None
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        config: Any,
+        agent_id: str,
+        emit: Callable[[Sequence[Event]], None],
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.agent_id = agent_id
+        self.log = logging.getLogger(f"edge_agent.source.{name}")
+        self.stopping = threading.Event()
+        self._emit_events = emit
+
+    def run(self) -> None:
+        """Produce events until :attr:`stopping` is set. Runs in its own thread."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return. Override to wake a blocking call; call super()."""
+        self.stopping.set()
+
+    def event(self, type: str, data: Any = None, *, subject: str | None = None) -> Event:
+        """Build an event of this source (for :meth:`emit_many`)."""
+        return Event(type=type, source=self.name, data=data, subject=subject)
+
+    def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> None:
+        """Commit one event to the queue; returns once it is on disk.
+
+        Blocks while the queue's hand-off is full (backpressure). Raises
+        ``ValueError`` when ``data`` is not JSON-serialisable UTF-8 and
+        :class:`agent.errors.QueueError` when the queue cannot write.
+        """
+        self._emit_events([self.event(type, data, subject=subject)])
+
+    def emit_many(self, events: Sequence[Event]) -> None:
+        """Commit several events in one transaction; returns once all are on disk."""
+        self._emit_events(events)
+
+
+class Sink:
+    """Base class of sink plugins.
+
+    The agent creates one instance per ``[[sinks.NAME]]`` table and one
+    forwarder thread that owns it. The forwarder calls :meth:`open`, then
+    :meth:`publish` with batches of at most :attr:`max_batch` events in queue
+    order, then :meth:`close`. An event leaves the queue only when every sink
+    has confirmed it.
+
+    Raise :class:`agent.errors.SinkUnavailable` (or any exception) from
+    ``open`` or ``publish`` when the destination cannot take events now: the
+    forwarder logs the reason once, calls ``close``, and retries ``open``
+    with a backoff between :attr:`retry_min` and :attr:`retry_max` seconds.
+
+    Attributes set for you: ``name``, ``config``, ``agent_id``, ``log`` and
+    ``stopping`` (set when the agent must stop now: cut long waits short).
+    """
+
+    Config: ClassVar[type | None] = None
+
+    #: The most events handed to one :meth:`publish` call.
+    max_batch: int = 100
+    #: Backoff floor and cap, in seconds, between failed attempts.
+    retry_min: float = 1.0
+    retry_max: float = 60.0
+
+    def __init__(self, *, name: str, config: Any, agent_id: str) -> None:
+        self.name = name
+        self.config = config
+        self.agent_id = agent_id
+        self.log = logging.getLogger(f"edge_agent.sink.{name}")
+        self.stopping = threading.Event()
+
+    @property
+    def target(self) -> str:
+        """Where events go, for log lines ("127.0.0.1:1883", "stdout")."""
+        return type(self).__name__
+
+    def open(self) -> None:
+        """Connect to the destination. Called before the first publish and after a failure."""
+
+    def publish(self, events: list[QueuedEvent]) -> Iterable[QueuedEvent]:
+        """Deliver ``events`` (in queue order) and return those the destination confirmed.
+
+        Return only events whose delivery the destination acknowledged (an
+        MQTT PUBACK, a publisher confirm, an fsync). Events not returned stay
+        queued and are handed over again, in order. Return ``events`` when
+        all were confirmed.
+        """
+        raise NotImplementedError
+
+    def check_connection(self) -> None:
+        """Raise :class:`agent.errors.SinkUnavailable` if the connection is known to be lost.
+
+        Called about once a second while there is nothing to send, so that an
+        outage is noticed (and logged) before the next event arrives. The
+        default does nothing.
+        """
+
+    def close(self) -> None:
+        """Release the connection. Must not raise; called after a failure too."""

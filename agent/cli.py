@@ -1,0 +1,153 @@
+"""The ``edge-agent`` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error, 78 (EX_CONFIG) invalid
+configuration, so that systemd's ``RestartPreventExitStatus=78`` stops a
+restart loop on a bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from agent import __version__
+from agent.config import Config, default_config_path, load_config
+from agent.errors import AgentError, ConfigError
+from agent.plugins import PluginHost, load_plugins
+
+EX_CONFIG = 78
+
+log = logging.getLogger("edge_agent")
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    metavar="FILE",
+    default=None,
+    help="Config file. Default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml.",
+)
+
+
+def setup_logging(level: str = "info") -> None:
+    """Log lines to stderr; without timestamps under journald, which adds its own."""
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _host() -> PluginHost:
+    """The plugins loaded once by :func:`main` (or now, when called without it)."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = load_plugins()
+    return root.obj
+
+
+def _load(config_path: str | None) -> tuple[PluginHost, Config]:
+    host = _host()
+    path = config_path or default_config_path()
+    return host, load_config(path, host)
+
+
+def _config_failed(error: ConfigError) -> None:
+    count = len(error.problems)
+    click.echo(f"invalid configuration ({count} problem{'s' if count != 1 else ''}):", err=True)
+    for problem in error.problems:
+        click.echo(f"  {problem}", err=True)
+    sys.exit(EX_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-agent")
+def cli() -> None:
+    """edge-agent: capture local events, queue them on disk, forward them over MQTT."""
+
+
+@cli.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    from agent.runtime import Agent
+
+    setup_logging()
+    try:
+        host, config = _load(config_path)
+    except ConfigError as error:
+        _config_failed(error)
+        return
+    setup_logging(config.agent.log_level)
+    for name, message in host.errors:
+        log.error("plugin %s %s; running without it", name, message)
+    agent = Agent(config, host)
+    try:
+        agent.start()
+        agent.run_until_stopped()
+    except AgentError as exc:
+        log.error("%s", exc)
+        agent.stop()
+        sys.exit(1)
+    agent.stop()
+
+
+@cli.command()
+@config_option
+def check(config_path: str | None) -> None:
+    """Validate the config file and the plugins it names; exit 0 or 78."""
+    setup_logging("warning")
+    path = config_path or default_config_path()
+    try:
+        host, config = _load(config_path)
+    except ConfigError as error:
+        _config_failed(error)
+        return
+    plugin_errors = [(name, message) for name, message in host.errors]
+    click.echo(
+        f"{path}: ok ({len(config.sources)} sources, {len(config.sinks)} sinks,"
+        f" agent id {config.agent.id!r})"
+    )
+    for name, message in plugin_errors:
+        click.echo(f"warning: plugin {name} {message}", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins: name, kind, package, version."""
+    host = _host()
+    rows = sorted([*host.sources.values(), *host.sinks.values()], key=lambda r: (r.kind, r.name))
+    if as_json:
+        data = [
+            {"name": r.name, "kind": r.kind, "package": r.package, "version": r.version}
+            for r in rows
+        ]
+        errors = [{"plugin": name, "error": message} for name, message in host.errors]
+        click.echo(json.dumps({"plugins": data, "errors": errors}, indent=2))
+        return
+    table = [("NAME", "KIND", "PACKAGE", "VERSION")] + [
+        (r.name, r.kind, r.package, r.version) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    for name, message in host.errors:
+        click.echo(f"error: plugin {name} {message}", err=True)
+
+
+def main() -> None:
+    """Entry point of the ``edge-agent`` command: load plugins once, then dispatch."""
+    host = load_plugins()
+    host.call_each("register_commands", cli=cli)
+    cli(prog_name="edge-agent", obj=host)

@@ -1,0 +1,261 @@
+"""The configuration file: TOML, environment variables, and validation.
+
+``load_config(path, host)`` reads one TOML file, replaces ``${VAR}`` and
+``${VAR:-default}`` in string values from the environment, reads secrets from
+``KEY_file`` keys, and validates every table against its schema: the core's
+below and each plugin's ``Config``. Every problem is collected and raised at
+once as :class:`agent.errors.ConfigError`, each naming the file, the key path
+and what was expected.
+
+Relative paths in the file are taken from the working directory, as Vector and
+Telegraf do; systemd runs the agent from ``/``, so use absolute paths there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from agent.errors import ConfigError, ConfigProblem
+from agent.plugins import PluginHost, Registration
+from agent.schema import Duration, EnvStr, build, option
+
+DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(kw_only=True)
+class AgentSettings:
+    """The ``[agent]`` table."""
+
+    id: str = option(
+        default_factory=socket.gethostname,
+        doc="This device's name in event sources and topics. Default: the host name.",
+    )
+    state_dir: str = option(
+        "/var/lib/edge-agent", doc="Where the queue database lives. Must be on local disk."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = option(
+        "info", doc="Least severe log level written to stderr."
+    )
+    shutdown_grace: Duration = option(
+        10.0, doc="On SIGTERM, how long sinks may keep sending the backlog before exit."
+    )
+
+
+@dataclass(kw_only=True)
+class QueueSettings:
+    """The ``[queue]`` table."""
+
+    sync: Literal["full", "normal"] = option(
+        "full",
+        doc='"full" survives power loss; "normal" is faster but may lose the last'
+        " commits on power loss (never on a crash of the agent alone).",
+    )
+    commit_max_events: int = option(
+        1000, doc="Most events the writer commits in one transaction (group commit)."
+    )
+    handoff_max_events: int = option(
+        10000, doc="Events that may wait in memory for the writer before sources block."
+    )
+
+
+@dataclass
+class InstanceConfig:
+    """One ``[[sources.X]]`` or ``[[sinks.X]]`` table, validated."""
+
+    kind: str
+    plugin: str
+    name: str
+    key: str
+    config: Any
+    registration: Registration
+
+
+@dataclass
+class Config:
+    """A whole, valid configuration file."""
+
+    file: str
+    agent: AgentSettings
+    queue: QueueSettings
+    sources: list[InstanceConfig]
+    sinks: list[InstanceConfig]
+
+
+def default_config_path() -> str:
+    """``$EDGE_AGENT_CONFIG``, else ``/etc/edge-agent/agent.toml``."""
+    return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def _interpolate(value: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else k, problems) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append(
+            (path, f"environment variable {name} is not set; set it or write ${{{name}:-default}}")
+        )
+        return ""
+
+    return EnvStr(_ENV_REF.sub(substitute, value))
+
+
+def _read_secret_files(
+    schema: type | None, table: dict, path: str, problems: list[tuple[str, str]]
+) -> dict:
+    """Replace ``X_file = "/path"`` by ``X = <file content>`` for secret option X."""
+    if schema is None:
+        return table
+    secret = {f.name for f in fields(schema) if f.metadata.get("secret")}
+    known = {f.name for f in fields(schema)}
+    table = dict(table)
+    for key in list(table):
+        base = key.removesuffix("_file")
+        if key == base or base not in secret or key in known:
+            continue
+        file_name = table.pop(key)
+        if base in table:
+            problems.append((f"{path}.{key}", f"give either {base} or {key}, not both"))
+            continue
+        if not isinstance(file_name, str):
+            problems.append((f"{path}.{key}", "expected a file path (a string)"))
+            continue
+        try:
+            with open(file_name, encoding="utf-8") as handle:
+                table[base] = handle.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            problems.append(
+                (
+                    f"{path}.{key}",
+                    f"cannot read {file_name}: {reason}; check the path and permissions",
+                )
+            )
+    return table
+
+
+def _instances(
+    kind: str,
+    section: Any,
+    host: PluginHost,
+    problems: list[tuple[str, str]],
+) -> list[InstanceConfig]:
+    top = f"{kind}s"
+    registry = host.sources if kind == "source" else host.sinks
+    if not isinstance(section, dict):
+        problems.append(
+            (top, f"expected tables such as [[{top}.NAME]], got a {type(section).__name__}")
+        )
+        return []
+    failed = {name for name, _ in host.errors}
+    result: list[InstanceConfig] = []
+    used: dict[str, str] = {}
+    for plugin_name, tables in section.items():
+        key = f"{top}.{plugin_name}"
+        if isinstance(tables, dict):
+            tables = [tables]
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            problems.append((key, f"expected tables written [[{key}]]"))
+            continue
+        registration = registry.get(plugin_name)
+        if registration is None:
+            known = ", ".join(sorted(registry)) or "none"
+            why = (
+                f"plugin {plugin_name!r} is installed but failed to load (see the errors above)"
+                if plugin_name in failed
+                else f"no {kind} plugin named {plugin_name!r} is installed (installed: {known})"
+            )
+            problems.append((key, why))
+            continue
+        schema = registration.cls.Config
+        for index, table in enumerate(tables):
+            here = f"{key}[{index}]" if len(tables) > 1 else key
+            table = dict(table)
+            name = table.pop("name", None)
+            if name is None:
+                name = plugin_name if len(tables) == 1 else f"{plugin_name}-{index + 1}"
+            if not isinstance(name, str) or not _NAME.match(name):
+                problems.append(
+                    (
+                        f"{here}.name",
+                        "expected a name of letters, digits, '_', '.' or '-' (at most 64),"
+                        f" got {name!r}",
+                    )
+                )
+                continue
+            if name in used:
+                problems.append(
+                    (f"{here}.name", f"{kind} name {name!r} is already used by {used[name]}")
+                )
+                continue
+            used[name] = here
+            table = _read_secret_files(schema, table, here, problems)
+            if schema is None:
+                for extra in table:
+                    problems.append(
+                        (f"{here}.{extra}", f"unknown key ({plugin_name} takes only 'name')")
+                    )
+                config = None
+            else:
+                config = build(schema, table, here, problems)
+            result.append(InstanceConfig(kind, plugin_name, name, here, config, registration))
+    return result
+
+
+def parse_config(data: dict, file: str, host: PluginHost) -> Config:
+    """Validate an already-parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[tuple[str, str]] = []
+    data = _interpolate(data, "", problems)
+    for key in data:
+        if key not in ("agent", "queue", "sources", "sinks"):
+            problems.append((key, "unknown table (expected agent, queue, sources or sinks)"))
+    agent = build(AgentSettings, data.get("agent", {}), "agent", problems)
+    queue = build(QueueSettings, data.get("queue", {}), "queue", problems)
+    if agent is not None and not _NAME.match(agent.id):
+        problems.append(
+            ("agent.id", f"expected letters, digits, '_', '.' or '-', got {agent.id!r}")
+        )
+    sources = _instances("source", data.get("sources", {}), host, problems)
+    sinks = _instances("sink", data.get("sinks", {}), host, problems)
+    if not sinks and "sinks" not in [p[0].split(".")[0] for p in problems]:
+        problems.append(("sinks", "no sink is configured; add one such as [[sinks.mqtt]]"))
+    if problems:
+        raise ConfigError([ConfigProblem(file, key, message) for key, message in problems])
+    assert agent is not None and queue is not None
+    return Config(file, agent, queue, sources, sinks)
+
+
+def load_config(path: str, host: PluginHost) -> Config:
+    """Read and validate the config file at ``path``; raise ConfigError listing every problem."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            [ConfigProblem(path, "", "no such file; pass -c FILE or set EDGE_AGENT_CONFIG")]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
+    return parse_config(data, path, host)

@@ -1,0 +1,177 @@
+"""Events: what a source emits, and what a sink reads back from the queue.
+
+On the wire an event is a CloudEvents 1.0 envelope in JSON structured mode::
+
+    {"specversion": "1.0", "id": "0193...", "source": "edge-agent://gw-01/inbox",
+     "type": "file.created", "time": "2026-11-26T23:59:01.123456Z",
+     "sequence": "00000000000000000042", "datacontenttype": "application/json",
+     "subject": "/var/spool/inbox/a.csv", "data": {"path": "...", "size": 1432}}
+
+``id`` is a UUIDv7 (time-sortable) given when the event is emitted and kept on
+every re-send; ``sequence`` counts per source and is given when the event is
+committed to the queue, so consumers can restore order and spot gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SEQUENCE_DIGITS = 20
+
+_id_lock = threading.Lock()
+_id_last_ms = 0
+_id_counter = 0
+
+
+def new_event_id() -> str:
+    """A UUIDv7 string, strictly increasing within this process (RFC 9562, method 1).
+
+    48 bits of Unix milliseconds, then a 12-bit counter that orders ids made in
+    the same millisecond, then 62 random bits.
+    """
+    global _id_last_ms, _id_counter
+    with _id_lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms > _id_last_ms:
+            _id_last_ms, _id_counter = now_ms, 0
+        else:
+            _id_counter += 1
+            if _id_counter > 0xFFF:  # more than 4096 ids in one ms: borrow the next ms
+                _id_last_ms, _id_counter = _id_last_ms + 1, 0
+        ms, counter = _id_last_ms, _id_counter
+    rand = int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
+    return str(uuid.UUID(int=value))
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with microseconds, as CloudEvents ``time``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(slots=True)
+class Event:
+    """One event as a source emits it, before it is committed.
+
+    Sources usually call ``emit(type, data, subject=...)`` and never build one
+    themselves; ``process_event`` hooks receive and may change it.
+
+    ``type`` is a dotted CloudEvents type such as ``file.created``; ``source``
+    is the source instance name; ``data`` must be JSON-serialisable.
+    """
+
+    type: str
+    source: str
+    data: Any = None
+    subject: str | None = None
+    id: str = field(default_factory=new_event_id)
+    time: str = field(default_factory=utc_now)
+
+
+_BAD_TYPE_CHARS = re.compile(r"[\x00-\x1f\x7f+#/\s]")
+
+
+def check_event(event: Event) -> None:
+    """Raise ValueError naming the problem when ``type`` or ``subject`` cannot be sent.
+
+    ``type`` becomes part of MQTT topics, so it must be short, printable UTF-8
+    without spaces, ``/``, ``+`` or ``#``; ``subject`` must be UTF-8 text.
+    """
+    if not isinstance(event.type, str) or not event.type or len(event.type) > 128:
+        raise ValueError(
+            f"event type must be a non-empty string of at most 128 characters, got {event.type!r}"
+        )
+    if _BAD_TYPE_CHARS.search(event.type) or not _is_utf8(event.type):
+        raise ValueError(
+            f"event type {event.type!r} may not hold spaces, control characters, '/', '+', '#'"
+            " or undecodable bytes"
+        )
+    if event.subject is not None and (
+        not isinstance(event.subject, str) or not _is_utf8(event.subject)
+    ):
+        raise ValueError(f"event subject must be UTF-8 text, got {event.subject!r}")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def encode_data(data: Any) -> str:
+    """Serialise event data to compact JSON that is valid UTF-8.
+
+    Raises ValueError naming the problem when the data is not serialisable or
+    holds text that cannot be UTF-8 (a lone surrogate from an undecodable name).
+    """
+    try:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"event data is not JSON-serialisable: {exc}") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "event data holds text that is not valid UTF-8 (undecodable bytes);"
+            " decode it with errors='replace' or send the bytes as base64"
+        ) from None
+    return text
+
+
+@dataclass(slots=True, frozen=True)
+class QueuedEvent:
+    """An event committed to the queue, as sinks receive it.
+
+    ``position`` is the event's place in the queue (increasing, never reused);
+    ``sequence`` counts per source. ``data_json`` is the data as stored.
+    """
+
+    position: int
+    id: str
+    source: str
+    type: str
+    time: str
+    subject: str | None
+    sequence: int
+    data_json: str
+    agent_id: str
+
+    @property
+    def data(self) -> Any:
+        """The event data, parsed from JSON."""
+        return json.loads(self.data_json)
+
+    @property
+    def source_uri(self) -> str:
+        """The CloudEvents ``source``: ``edge-agent://{agent}/{source}``."""
+        return f"edge-agent://{self.agent_id}/{self.source}"
+
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvents context attributes (everything but ``data``)."""
+        attributes = {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source_uri,
+            "type": self.type,
+            "time": self.time,
+            "sequence": str(self.sequence).zfill(SEQUENCE_DIGITS),
+            "datacontenttype": "application/json",
+        }
+        if self.subject is not None:
+            attributes["subject"] = self.subject
+        return attributes
+
+    def to_cloudevent_json(self) -> str:
+        """The whole CloudEvents envelope as compact JSON text."""
+        head = json.dumps(self.attributes(), ensure_ascii=False, separators=(",", ":"))
+        return f'{head[:-1]},"data":{self.data_json}}}'

@@ -1,0 +1,218 @@
+"""Forwarders: one thread per sink, moving the queue to the sink in order.
+
+A forwarder owns its sink and its cursor. It reads the next batch after the
+cursor, hands it to the sink, and advances the cursor over the events the sink
+confirmed without a gap. Events confirmed after a gap are remembered so they
+are not sent twice while the agent runs; everything unconfirmed is sent again,
+in order, after a reconnect or a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.api import Sink
+from agent.backoff import Backoff
+from agent.queue import QueueStore, SinkCursor
+
+log = logging.getLogger("edge_agent.forwarder")
+
+#: While a sink stays unreachable, repeat the "offline" line this often.
+OFFLINE_REMINDER = 300.0
+
+
+class Forwarder:
+    """Drives one sink: open, publish batches, record confirmations, reconnect."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        store: QueueStore,
+        *,
+        on_confirmed: Callable[[], None],
+    ) -> None:
+        self.sink = sink
+        self.store = store
+        self.on_confirmed = on_confirmed
+        self.wake = threading.Event()
+        self.connected = False
+        self.confirmed = 0
+        self.last_error: str | None = None
+        self.last_progress = time.monotonic()
+        self._drain_deadline: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"sink:{sink.name}", daemon=True)
+
+    @property
+    def name(self) -> str:
+        return self.sink.name
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def drain(self, deadline: float) -> None:
+        """Keep sending until the backlog is empty or ``deadline`` (monotonic), then end."""
+        self._drain_deadline = deadline
+        self.wake.set()
+
+    def abort(self) -> None:
+        """End now: cut the sink's waits short."""
+        self._drain_deadline = 0.0
+        self.sink.stopping.set()
+        self.wake.set()
+
+    def join(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _draining_done(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+
+    def _run(self) -> None:
+        cursor = SinkCursor(self.store, self.sink.name, self.sink.agent_id)
+        try:
+            self._forward(cursor)
+        except Exception:
+            log.exception("sink %s: forwarder failed; events stay queued", self.sink.name)
+        finally:
+            self._close_sink()
+            cursor.close()
+
+    def _close_sink(self) -> None:
+        try:
+            self.sink.close()
+        except Exception as exc:
+            log.warning("sink %s: close() raised %s", self.sink.name, exc)
+        self.connected = False
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before a retry, ending early when the agent stops."""
+        end = time.monotonic() + seconds
+        while not self.sink.stopping.is_set() and self._drain_deadline is None:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.sink.stopping.wait(min(left, 0.5))
+
+    def _forward(self, cursor: SinkCursor) -> None:
+        sink = self.sink
+        backoff = Backoff(sink.retry_min, sink.retry_max)
+        outage = _Outage(sink, cursor)
+        confirmed_ahead: set[int] = set()
+        while not sink.stopping.is_set() and not self._draining_done():
+            if not self.connected:
+                if self._drain_deadline is not None:
+                    return  # nothing can be flushed to a sink that is not there
+                try:
+                    sink.open()
+                except Exception as exc:
+                    self.last_error = _reason(exc)
+                    outage.failed(f"cannot reach {sink.target}: {self.last_error}")
+                    self._close_sink()
+                    self._pause(backoff.next())
+                    continue
+                self.connected = True
+                backoff.reset()
+                outage.ended()
+
+            self.wake.clear()
+            events = cursor.read(cursor.position, sink.max_batch)
+            self.last_progress = time.monotonic()
+            if not events and self._drain_deadline is not None:
+                return
+            batch = [e for e in events if e.position not in confirmed_ahead]
+            try:
+                if not events:
+                    sink.check_connection()
+                    self.wake.wait(1.0)
+                    continue
+                result = sink.publish(batch) if batch else []
+                sent = {e.position for e in batch}
+                positions = {event.position for event in result} & sent
+            except Exception as exc:
+                self.last_error = _reason(exc)
+                outage.failed(f"lost {sink.target}: {self.last_error}")
+                self._close_sink()
+                self._pause(backoff.next())
+                continue
+            self.confirmed += len(positions)
+            confirmed_ahead |= positions
+            # The read events are consecutive in the queue: the cursor moves over
+            # the confirmed prefix; confirmations after a gap wait in the set.
+            new_position = cursor.position
+            for event in events:
+                if event.position not in confirmed_ahead:
+                    break
+                confirmed_ahead.discard(event.position)
+                new_position = event.position
+            if new_position > cursor.position:
+                cursor.advance(new_position)
+                self.on_confirmed()
+            unconfirmed = len(batch) - len(positions)
+            if unconfirmed:
+                # The sink has said why (a refusal, a lost connection); wait before
+                # sending them again so a refusing broker is not hammered.
+                self.last_error = f"{unconfirmed} events not confirmed"
+                log.debug(
+                    "sink %s: %d of %d events not confirmed", sink.name, unconfirmed, len(batch)
+                )
+                self._pause(backoff.next())
+            else:
+                backoff.reset()
+
+
+class _Outage:
+    """Says once that a sink went offline, reminds now and then, and says when it is back."""
+
+    def __init__(self, sink: Sink, cursor: SinkCursor) -> None:
+        self.sink = sink
+        self.cursor = cursor
+        self.since: float | None = None
+        self.reminded = 0.0
+
+    def failed(self, what: str) -> None:
+        now = time.monotonic()
+        sink = self.sink
+        if self.since is None:
+            self.since = self.reminded = now
+            log.warning(
+                "sink %s: %s. Offline: events are kept on disk and sent when it answers;"
+                " %d waiting. Retrying with backoff up to %gs.",
+                sink.name,
+                what,
+                self.cursor.backlog(),
+                sink.retry_max,
+            )
+        elif now - self.reminded >= OFFLINE_REMINDER:
+            self.reminded = now
+            log.warning(
+                "sink %s: still offline after %.0fs (%s); %d events waiting",
+                sink.name,
+                now - self.since,
+                what,
+                self.cursor.backlog(),
+            )
+        else:
+            log.debug("sink %s: %s", sink.name, what)
+
+    def ended(self) -> None:
+        sink = self.sink
+        waiting = self.cursor.backlog()
+        if self.since is None:
+            log.info("sink %s: connected to %s; %d events waiting", sink.name, sink.target, waiting)
+            return
+        log.info(
+            "sink %s: connected to %s after %.0fs offline; sending %d waiting events in order",
+            sink.name,
+            sink.target,
+            time.monotonic() - self.since,
+            waiting,
+        )
+        self.since = None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text

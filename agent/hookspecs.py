@@ -1,0 +1,112 @@
+"""Hook specifications: the whole plugin API, one spec per hook, no logic.
+
+A plugin is a module (or object) with functions marked ``@hookimpl`` whose
+names and argument names match the specs below. Built-in plugins use exactly
+this API. A plugin may implement any subset of the hooks, and may accept
+fewer arguments than a spec offers (never more, and never with defaults:
+pluggy does not pass arguments that have defaults).
+
+Hooks are grouped by lifecycle: registration (at start-up, in the main
+thread), events (in source threads) and the agent's life (main thread).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("edge_agent")
+hookimpl = pluggy.HookimplMarker("edge_agent")
+
+
+# -- registration ---------------------------------------------------------
+
+
+@hookspec
+def register_sources(register):
+    """Register source classes this plugin provides.
+
+    Called once when plugins are loaded, in the main thread.
+
+    :param register: call ``register(name, cls)`` once per source, where
+        ``name`` is the table name in the config (``[[sources.NAME]]``) and
+        ``cls`` a subclass of :class:`agent.Source`. A name another plugin
+        already registered is an error naming both plugins; that second
+        registration is ignored and the rest of the agent carries on.
+
+    Return value is ignored. An exception is logged with the plugin's name and
+    that plugin's registrations are skipped.
+    """
+
+
+@hookspec
+def register_sinks(register):
+    """Register sink classes this plugin provides.
+
+    Called once when plugins are loaded, in the main thread.
+
+    :param register: call ``register(name, cls)`` once per sink, where ``name``
+        is the table name in the config (``[[sinks.NAME]]``) and ``cls`` a
+        subclass of :class:`agent.Sink`. Duplicate names are handled as for
+        :func:`register_sources`.
+
+    Return value is ignored. An exception is logged with the plugin's name.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the ``edge-agent`` command line.
+
+    Called when the command line starts, before arguments are parsed.
+
+    :param cli: the root ``click.Group``; add commands with ``@cli.command()``.
+
+    Return value is ignored. An exception is logged with the plugin's name and
+    the other commands keep working.
+    """
+
+
+# -- events -----------------------------------------------------------------
+
+
+@hookspec
+def process_event(event, agent):
+    """Filter, change or enrich an event before it is committed to the queue.
+
+    Called in the emitting source's thread for every event, once per
+    implementation, in plugin registration order; each implementation
+    receives what the previous one returned. Keep it fast: the source waits.
+
+    :param event: the :class:`agent.Event` (``type``, ``source``, ``data``,
+        ``subject``, ``id``, ``time``). It may be changed in place.
+    :param agent: the running :class:`agent.runtime.Agent`.
+    :return: the event (the same or a new one) to keep it, or ``None`` to
+        drop it; later implementations are then not called. Returning nothing
+        therefore drops the event, so always ``return event``.
+
+    An exception is logged with the plugin's name and the event is kept
+    unchanged by that implementation.
+    """
+
+
+# -- the agent's life -------------------------------------------------------
+
+
+@hookspec
+def startup(agent):
+    """The agent has opened its queue and is about to start sources and sinks.
+
+    Called once in the main thread. :param agent: the running agent.
+    Return value is ignored; an exception is logged with the plugin's name
+    and start-up carries on.
+    """
+
+
+@hookspec
+def shutdown(agent):
+    """The agent has stopped its sources and sinks and is about to exit.
+
+    Called once in the main thread, after the queue has committed everything
+    it held. :param agent: the agent. Return value is ignored; an exception is
+    logged with the plugin's name.
+    """

@@ -1,0 +1,48 @@
+"""The queue database schema, as named migration steps.
+
+Steps are never edited once released: a change to the schema is a new step.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("edge_agent.queue")
+
+
+@migrations()
+def m001_queue(db: Database) -> None:
+    # AUTOINCREMENT so a position is never reused after deletes: sink cursors
+    # compare positions, and a reused one would skip or repeat events.
+    db.execute(
+        """
+        CREATE TABLE events (
+            position INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL,
+            source TEXT NOT NULL,
+            type TEXT NOT NULL,
+            time TEXT NOT NULL,
+            subject TEXT,
+            sequence INTEGER NOT NULL,
+            data TEXT NOT NULL
+        )
+        """
+    )
+    # The last sequence number given per source, so numbering survives restarts
+    # and the deletion of every event of that source.
+    db.execute("CREATE TABLE source_sequences (source TEXT PRIMARY KEY, last INTEGER NOT NULL)")
+    # Per sink: every event at or below this position is confirmed by the sink.
+    db.execute("CREATE TABLE sink_cursors (sink TEXT PRIMARY KEY, position INTEGER NOT NULL)")
+    # Source checkpoints (a tailed file's offset), written in the same
+    # transaction as the events they produced.
+    db.execute(
+        """
+        CREATE TABLE checkpoints (
+            source TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (source, key)
+        )
+        """
+    )

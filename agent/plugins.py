@@ -1,0 +1,168 @@
+"""The plugin manager: finds plugins through entry points and collects what they register.
+
+Built-in and third-party plugins are found the same way: modules named in the
+``edge_agent`` entry-point group. Each is loaded inside its own try/except, so
+a broken plugin is reported by name and never stops the others.
+``EDGE_AGENT_LOAD_PLUGINS=file,mqtt`` restricts loading to those entry points
+(an empty value loads none), which helps when hunting a misbehaving plugin.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from agent import hookspecs
+from agent.api import Sink, Source
+from agent.event import Event
+
+log = logging.getLogger("edge_agent.plugins")
+
+ENTRY_POINT_GROUP = "edge_agent"
+LOAD_PLUGINS_ENV = "EDGE_AGENT_LOAD_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered source or sink class and where it came from."""
+
+    name: str
+    kind: str  # "source" or "sink"
+    cls: type
+    plugin: str
+    package: str
+    version: str
+
+
+@dataclass
+class PluginHost:
+    """The loaded plugins: the pluggy manager and the registered sources and sinks."""
+
+    pm: pluggy.PluginManager
+    sources: dict[str, Registration] = field(default_factory=dict)
+    sinks: dict[str, Registration] = field(default_factory=dict)
+    #: (plugin name, message) for every plugin that failed to load or register.
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    _origins: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a hook one plugin at a time, logging (not raising) each plugin's failure."""
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:
+                log.exception("plugin %s failed in hook %s: %s", impl.plugin_name, hook_name, exc)
+
+    def process_event(self, event: Event, agent: Any) -> Event | None:
+        """Run the ``process_event`` chain; None when an implementation dropped the event."""
+        for impl in self.pm.hook.process_event.get_hookimpls():
+            args = {"event": event, "agent": agent}
+            try:
+                result = impl.function(*[args[arg] for arg in impl.argnames])
+            except Exception as exc:
+                log.error(
+                    "plugin %s raised in process_event for %s event from %s: %s;"
+                    " the event is kept as it was",
+                    impl.plugin_name,
+                    event.type,
+                    event.source,
+                    exc,
+                )
+                continue
+            if result is None:
+                return None
+            event = result
+        return event
+
+    def register_plugin(self, plugin: Any, name: str, package: str, version: str) -> bool:
+        """Register one plugin object and collect its sources and sinks; False on failure."""
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            self.errors.append((name, f"cannot be registered: {exc}"))
+            return False
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(plugin)
+            self.errors.append((name, f"implements an unknown hook: {exc}"))
+            return False
+        self._origins[name] = (package, version)
+        self._collect(plugin, name)
+        return True
+
+    def _collect(self, plugin: Any, plugin_name: str) -> None:
+        package, version = self._origins[plugin_name]
+        for kind, hook_name, base, table in (
+            ("source", "register_sources", Source, self.sources),
+            ("sink", "register_sinks", Sink, self.sinks),
+        ):
+            impls = [
+                i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is plugin
+            ]
+
+            def register(name: str, cls: type, *, _kind=kind, _base=base, _table=table) -> None:
+                if not (isinstance(cls, type) and issubclass(cls, _base)):
+                    raise TypeError(
+                        f"{_kind} {name!r} must be a subclass of agent.{_base.__name__}"
+                    )
+                if name in _table:
+                    other = _table[name].plugin
+                    self.errors.append(
+                        (
+                            plugin_name,
+                            f"registers {_kind} {name!r}, which plugin {other!r} already"
+                            f" registered; keeping {other!r}'s. Uninstall one of them.",
+                        )
+                    )
+                    return
+                _table[name] = Registration(name, _kind, cls, plugin_name, package, version)
+
+            for impl in impls:
+                try:
+                    impl.function(register)
+                except Exception as exc:
+                    self.errors.append((plugin_name, f"failed in {hook_name}: {exc}"))
+
+
+def load_plugins(extra: list[tuple[Any, str]] | None = None) -> PluginHost:
+    """Load every plugin in the ``edge_agent`` entry-point group, then ``extra`` ones.
+
+    ``extra`` is a list of ``(plugin object, name)`` registered after the
+    entry points, for tests and embedding. Never raises for a bad plugin: the
+    problem is recorded in ``PluginHost.errors`` for the caller to report.
+    """
+    pm = pluggy.PluginManager("edge_agent")
+    pm.add_hookspecs(hookspecs)
+    host = PluginHost(pm=pm)
+    wanted = os.environ.get(LOAD_PLUGINS_ENV)
+    allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+
+    seen: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in seen or (allowed is not None and ep.name not in allowed):
+            continue
+        seen.add(ep.name)
+        dist = ep.dist
+        package = dist.name if dist else "?"
+        version = dist.version if dist else "?"
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            host.errors.append((ep.name, f"failed to import {ep.value!r} from {package}: {exc}"))
+            continue
+        host.register_plugin(plugin, ep.name, package, version)
+
+    for plugin, name in extra or []:
+        host.register_plugin(plugin, name, "(registered in code)", "")
+
+    return host

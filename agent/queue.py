@@ -1,0 +1,242 @@
+"""The SQLite queue: every accepted event is committed here before anything else.
+
+One file, ``queue.db`` in the state directory, in WAL mode with
+``synchronous`` FULL (or NORMAL, when the config says so) set and read back on
+every connection. Each thread that touches the queue opens its own connection:
+the writer (inserts, deletes of confirmed events) and one per forwarder
+(reads, its own cursor). Every write is an explicit ``BEGIN IMMEDIATE …
+COMMIT`` on a connection in autocommit mode, so no statement joins a
+transaction by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlite_utils import Database
+
+from agent.errors import QueueError
+from agent.event import Event, QueuedEvent
+from agent.migrations import migrations
+
+log = logging.getLogger("edge_agent.queue")
+
+QUEUE_FILE = "queue.db"
+BUSY_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What the queue holds: event count, oldest and newest positions and times."""
+
+    events: int
+    oldest_time: str | None
+    newest_time: str | None
+    sink_backlog: dict[str, int]
+
+
+class QueueStore:
+    """The queue file: opening it, its schema, and connections to it."""
+
+    def __init__(self, state_dir: str, *, sync: str = "full") -> None:
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, QUEUE_FILE)
+        self.sync = sync
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection for the calling thread, with the durability settings checked."""
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+            level = conn.execute("PRAGMA synchronous").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
+        expected = {"full": 2, "normal": 1}[self.sync]
+        if mode.lower() != "wal" or level != expected:
+            conn.close()
+            raise QueueError(
+                f"the queue {self.path} refused WAL mode or synchronous={self.sync}"
+                f" (got journal_mode={mode}, synchronous={level}); is it on a local filesystem?"
+            )
+        return conn
+
+    def open(self) -> None:
+        """Create the state directory and the schema; check the file is sound."""
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+        except OSError as exc:
+            raise QueueError(
+                f"cannot create the state directory {self.state_dir}: {exc.strerror};"
+                " set [agent] state_dir to a writable local folder"
+            ) from exc
+        conn = self.connect()
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise QueueError(f"the queue {self.path} is damaged: {check}")
+            migrations.apply(Database(conn, execute_plugins=False))
+        except sqlite3.DatabaseError as exc:
+            raise QueueError(f"the queue {self.path} cannot be used: {exc}") from exc
+        finally:
+            conn.close()
+
+
+class QueueWriter:
+    """Inserts events and deletes confirmed ones. Owned by the writer thread."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self.conn = store.connect()
+        self._sequences: dict[str, int] = dict(
+            self.conn.execute("SELECT source, last FROM source_sequences").fetchall()
+        )
+
+    def append(self, events: Sequence[tuple[Event, str]]) -> None:
+        """Commit events (each with its data as JSON text) in one transaction.
+
+        Gives each event the next ``sequence`` of its source. On failure
+        nothing of the batch is kept and QueueError is raised.
+        """
+        sequences = dict(self._sequences)
+        rows = []
+        for event, data_json in events:
+            sequence = sequences.get(event.source, 0) + 1
+            sequences[event.source] = sequence
+            rows.append(
+                (event.id, event.source, event.type, event.time, event.subject, sequence, data_json)
+            )
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "INSERT INTO events (id, source, type, time, subject, sequence, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self.conn.executemany(
+                "INSERT INTO source_sequences (source, last) VALUES (?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET last = excluded.last",
+                [
+                    (source, last)
+                    for source, last in sequences.items()
+                    if self._sequences.get(source) != last
+                ],
+            )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise QueueError(f"cannot commit {len(rows)} events to the queue: {exc}") from exc
+        self._sequences = sequences
+
+    def delete_confirmed(self, sinks: Sequence[str]) -> int:
+        """Delete events every one of ``sinks`` has confirmed; return how many."""
+        if not sinks:
+            return 0
+        marks = ",".join("?" * len(sinks))
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            row = self.conn.execute(
+                f"SELECT MIN(position), COUNT(*) FROM sink_cursors WHERE sink IN ({marks})",
+                list(sinks),
+            ).fetchone()
+            if row[1] < len(sinks) or row[0] is None:
+                self.conn.execute("COMMIT")
+                return 0
+            deleted = self.conn.execute(
+                "DELETE FROM events WHERE position <= ?", (row[0],)
+            ).rowcount
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise QueueError(f"cannot delete confirmed events: {exc}") from exc
+        return deleted
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SinkCursor:
+    """One sink's view of the queue: what it has confirmed, and what comes next.
+
+    Owned by that sink's forwarder thread.
+    """
+
+    def __init__(self, store: QueueStore, sink: str, agent_id: str) -> None:
+        self.conn = store.connect()
+        self.sink = sink
+        self.agent_id = agent_id
+        # A sink seen for the first time starts at the oldest event still queued.
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute(
+            "INSERT OR IGNORE INTO sink_cursors (sink, position)"
+            " VALUES (?, (SELECT IFNULL(MIN(position), (SELECT IFNULL(MAX(seq), 0)"
+            " FROM sqlite_sequence WHERE name = 'events') + 1) - 1 FROM events))",
+            (sink,),
+        )
+        self.conn.execute("COMMIT")
+        self.position: int = self.conn.execute(
+            "SELECT position FROM sink_cursors WHERE sink = ?", (sink,)
+        ).fetchone()[0]
+
+    def read(self, after: int, limit: int) -> list[QueuedEvent]:
+        """Up to ``limit`` events after position ``after``, in queue order."""
+        rows = self.conn.execute(
+            "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+            " WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [QueuedEvent(*row, agent_id=self.agent_id) for row in rows]
+
+    def advance(self, position: int) -> None:
+        """Record that every event up to ``position`` is confirmed by this sink."""
+        if position <= self.position:
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "UPDATE sink_cursors SET position = ? WHERE sink = ?", (position, self.sink)
+            )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise QueueError(f"cannot record confirmations of sink {self.sink}: {exc}") from exc
+        self.position = position
+
+    def backlog(self) -> int:
+        """Events this sink has not confirmed yet."""
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM events WHERE position > ?", (self.position,)
+        ).fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def read_stats(store: QueueStore) -> QueueStats:
+    """Counts for ``queue stats`` and ``status``; opens and closes its own connection."""
+    conn = store.connect()
+    try:
+        count, oldest, newest = conn.execute(
+            "SELECT COUNT(*), MIN(time), MAX(time) FROM events"
+        ).fetchone()
+        backlog = {
+            sink: conn.execute(
+                "SELECT COUNT(*) FROM events WHERE position > ?", (position,)
+            ).fetchone()[0]
+            for sink, position in conn.execute("SELECT sink, position FROM sink_cursors")
+        }
+    finally:
+        conn.close()
+    return QueueStats(count, oldest, newest, backlog)

@@ -1,0 +1,229 @@
+"""The running agent: starts the writer, forwarders and sources, and stops them in order.
+
+Threads and what each owns:
+
+- ``writer``: inserts into the queue and deletes confirmed events;
+- ``sink:NAME``: one per sink, its connection and its cursor;
+- ``source:NAME``: one per source, whatever the source watches;
+- the main thread: signals, and the order of start and stop.
+
+Stopping (SIGTERM or SIGINT): sources stop first, the writer commits what was
+handed over, forwarders send what they can within ``[agent] shutdown_grace``,
+and the process exits 0. Nothing accepted is lost: what was not sent stays on
+disk for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent.api import Sink, Source
+from agent.backoff import Backoff
+from agent.config import Config, InstanceConfig
+from agent.errors import QueueError
+from agent.event import Event, check_event, encode_data
+from agent.forwarder import Forwarder
+from agent.plugins import PluginHost
+from agent.queue import QueueStore
+from agent.writer import Writer
+
+log = logging.getLogger("edge_agent")
+
+SOURCE_RESTART_MIN = 1.0
+SOURCE_RESTART_MAX = 60.0
+
+
+class SourceRunner:
+    """Runs one source in its own thread and restarts it with backoff when it raises."""
+
+    def __init__(self, source: Source, plugin: str) -> None:
+        self.source = source
+        self.plugin = plugin
+        self.restarts = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"source:{source.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        try:
+            self.source.stop()
+        except Exception as exc:
+            log.error("source %s (plugin %s): stop() raised %s", self.source.name, self.plugin, exc)
+            self.source.stopping.set()
+
+    def join(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        backoff = Backoff(SOURCE_RESTART_MIN, SOURCE_RESTART_MAX)
+        source = self.source
+        while not source.stopping.is_set():
+            started = time.monotonic()
+            try:
+                source.run()
+            except Exception as exc:
+                if source.stopping.is_set():
+                    return
+                self.restarts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() - started > SOURCE_RESTART_MAX:
+                    backoff.reset()
+                delay = backoff.next()
+                log.exception(
+                    "source %s (plugin %s) failed: %s; restarting it in %.1fs",
+                    source.name,
+                    self.plugin,
+                    self.last_error,
+                    delay,
+                )
+                source.stopping.wait(delay)
+                continue
+            if not source.stopping.is_set():
+                log.info("source %s (plugin %s) finished", source.name, self.plugin)
+            return
+
+
+class Agent:
+    """The daemon: one configuration, one queue, its sources and sinks."""
+
+    def __init__(self, config: Config, host: PluginHost) -> None:
+        self.config = config
+        self.host = host
+        self.id = config.agent.id
+        self.store = QueueStore(config.agent.state_dir, sync=config.queue.sync)
+        self.sinks: list[Sink] = []
+        self.forwarders: list[Forwarder] = []
+        self.sources: list[SourceRunner] = []
+        self.writer: Writer | None = None
+        self._stop_requested = threading.Event()
+
+    # -- events ------------------------------------------------------------
+
+    def emit_events(self, events: Sequence[Event]) -> None:
+        """Run processors, encode, and commit ``events``; returns once they are on disk."""
+        items = []
+        for event in events:
+            processed = self.host.process_event(event, self)
+            if processed is None:
+                continue
+            check_event(processed)
+            items.append((processed, encode_data(processed.data)))
+        if self.writer is None:
+            raise QueueError("the agent has not started its queue")
+        self.writer.submit(items)
+
+    def _wake_forwarders(self) -> None:
+        for forwarder in self.forwarders:
+            forwarder.wake.set()
+
+    # -- life --------------------------------------------------------------
+
+    def _make(self, instance: InstanceConfig) -> Any:
+        cls = instance.registration.cls
+        if instance.kind == "source":
+            return cls(
+                name=instance.name,
+                config=instance.config,
+                agent_id=self.id,
+                emit=self.emit_events,
+            )
+        return cls(name=instance.name, config=instance.config, agent_id=self.id)
+
+    def start(self) -> None:
+        """Open the queue and start writer, forwarders and sources. Raises QueueError."""
+        self.store.open()
+        log.info(
+            "edge-agent %s starting: queue %s (sync=%s), %d sources, %d sinks",
+            self.id,
+            self.store.path,
+            self.config.queue.sync,
+            len(self.config.sources),
+            len(self.config.sinks),
+        )
+        self.host.call_each("startup", agent=self)
+        self.writer = Writer(
+            self.store,
+            commit_max_events=self.config.queue.commit_max_events,
+            handoff_max_events=self.config.queue.handoff_max_events,
+            sink_names=[s.name for s in self.config.sinks],
+            on_commit=self._wake_forwarders,
+        )
+        self.writer.start()
+        for instance in self.config.sinks:
+            sink = self._make(instance)
+            self.sinks.append(sink)
+            self.forwarders.append(
+                Forwarder(sink, self.store, on_confirmed=self.writer.request_cleanup)
+            )
+        for forwarder in self.forwarders:
+            forwarder.start()
+        for instance in self.config.sources:
+            try:
+                source = self._make(instance)
+            except Exception as exc:
+                log.exception(
+                    "source %s (plugin %s) could not be created: %s; the others run",
+                    instance.name,
+                    instance.plugin,
+                    exc,
+                )
+                continue
+            runner = SourceRunner(source, instance.plugin)
+            self.sources.append(runner)
+            runner.start()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run_until_stopped` to return (signal-safe)."""
+        self._stop_requested.set()
+
+    def run_until_stopped(self) -> None:
+        """Block the main thread until SIGTERM or SIGINT (or :meth:`request_stop`)."""
+
+        def on_stop(signum: int, _frame: Any) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self._stop_requested.set()
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            log.warning(
+                "received SIGHUP; reloading the configuration is not supported in this version:"
+                " restart the agent to apply changes"
+            )
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        while not self._stop_requested.wait(1.0):
+            if self.writer is not None and not self.writer.is_alive():
+                log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
+                raise QueueError("the queue writer stopped")
+
+    def stop(self) -> None:
+        """Stop sources, commit, flush within the grace period, stop sinks."""
+        grace = self.config.agent.shutdown_grace
+        for runner in self.sources:
+            runner.stop()
+        for runner in self.sources:
+            if not runner.join(5.0):
+                log.warning("source %s did not stop within 5s; leaving it", runner.source.name)
+        if self.writer is not None:
+            self.writer.stop(timeout=30.0)
+        deadline = time.monotonic() + grace
+        for forwarder in self.forwarders:
+            forwarder.drain(deadline)
+        for forwarder in self.forwarders:
+            forwarder.join(max(0.0, deadline - time.monotonic()))
+        for forwarder in self.forwarders:
+            forwarder.abort()
+        for forwarder in self.forwarders:
+            if not forwarder.join(5.0):
+                log.warning("sink %s did not stop within 5s; leaving it", forwarder.name)
+        self.host.call_each("shutdown", agent=self)
+        log.info("edge-agent %s stopped", self.id)

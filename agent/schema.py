@@ -1,0 +1,285 @@
+"""Configuration schemas: plain dataclasses, validated against TOML tables.
+
+A plugin declares its options as a dataclass and the agent checks every
+instance table in the config file against it, reporting every problem at once
+with its key path. Plugin authors write::
+
+    @dataclass(kw_only=True)
+    class Config:
+        paths: list[str] = option(doc="Folders to watch.")          # required
+        recursive: bool = option(True, doc="Watch sub-folders too.")
+        interval: Duration = option(10.0, doc="Seconds, or \\"10s\\", \\"5m\\".")
+
+Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Duration``
+(seconds; accepts ``"10s"``), ``ByteSize`` (bytes; accepts ``"256MiB"``),
+``Literal[...]``, ``list[T]``, ``dict[str, T]``, ``T | None``, ``Any`` and a
+nested dataclass (a TOML table or inline table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, Union
+
+from agent.units import parse_duration, parse_size
+
+T = TypeVar("T")
+
+
+class Duration(float):
+    """A duration in seconds; the config may say ``10``, ``"10s"``, ``"5m"``, ``"7d"``."""
+
+
+class ByteSize(int):
+    """A size in bytes; the config may say ``1048576``, ``"64KiB"``, ``"256MiB"``."""
+
+
+class EnvStr(str):
+    """A string that came from an environment variable.
+
+    Accepted where a number or boolean is expected, so that
+    ``port = "${MQTT_PORT:-1883}"`` works.
+    """
+
+
+def _from_env(tp: type, value: EnvStr) -> Any:
+    text = value.strip()
+    if tp is bool:
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        raise ValueError
+    return tp(text)
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str = "",
+    secret: bool = False,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+) -> Any:
+    """Declare one configuration option of a dataclass schema.
+
+    Without ``default`` or ``default_factory`` the option is required.
+    ``doc`` is shown by documentation tools; ``secret=True`` keeps the value
+    out of every message the agent prints.
+    """
+    if isinstance(default, list | dict) and default_factory is dataclasses.MISSING:
+        value = default
+        default, default_factory = dataclasses.MISSING, lambda: type(value)(value)
+    return dataclasses.field(
+        default=default,
+        default_factory=default_factory,
+        metadata={"doc": doc, "secret": secret},
+    )
+
+
+def describe(tp: Any) -> str:
+    """A type as an operator reads it: "a list of strings", "one of "full", "normal""."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return "any value"
+    if origin is Literal:
+        return "one of " + ", ".join(_show(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"a list of {_plural(describe(args[0]))}" if args else "a list"
+    if origin is dict:
+        return f"a table of {_plural(describe(args[1]))}" if args else "a table"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        Duration: 'a duration such as 10, "10s" or "5m"',
+        ByteSize: 'a size such as 1048576 or "256MiB"',
+    }.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _plural(text: str) -> str:
+    for article in ("a ", "an "):
+        if text.startswith(article):
+            return text[len(article) :] + "s"
+    return text
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+Problem = tuple[str, str]  # (key path, message)
+
+
+def build(schema: type[T], table: Any, path: str, problems: list[Problem]) -> T | None:
+    """Check ``table`` against the dataclass ``schema``; return an instance or None.
+
+    Every problem found is appended to ``problems`` as ``(key path, message)``;
+    the instance is returned only when there were none below ``path``.
+    """
+    before = len(problems)
+    value = _convert(schema, table, path, problems, secret=False)
+    return value if len(problems) == before else None
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[Problem], secret: bool) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def wrong(expected: str | None = None) -> None:
+        shown = "" if secret else f" {_show(value)}" if not isinstance(value, dict | list) else ""
+        problems.append((path, f"expected {expected or describe(tp)}, got {_kind(value)}{shown}"))
+
+    if tp is Any:
+        return value
+    if isinstance(value, EnvStr) and tp in (int, float, bool):
+        try:
+            return _from_env(tp, value)
+        except ValueError:
+            wrong()
+            return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            wrong()
+            return None
+        return _build_dataclass(tp, value, path, problems)
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        for option_type in options:
+            trial: list[Problem] = []
+            converted = _convert(option_type, value, path, trial, secret)
+            if not trial:
+                return converted
+        if len(options) == 1:
+            return _convert(options[0], value, path, problems, secret)
+        wrong()
+        return None
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        wrong()
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            wrong()
+            return None
+        return [
+            _convert(args[0], item, _join(path, i), problems, secret)
+            for i, item in enumerate(value)
+        ]
+    if origin is dict:
+        if not isinstance(value, dict):
+            wrong()
+            return None
+        return {k: _convert(args[1], v, _join(path, k), problems, secret) for k, v in value.items()}
+    if tp is Duration:
+        try:
+            return Duration(parse_duration(value))
+        except (ValueError, TypeError) as exc:
+            problems.append(
+                (path, str(exc) if isinstance(value, str) else f"expected {describe(tp)}")
+            )
+            return None
+    if tp is ByteSize:
+        try:
+            return ByteSize(parse_size(value))
+        except (ValueError, TypeError) as exc:
+            problems.append(
+                (path, str(exc) if isinstance(value, str) else f"expected {describe(tp)}")
+            )
+            return None
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        wrong()
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        wrong()
+        return None
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        wrong()
+        return None
+    raise TypeError(f"unsupported type in a config schema at {path}: {tp!r}")
+
+
+def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f'; did you mean "{hint[0]}"?' if hint else ""
+            expected = ", ".join(sorted(known)) or "no keys"
+            problems.append(
+                (_join(path, key), f"unknown key{suggestion} (expected one of: {expected})")
+            )
+            continue
+        field = known[key]
+        kwargs[key] = _convert(
+            hints[key], value, _join(path, key), problems, bool(field.metadata.get("secret"))
+        )
+    for name, field in known.items():
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        if required and name not in table:
+            problems.append((_join(path, name), f"missing required key ({describe(hints[name])})"))
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # a problem is already recorded for whatever made this fail
+
+
+def fields_of(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type description, default or MISSING, doc) for each option, for docs and --help."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        rows.append((f.name, describe(hints[f.name]), default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,203 @@
+"""Helpers for testing the agent and its plugins against real parts.
+
+``Mosquitto`` starts a throw-away broker on a free loopback port that a test
+can stop and start again; ``Subscriber`` collects what arrives; ``wait_for``
+polls a condition with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy; raise AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)  # poll interval, bounded by the deadline above
+        delay = min(delay * 2, 0.2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto broker binary: on PATH, or Debian's /usr/sbin/mosquitto."""
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
+    if found is None:
+        raise RuntimeError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    return found
+
+
+class Mosquitto:
+    """A Mosquitto broker of its own, on a free loopback port, that can be stopped and restarted.
+
+    Persistence is on (saved on SIGTERM) so that a subscriber's session and
+    its queued messages survive a restart; queue limits are off so the broker
+    never drops what it acknowledged.
+    """
+
+    def __init__(self, directory: str, port: int | None = None, extra_config: str = "") -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.extra_config = extra_config
+        self.process: subprocess.Popen | None = None
+        os.makedirs(directory, exist_ok=True)
+        self.config_path = os.path.join(directory, "mosquitto.conf")
+        self.log_path = os.path.join(directory, "mosquitto.log")
+
+    def write_config(self) -> None:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.directory}/",
+            "autosave_interval 0",
+            "max_queued_messages 0",
+            "max_queued_bytes 0",
+            f"log_dest file {self.log_path}",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to 'mosquitto' and cannot read tmp dirs
+        with open(self.config_path, "w") as handle:
+            handle.write("\n".join(lines) + "\n" + self.extra_config + "\n")
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        self.write_config()
+        self.process = subprocess.Popen(
+            [mosquitto_binary(), "-c", self.config_path],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def listening() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                log = ""
+                if os.path.exists(self.log_path):
+                    with open(self.log_path) as handle:
+                        log = handle.read()
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(listening, timeout, f"mosquitto to listen on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, so it saves its persistence file, and wait for it to exit."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    properties: Any = None
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A real MQTT client that collects messages under a topic filter.
+
+    Uses a persistent session (clean session off) and QoS 1, so messages
+    published while it reconnects after a broker restart are kept for it.
+    """
+
+    def __init__(self, port: int, topic: str = "#", *, protocol: str = "3.1.1") -> None:
+        self.messages: list[Message] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.v5 = v5 = protocol == "5"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"test-subscriber-{port}-{os.getpid()}-{id(self)}",
+            clean_session=None if v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        )
+        self.client.reconnect_delay_set(0.05, 0.5)
+        self.topic = topic
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.port = port
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._lock:
+            self.messages.append(
+                Message(message.topic, message.payload, getattr(message, "properties", None))
+            )
+
+    def start(self) -> Subscriber:
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            self.client.connect("127.0.0.1", self.port, clean_start=False, properties=props)
+        else:
+            self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        wait_for(self._subscribed.is_set, 10, "the subscription to be acknowledged")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def events(self) -> list[dict]:
+        """The payloads received so far, parsed as JSON."""
+        with self._lock:
+            return [m.json() for m in self.messages]
+
+    def __enter__(self) -> Subscriber:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,231 @@
+"""The ``mqtt`` sink: events to an MQTT broker, confirmed by the broker's acknowledgement.
+
+Delivery is confirmed only in paho's ``on_publish`` callback with a success
+reason code (a PUBACK for QoS 1, PUBCOMP for QoS 2), never because
+``publish()`` returned: ``is_published()`` and ``wait_for_publish()`` misreport
+across reconnects. Each connection uses a fresh paho client with automatic
+reconnect off, so paho never re-sends on its own; the forwarder re-sends
+unconfirmed events from disk, in order, after it reconnects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
+
+TOPIC_FIELDS = ("agent", "source", "type")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_UNSAFE_IN_TOPIC = re.compile(r"[+#\x00]")
+
+
+def render_topic(template: str, event: QueuedEvent) -> str:
+    """Fill ``{agent}``, ``{source}`` and ``{type}``; wildcards and NUL become ``_``."""
+    values = {"agent": event.agent_id, "source": event.source, "type": event.type}
+    return _PLACEHOLDER.sub(lambda m: _UNSAFE_IN_TOPIC.sub("_", values[m.group(1)]), template)
+
+
+class MqttSink(Sink):
+    """Publishes each event as a CloudEvents JSON message."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        host: str = option("127.0.0.1", doc="Broker host name or address.")
+        port: int = option(1883, doc="Broker port.")
+        topic: str = option(
+            "edge/{agent}/{source}/{type}",
+            doc="Topic template; knows {agent}, {source} and {type}.",
+        )
+        qos: Literal[0, 1, 2] = option(
+            1, doc="1 or 2: at least once, confirmed by the broker. 0: at most once."
+        )
+        protocol: Literal["3.1.1", "5"] = option("3.1.1", doc='MQTT version: "3.1.1" or "5".')
+        client_id: str = option("", doc="MQTT client id. Default: edge-agent-{agent}-{name}.")
+        username: str = option("", doc="User name, if the broker wants one.")
+        password: str = option("", secret=True, doc="Password; or password_file = PATH.")
+        keepalive: int = option(30, doc="Seconds between keepalive pings.")
+        max_inflight: int = option(
+            100, doc="Messages sent before their acknowledgements arrive. 1 keeps strict order."
+        )
+        connect_timeout: Duration = option(10.0, doc="How long a connection attempt may take.")
+        ack_timeout: Duration = option(
+            30.0, doc="How long to wait for acknowledgements before reconnecting."
+        )
+        reconnect_min: Duration = option(1.0, doc="Shortest wait between connection attempts.")
+        reconnect_max: Duration = option(60.0, doc="Longest wait between connection attempts.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        config = self.config
+        problems = [
+            m.group(1)
+            for m in _PLACEHOLDER.finditer(config.topic)
+            if m.group(1) not in TOPIC_FIELDS
+        ]
+        if problems:
+            raise ValueError(
+                f"sink {self.name}: topic {config.topic!r} uses unknown field(s)"
+                f" {', '.join(problems)}; known: {', '.join(TOPIC_FIELDS)}"
+            )
+        self.max_batch = max(1, config.max_inflight)
+        self.retry_min = config.reconnect_min
+        self.retry_max = config.reconnect_max
+        self._client: mqtt.Client | None = None
+        self._connack: queue.SimpleQueue = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue = queue.SimpleQueue()
+        self._connected = threading.Event()
+        self._disconnect_reason: str | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    # -- paho callbacks: network thread; no I/O, no exceptions -------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack.put((reason_code, properties))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._disconnect_reason = str(reason_code)
+        self._connected.clear()
+        self._acks.put(None)  # wake a waiting publish()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acks.put((mid, reason_code))
+
+    # -- the sink ------------------------------------------------------------
+
+    def open(self) -> None:
+        config = self.config
+        v5 = config.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id or f"edge-agent-{self.agent_id}-{self.name}",
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(self.max_batch)
+        client.max_queued_messages_set(0)
+        client.connect_timeout = config.connect_timeout
+        if config.username:
+            client.username_pw_set(config.username, config.password or None)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._connack = queue.SimpleQueue()
+        self._acks = queue.SimpleQueue()
+        self._client = client
+        try:
+            client.connect(config.host, config.port, keepalive=config.keepalive)
+        except (OSError, ValueError) as exc:
+            raise SinkUnavailable(getattr(exc, "strerror", None) or str(exc)) from None
+        client.loop_start()
+        try:
+            reason_code, properties = self._connack.get(timeout=config.connect_timeout)
+        except queue.Empty:
+            raise SinkUnavailable(
+                f"the broker accepted the TCP connection but sent no CONNACK within"
+                f" {config.connect_timeout:g}s"
+            ) from None
+        if reason_code.is_failure:
+            raise SinkUnavailable(f"the broker refused the connection: {reason_code}")
+        window = self.config.max_inflight
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) if v5 else None
+        if receive_maximum:
+            window = min(window, receive_maximum)  # paho ignores the broker's limit
+        self.max_batch = max(1, window)
+        self._connected.set()
+
+    def publish(self, events: list[QueuedEvent]) -> list[QueuedEvent]:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
+        config = self.config
+        properties = None
+        waiting: dict[int, QueuedEvent] = {}
+        for event in events:
+            if config.protocol == "5":
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.ContentType = "application/cloudevents+json"
+                properties.UserProperty = [("id", event.id)]
+            info = client.publish(
+                render_topic(config.topic, event),
+                event.to_cloudevent_json().encode("utf-8"),
+                qos=config.qos,
+                properties=properties,
+            )
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                break  # nothing more can go out; what went out may still be acked
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise SinkUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
+            waiting[info.mid] = event
+        return self._await_acks(waiting)
+
+    def _await_acks(self, waiting: dict[int, QueuedEvent]) -> list[QueuedEvent]:
+        confirmed: list[QueuedEvent] = []
+        refused: list[str] = []
+        deadline = time.monotonic() + self.config.ack_timeout
+        while waiting and not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                item = self._acks.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if item is None:
+                if not self._connected.is_set():
+                    break
+                continue
+            mid, reason_code = item
+            event = waiting.pop(mid, None)
+            if event is None:
+                continue  # an ack of an earlier, abandoned batch
+            if reason_code.is_failure:
+                refused.append(f"{event.id}: {reason_code}")
+            else:
+                confirmed.append(event)
+        if refused:
+            self.log.warning(
+                "broker refused %d events (kept queued, sent again): %s",
+                len(refused),
+                "; ".join(refused[:3]),
+            )
+        if waiting and not confirmed and not refused:
+            if not self._connected.is_set():
+                raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
+            if not self.stopping.is_set():
+                raise SinkUnavailable(f"no acknowledgement within {self.config.ack_timeout:g}s")
+        confirmed.sort(key=lambda e: e.position)
+        return confirmed
+
+    def check_connection(self) -> None:
+        if not self._connected.is_set():
+            raise SinkUnavailable(
+                f"connection lost ({self._disconnect_reason or 'unknown reason'})"
+            )
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        self._connected.clear()
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        client.loop_stop()
+
+
+@hookimpl
+def register_sinks(register):
+    register("mqtt", MqttSink)

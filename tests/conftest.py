@@ -1,0 +1,177 @@
+"""Fixtures: a real Mosquitto per test module, and the agent as a real process."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import paho.mqtt
+import pytest
+import sqlite_utils
+
+from agent.testing import Mosquitto, Subscriber, wait_for
+
+
+def pytest_report_header(config):
+    return (
+        f"sqlite {sqlite3.sqlite_version}, sqlite-utils {sqlite_utils.__version__},"
+        f" paho-mqtt {paho.mqtt.__version__}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path, monkeypatch):
+    """No test reads the machine's config or loads a stray plugin by accident."""
+    monkeypatch.setenv("EDGE_AGENT_CONFIG", str(tmp_path / "missing-config.toml"))
+    monkeypatch.delenv("EDGE_AGENT_LOAD_PLUGINS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A Mosquitto of this module's own; tests may stop() and start() it."""
+    mosquitto = Mosquitto(str(tmp_path_factory.mktemp("mosquitto")))
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def running_broker(broker):
+    """The module's broker, started again if an earlier test left it stopped."""
+    if broker.process is None:
+        broker.start()
+    return broker
+
+
+@pytest.fixture
+def subscriber(running_broker):
+    with Subscriber(running_broker.port, "edge/#") as sub:
+        yield sub
+
+
+class AgentProcess:
+    """``edge-agent run`` as a real child process, with its config in a temp folder."""
+
+    def __init__(self, workdir: Path, config: str) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "agent.toml"
+        self.config_path.write_text(textwrap.dedent(config))
+        self.state_dir = workdir / "state"
+        self.log_path = workdir / "agent.log"
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> AgentProcess:
+        self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in _close)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        wait_for(lambda: text in self.log(), timeout, f"{text!r} in the agent's log:\n{self.log()}")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._close()
+        return code
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self._close()
+
+    def _close(self) -> None:
+        self.process = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def queued(self) -> int:
+        """Events in the queue file now (0 before it exists)."""
+        path = self.state_dir / "queue.db"
+        if not path.exists():
+            return 0
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def agent_process(tmp_path):
+    """Make agents with ``agent_process(config_text)``; each is stopped at the end."""
+    made: list[AgentProcess] = []
+
+    def make(config: str) -> AgentProcess:
+        agent = AgentProcess(tmp_path, config)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        if agent.process is not None:
+            agent.process.kill()
+            agent.process.wait()
+            agent._close()
+
+
+def mqtt_agent_config(tmp_path: Path, port: int, **extra: str) -> str:
+    """A config with one file source on tmp_path/inbox and one MQTT sink."""
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    sink_extra = extra.get("sink", "")
+    source_extra = extra.get("source", "")
+    return f"""
+        [agent]
+        id = "test-gw"
+        state_dir = "{tmp_path / "state"}"
+        shutdown_grace = "{extra.get("grace", "3s")}"
+
+        [[sources.file]]
+        name = "inbox"
+        paths = ["{tmp_path / "inbox"}"]
+        {source_extra}
+
+        [[sinks.mqtt]]
+        name = "cloud"
+        host = "127.0.0.1"
+        port = {port}
+        reconnect_min = "0.05s"
+        reconnect_max = "0.5s"
+        connect_timeout = "2s"
+        {sink_extra}
+        """
+
+
+def created_paths(events: list[dict]) -> list[str]:
+    return [e["data"]["path"] for e in events if e["type"] == "file.created"]
+
+
+def first_deliveries(events: list[dict]) -> list[dict]:
+    """Each event id once, in the order it first arrived."""
+    seen: set[str] = set()
+    firsts = []
+    for event in events:
+        if event["id"] not in seen:
+            seen.add(event["id"])
+            firsts.append(event)
+    return firsts
+
+
+__all__ = ["AgentProcess", "created_paths", "first_deliveries", "mqtt_agent_config", "wait_for"]

@@ -1,0 +1,151 @@
+"""The command line: check, run on a bad config, plugins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+EX_CONFIG = 78
+
+
+def edge_agent(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env=env,
+    )
+
+
+BAD_CONFIG = """
+    [agent]
+    id = "gw-01"
+    state_dir = "{state}"
+
+    [[sources.file]]
+    name = "inbox"
+    pathz = ["/tmp"]
+    recursive = "yes"
+
+    [[sinks.mqtt]]
+    name = "cloud"
+    qos = 3
+    """
+
+
+@pytest.fixture
+def bad_config(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent(BAD_CONFIG.format(state=tmp_path / "state")))
+    return path
+
+
+def test_check_lists_every_problem_with_its_key_path(bad_config):
+    result = edge_agent("check", "-c", str(bad_config))
+    assert result.returncode == EX_CONFIG
+    err = result.stderr
+    assert "Traceback" not in err
+    assert f'{bad_config}: sources.file.pathz: unknown key; did you mean "paths"?' in err
+    assert f"{bad_config}: sources.file.recursive: expected true or false, got a string" in err
+    assert f"{bad_config}: sources.file.paths: missing required key (a list of strings)" in err
+    assert f"{bad_config}: sinks.mqtt.qos: expected one of 0, 1, 2, got an integer 3" in err
+    assert "4 problems" in err
+
+
+def test_run_on_a_bad_config_exits_78_without_starting(bad_config, tmp_path):
+    result = edge_agent("run", "-c", str(bad_config))
+    assert result.returncode == EX_CONFIG
+    assert "sources.file.pathz" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_check_accepts_a_valid_config_and_reads_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "agent.toml"
+    secret = tmp_path / "mqtt.pass"
+    secret.write_text("s3cret\n")
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [agent]
+            id = "${{GW_ID}}"
+            state_dir = "{tmp_path / "state"}"
+
+            [[sources.file]]
+            paths = ["{tmp_path}"]
+
+            [[sinks.mqtt]]
+            port = "${{MQTT_PORT:-1883}}"
+            username = "gw"
+            password_file = "{secret}"
+            """
+        )
+    )
+    env = {"GW_ID": "gw-42", "PATH": "/usr/bin:/bin"}
+    result = edge_agent("check", "-c", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ok (1 sources, 1 sinks, agent id 'gw-42')" in result.stdout
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_check_names_an_unset_variable_and_an_unreadable_secret(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [agent]
+            id = "${{NO_SUCH_VARIABLE_HERE}}"
+            state_dir = "{tmp_path / "state"}"
+
+            [[sinks.mqtt]]
+            password_file = "{tmp_path / "nope"}"
+            port = "${{PORT_X:-eighty}}"
+            """
+        )
+    )
+    result = edge_agent("check", "-c", str(path))
+    assert result.returncode == EX_CONFIG
+    assert "agent.id: environment variable NO_SUCH_VARIABLE_HERE is not set" in result.stderr
+    assert f"sinks.mqtt.password_file: cannot read {tmp_path / 'nope'}" in result.stderr
+    assert 'sinks.mqtt.port: expected an integer, got a string "eighty"' in result.stderr
+
+
+def test_check_reports_broken_toml_and_missing_file(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text("[agent\nid = 1\n")
+    result = edge_agent("check", "-c", str(path))
+    assert result.returncode == EX_CONFIG
+    assert f"{path}: not valid TOML" in result.stderr
+    result = edge_agent("check", "-c", str(tmp_path / "none.toml"))
+    assert result.returncode == EX_CONFIG
+    assert "no such file; pass -c FILE or set EDGE_AGENT_CONFIG" in result.stderr
+
+
+def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('[[sources.flie]]\npaths = ["/tmp"]\n[[sinks.stdout]]\n')
+    result = edge_agent("check", "-c", str(path))
+    assert result.returncode == EX_CONFIG
+    assert "sources.flie: no source plugin named 'flie' is installed (installed: file" in (
+        result.stderr
+    )
+
+
+def test_plugins_lists_the_builtins_with_package_and_version():
+    from agent import __version__
+
+    result = edge_agent("plugins")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "PACKAGE", "VERSION"]
+    rows = {tuple(line.split()) for line in lines[1:]}
+    for name, kind in (("file", "source"), ("mqtt", "sink"), ("stdout", "sink")):
+        assert (name, kind, "edge-event-agent", __version__) in rows
+
+
+def test_usage_error_exits_2():
+    assert edge_agent("run", "--no-such-option").returncode == 2
