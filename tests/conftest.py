@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import signal
 import sqlite3
 import subprocess
@@ -9,18 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-import paho.mqtt
 import pytest
-import sqlite_utils
 
 from agent.testing import Mosquitto, Subscriber, wait_for
 
 
 def pytest_report_header(config):
-    return (
-        f"sqlite {sqlite3.sqlite_version}, sqlite-utils {sqlite_utils.__version__},"
-        f" paho-mqtt {paho.mqtt.__version__}"
-    )
+    versions = {name: importlib.metadata.version(name) for name in ("sqlite-utils", "paho-mqtt")}
+    return f"sqlite {sqlite3.sqlite_version}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
 @pytest.fixture(autouse=True)
