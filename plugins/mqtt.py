@@ -86,6 +86,8 @@ class MqttSink(Sink):
         self._acks: queue.SimpleQueue = queue.SimpleQueue()
         self._connected = threading.Event()
         self._disconnect_reason: str | None = None
+        #: Messages the broker refused (a reason code of 0x80 or above), since start.
+        self.refused = 0
 
     @property
     def target(self) -> str:
@@ -197,9 +199,12 @@ class MqttSink(Sink):
             else:
                 confirmed.append(event)
         if refused:
+            self.refused += len(refused)
             self.log.warning(
-                "broker refused %d events (kept queued, sent again): %s",
+                "broker refused %d events (%d since start); they stay queued and are sent"
+                " again: %s",
                 len(refused),
+                self.refused,
                 "; ".join(refused[:3]),
             )
         if waiting and not confirmed and not refused:

@@ -1,0 +1,71 @@
+"""The delivery promise at the sink side: every sink confirms, refusals are not confirmations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import created_paths, mqtt_agent_config
+
+from agent.testing import Mosquitto, Subscriber, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_an_event_leaves_the_queue_only_when_every_sink_confirmed(
+    tmp_path, running_broker, agent_process
+):
+    second = Mosquitto(str(tmp_path / "second-broker"))  # not started yet
+    config = (
+        mqtt_agent_config(tmp_path, running_broker.port)
+        + f"""
+        [[sinks.mqtt]]
+        name = "backup"
+        port = {second.port}
+        reconnect_min = "0.05s"
+        reconnect_max = "0.3s"
+        """
+    )
+    with Subscriber(running_broker.port, "edge/#") as first_sub:
+        agent = agent_process(config).start()
+        agent.wait_log("sink backup: cannot reach")
+        (tmp_path / "inbox" / "a.csv").write_text("1")
+        wait_for(lambda: created_paths(first_sub.events()), 15, "delivery to the first broker")
+        wait_for(lambda: agent.queued() == 2, 5, "created + closed still queued for backup")
+
+        second.start()
+        try:
+            with Subscriber(second.port, "edge/#") as second_sub:
+                wait_for(lambda: created_paths(second_sub.events()), 15, "delivery to backup")
+                wait_for(lambda: agent.queued() == 0, 10, "the queue to empty")
+        finally:
+            second.stop()
+    assert agent.terminate() == 0
+
+
+def test_a_broker_refusal_keeps_the_event_queued(tmp_path, agent_process):
+    """MQTT 5 PUBACK 0x87 (not authorized) is logged and retried, never confirmed."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite edge/test-gw/inbox/file.closed\ntopic read #\n")
+    os.chmod(acl, 0o644)
+    broker = Mosquitto(str(tmp_path / "strict"), extra_config=f"acl_file {acl}").start()
+    sub = Subscriber(broker.port, "edge/#").start()  # a persistent session: kept over restarts
+    try:
+        config = mqtt_agent_config(tmp_path, broker.port, sink='protocol = "5"')
+        agent = agent_process(config).start()
+        agent.wait_log("connected to")
+        (tmp_path / "inbox" / "a.csv").write_text("1")
+        agent.wait_log("Not authorized", timeout=15)
+        assert agent.queued() == 2, "the refused event and the one after it stay queued"
+        assert not created_paths(sub.events())
+
+        # The operator fixes the broker's ACL: the same event goes through.
+        acl.write_text("topic readwrite #\n")
+        broker.stop()
+        broker.start()
+        wait_for(lambda: created_paths(sub.events()), 20, "the refused event, once allowed")
+        wait_for(lambda: agent.queued() == 0, 10, "the queue to empty")
+        assert agent.terminate() == 0
+    finally:
+        sub.stop()
+        broker.stop()

@@ -1,0 +1,112 @@
+"""The queue file itself: commits, sequences, cursors, deletion."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+
+from agent.event import Event, new_event_id
+from agent.queue import QueueStore, QueueWriter, SinkCursor, read_stats
+
+
+def events(source: str, count: int) -> list[tuple[Event, str]]:
+    return [
+        (Event(type="test.tick", source=source, data={"i": i}), f'{{"i":{i}}}')
+        for i in range(count)
+    ]
+
+
+def test_event_ids_are_uuid7_and_sort_in_creation_order():
+    ids = [new_event_id() for _ in range(10_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert {uuid.UUID(i).version for i in ids} == {7}
+
+
+def test_durability_settings_are_set_on_every_connection(tmp_path):
+    for sync, level in (("full", 2), ("normal", 1)):
+        store = QueueStore(str(tmp_path / sync), sync=sync)
+        store.open()
+        conn = store.connect()
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
+        conn.close()
+
+
+def test_sequences_count_per_source_and_survive_a_restart(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    writer.append(events("a", 3) + events("b", 2))
+    writer.close()
+    writer = QueueWriter(store)  # as after a restart
+    writer.append(events("a", 1))
+    writer.close()
+    cursor = SinkCursor(store, "s", "gw")
+    got = [(e.source, e.sequence) for e in cursor.read(0, 100)]
+    assert got == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("a", 4)]
+
+
+def test_confirmed_events_are_deleted_only_when_every_sink_confirmed(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    one, two = SinkCursor(store, "one", "gw"), SinkCursor(store, "two", "gw")
+    writer.append(events("a", 10))
+    batch = one.read(one.position, 100)
+    one.advance(batch[-1].position)
+    assert writer.delete_confirmed(["one", "two"]) == 0
+    two.advance(two.read(two.position, 4)[-1].position)
+    assert writer.delete_confirmed(["one", "two"]) == 4
+    stats = read_stats(store)
+    assert stats.events == 6
+    assert stats.sink_backlog == {"one": 0, "two": 6}
+    # The deletion really committed: another connection sees it.
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 6
+
+
+def test_a_new_sink_starts_with_what_is_still_queued(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    old = SinkCursor(store, "old", "gw")
+    writer.append(events("a", 5))
+    old.advance(old.read(old.position, 2)[-1].position)
+    writer.delete_confirmed(["old"])
+    new = SinkCursor(store, "new", "gw")
+    assert [e.sequence for e in new.read(new.position, 100)] == [3, 4, 5]
+    # A sink added to an empty queue does not go back to deleted events.
+    old.advance(5)
+    writer.delete_confirmed(["old", "new"])
+    new.advance(5)
+    writer.delete_confirmed(["old", "new"])
+    latest = SinkCursor(store, "latest", "gw")
+    assert latest.read(latest.position, 100) == []
+    writer.append(events("a", 1))
+    assert [e.sequence for e in latest.read(latest.position, 100)] == [6]
+
+
+def test_cloudevent_json_holds_the_stored_data_unchanged(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    event = Event(
+        type="file.created", source="inbox", data={"path": "/x/ü.csv"}, subject="/x/ü.csv"
+    )
+    writer.append([(event, '{"path":"/x/ü.csv"}')])
+    queued = SinkCursor(store, "s", "gw-01").read(0, 1)[0]
+    import json
+
+    body = json.loads(queued.to_cloudevent_json())
+    assert body == {
+        "specversion": "1.0",
+        "id": event.id,
+        "source": "edge-agent://gw-01/inbox",
+        "type": "file.created",
+        "time": event.time,
+        "sequence": "00000000000000000001",
+        "datacontenttype": "application/json",
+        "subject": "/x/ü.csv",
+        "data": {"path": "/x/ü.csv"},
+    }
