@@ -11,6 +11,11 @@ A **source** runs in its own thread and emits events::
             while not self.stopping.wait(self.config.interval):
                 self.emit("heartbeat", {"uptime": time.monotonic()})
 
+Events are committed to the queue before ``emit`` returns; a source that
+reads something with a position (a file offset) passes a ``checkpoint`` that
+is committed in the same transaction, and reads it back with
+:meth:`Source.checkpoints` when it starts again.
+
 A **sink** is driven by a forwarder thread that owns it: ``open()``, then
 ``publish(batch)`` again and again, then ``close()``::
 
@@ -25,10 +30,29 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from agent.event import Event, QueuedEvent
+
+
+class SourceContext:
+    """What the agent gives a source: who it is, and how to commit to the queue.
+
+    Built by the agent; plugin authors use it only through :class:`Source`'s
+    methods, and build one themselves only in tests (see :mod:`agent.testing`).
+    """
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        commit: Callable[[Sequence[Event], Mapping[str, str | None] | None], None],
+        read_checkpoints: Callable[[], dict[str, str]],
+    ) -> None:
+        self.agent_id = agent_id
+        self.commit = commit
+        self.read_checkpoints = read_checkpoints
 
 
 class Source:
@@ -48,20 +72,13 @@ class Source:
     #: a source that takes no options besides ``name``.
     Config: ClassVar[type | None] = None
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        config: Any,
-        agent_id: str,
-        emit: Callable[[Sequence[Event]], None],
-    ) -> None:
+    def __init__(self, *, name: str, config: Any, context: SourceContext) -> None:
         self.name = name
         self.config = config
-        self.agent_id = agent_id
+        self.context = context
+        self.agent_id = context.agent_id
         self.log = logging.getLogger(f"edge_agent.source.{name}")
         self.stopping = threading.Event()
-        self._emit_events = emit
 
     def run(self) -> None:
         """Produce events until :attr:`stopping` is set. Runs in its own thread."""
@@ -75,18 +92,45 @@ class Source:
         """Build an event of this source (for :meth:`emit_many`)."""
         return Event(type=type, source=self.name, data=data, subject=subject)
 
-    def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> None:
+    def emit(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        subject: str | None = None,
+        checkpoint: Mapping[str, str | None] | None = None,
+    ) -> None:
         """Commit one event to the queue; returns once it is on disk.
 
         Blocks while the queue's hand-off is full (backpressure). Raises
         ``ValueError`` when ``data`` is not JSON-serialisable UTF-8 and
-        :class:`agent.errors.QueueError` when the queue cannot write.
+        :class:`agent.errors.QueueError` when the queue cannot take it (the
+        event was then not accepted: keep it and try again later).
+        ``checkpoint`` is committed in the same transaction (see
+        :meth:`emit_many`).
         """
-        self._emit_events([self.event(type, data, subject=subject)])
+        self.context.commit([self.event(type, data, subject=subject)], checkpoint)
 
-    def emit_many(self, events: Sequence[Event]) -> None:
-        """Commit several events in one transaction; returns once all are on disk."""
-        self._emit_events(events)
+    def emit_many(
+        self, events: Sequence[Event], *, checkpoint: Mapping[str, str | None] | None = None
+    ) -> None:
+        """Commit several events in one transaction; returns once all are on disk.
+
+        ``checkpoint`` maps keys to text values (``None`` deletes a key) that
+        are saved in the same transaction as the events, so after a crash
+        :meth:`checkpoints` returns exactly the state that matches the events
+        committed: a tailed file's offset, say. Events dropped by a
+        processor do not stop their checkpoint from being saved.
+        """
+        self.context.commit(events, checkpoint)
+
+    def save_checkpoint(self, checkpoint: Mapping[str, str | None]) -> None:
+        """Save checkpoint values without events (a skipped blank line, a rotation)."""
+        self.context.commit([], checkpoint)
+
+    def checkpoints(self) -> dict[str, str]:
+        """This source instance's committed checkpoint values, as last saved."""
+        return self.context.read_checkpoints()
 
 
 class Sink:

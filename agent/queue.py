@@ -26,6 +26,9 @@ from agent.migrations import migrations
 log = logging.getLogger("edge_agent.queue")
 
 QUEUE_FILE = "queue.db"
+
+#: (source instance name, key, value); a value of None deletes the key.
+Checkpoint = tuple[str, str, str | None]
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -96,8 +99,10 @@ class QueueWriter:
             self.conn.execute("SELECT source, last FROM source_sequences").fetchall()
         )
 
-    def append(self, events: Sequence[tuple[Event, str]]) -> None:
-        """Commit events (each with its data as JSON text) in one transaction.
+    def append(
+        self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint] = ()
+    ) -> None:
+        """Commit events (each with its data as JSON text) and checkpoints in one transaction.
 
         Gives each event the next ``sequence`` of its source. On failure
         nothing of the batch is kept and QueueError is raised.
@@ -125,6 +130,15 @@ class QueueWriter:
                     for source, last in sequences.items()
                     if self._sequences.get(source) != last
                 ],
+            )
+            self.conn.executemany(
+                "INSERT INTO checkpoints (source, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (source, key) DO UPDATE SET value = excluded.value",
+                [row for row in checkpoints if row[2] is not None],
+            )
+            self.conn.executemany(
+                "DELETE FROM checkpoints WHERE source = ? AND key = ?",
+                [row[:2] for row in checkpoints if row[2] is None],
             )
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -222,6 +236,16 @@ class SinkCursor:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
+    """The committed checkpoint values of one source instance."""
+    conn = store.connect()
+    try:
+        rows = conn.execute("SELECT key, value FROM checkpoints WHERE source = ?", (source,))
+        return dict(rows.fetchall())
+    finally:
+        conn.close()
 
 
 def read_stats(store: QueueStore) -> QueueStats:

@@ -19,17 +19,17 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.api import Sink, Source
+from agent.api import Sink, Source, SourceContext
 from agent.backoff import Backoff
 from agent.config import Config, InstanceConfig
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
 from agent.plugins import PluginHost
-from agent.queue import QueueStore
+from agent.queue import QueueStore, read_checkpoints
 from agent.writer import Writer
 
 log = logging.getLogger("edge_agent")
@@ -107,8 +107,17 @@ class Agent:
 
     # -- events ------------------------------------------------------------
 
-    def emit_events(self, events: Sequence[Event]) -> None:
-        """Run processors, encode, and commit ``events``; returns once they are on disk."""
+    def commit_events(
+        self,
+        source: str,
+        events: Sequence[Event],
+        checkpoint: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """Run processors, encode, and commit ``events`` (and ``source``'s checkpoint).
+
+        Returns once they are on disk; raises ValueError for an event that
+        cannot be sent and QueueError when the queue cannot take them.
+        """
         items = []
         for event in events:
             processed = self.host.process_event(event, self)
@@ -118,7 +127,8 @@ class Agent:
             items.append((processed, encode_data(processed.data)))
         if self.writer is None:
             raise QueueError("the agent has not started its queue")
-        self.writer.submit(items)
+        rows = [(source, key, value) for key, value in (checkpoint or {}).items()]
+        self.writer.submit(items, rows)
 
     def _wake_forwarders(self) -> None:
         for forwarder in self.forwarders:
@@ -129,12 +139,13 @@ class Agent:
     def _make(self, instance: InstanceConfig) -> Any:
         cls = instance.registration.cls
         if instance.kind == "source":
-            return cls(
-                name=instance.name,
-                config=instance.config,
+            name = instance.name
+            context = SourceContext(
                 agent_id=self.id,
-                emit=self.emit_events,
+                commit=lambda events, checkpoint: self.commit_events(name, events, checkpoint),
+                read_checkpoints=lambda: read_checkpoints(self.store, name),
             )
+            return cls(name=name, config=instance.config, context=context)
         return cls(name=instance.name, config=instance.config, agent_id=self.id)
 
     def start(self) -> None:

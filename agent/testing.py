@@ -125,6 +125,11 @@ class Mosquitto:
             self.process.wait()
         self.process = None
 
+    def reload(self) -> None:
+        """SIGHUP: the broker reads its ACL and password files again."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
     def __enter__(self) -> Mosquitto:
         return self.start()
 

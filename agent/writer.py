@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from agent.errors import QueueError
 from agent.event import Event
-from agent.queue import QueueStore, QueueWriter
+from agent.queue import Checkpoint, QueueStore, QueueWriter
 
 log = logging.getLogger("edge_agent.writer")
 
@@ -27,10 +27,11 @@ CLEANUP_INTERVAL = 0.5
 class _Pending:
     """Events from one ``emit`` call, waiting to be committed."""
 
-    __slots__ = ("done", "error", "events")
+    __slots__ = ("checkpoints", "done", "error", "events")
 
-    def __init__(self, events: Sequence[tuple[Event, str]]) -> None:
+    def __init__(self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint]):
         self.events = events
+        self.checkpoints = checkpoints
         self.done = threading.Event()
         self.error: Exception | None = None
 
@@ -66,11 +67,13 @@ class Writer:
         self._queue = QueueWriter(self.store)
         self._thread.start()
 
-    def submit(self, events: Sequence[tuple[Event, str]]) -> None:
-        """Hand events over and wait until they are committed (or raise QueueError)."""
-        if not events:
+    def submit(
+        self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint] = ()
+    ) -> None:
+        """Hand events (and checkpoints) over; wait until committed, or raise QueueError."""
+        if not events and not checkpoints:
             return
-        pending = _Pending(events)
+        pending = _Pending(events, checkpoints)
         with self._cond:
             while (
                 self._waiting_events
@@ -144,9 +147,10 @@ class Writer:
     def _commit(self, batch: list[_Pending]) -> None:
         assert self._queue is not None
         events = [item for pending in batch for item in pending.events]
+        checkpoints = [row for pending in batch for row in pending.checkpoints]
         error: Exception | None = None
         try:
-            self._queue.append(events)
+            self._queue.append(events, checkpoints)
             self.committed += len(events)
         except QueueError as exc:
             log.error("%s; the sources were told, and nothing of this batch was accepted", exc)

@@ -20,6 +20,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
 from agent import Duration, Event, Source, hookimpl, option
+from agent.backoff import Backoff
+from agent.errors import QueueError
 
 EventKind = Literal["created", "modified", "closed", "deleted", "moved"]
 BATCH_MAX = 500
@@ -87,6 +89,8 @@ class FileSource(Source):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.pending: queue.Queue = queue.Queue(maxsize=10_000)
+        self._unsent: list[Event] | None = None
+        self._retry = Backoff(0.5, 30.0)
         # Events name absolute paths, whatever the working directory was.
         self.paths = [os.path.abspath(p) for p in self.config.paths]
 
@@ -161,18 +165,34 @@ class FileSource(Source):
         return None
 
     def _emit_pending(self, timeout: float) -> None:
-        try:
-            first = self.pending.get(timeout=timeout) if timeout else self.pending.get_nowait()
-        except queue.Empty:
-            return
-        batch = [first]
-        while len(batch) < BATCH_MAX:
+        """Commit what watchdog collected; on a queue failure keep it and try again later."""
+        if self._unsent is None:
             try:
-                batch.append(self.pending.get_nowait())
+                first = self.pending.get(timeout=timeout) if timeout else self.pending.get_nowait()
             except queue.Empty:
-                break
-        events = [self._to_event(event) for event in batch]
-        self.emit_many(events)
+                return
+            batch = [first]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            self._unsent = [self._to_event(event) for event in batch]
+        try:
+            self.emit_many(self._unsent)
+        except QueueError as exc:
+            delay = self._retry.next()
+            self.log.warning(
+                "could not commit %d file events: %s; trying again in %.1fs",
+                len(self._unsent),
+                exc,
+                delay,
+            )
+            if timeout:
+                self.stopping.wait(delay)
+            return
+        self._unsent = None
+        self._retry.reset()
 
     def _to_event(self, event: FileSystemEvent) -> Event:
         kind = event.event_type
