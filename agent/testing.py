@@ -206,3 +206,108 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SourceHarness:
+    """Run one source plugin against a config and collect what it commits.
+
+    Commits go to memory, events and checkpoints together, as the real queue
+    does. ``fail_commits(n)`` makes the next ``n`` commits fail with
+    ``QueueError``, as a full disk would::
+
+        with SourceHarness(TailSource, {"paths": [str(log)]}) as harness:
+            log.write_text("hello\\n")
+            harness.wait_for_events(1)
+            assert harness.events[0].data["line"] == "hello"
+    """
+
+    def __init__(
+        self,
+        source_class: type,
+        config: dict[str, Any],
+        *,
+        name: str = "test",
+        agent_id: str = "test-agent",
+        checkpoints: dict[str, str] | None = None,
+    ) -> None:
+        from agent.api import SourceContext
+        from agent.schema import build
+
+        problems: list[tuple[str, str]] = []
+        built = build(source_class.Config, config, name, problems) if source_class.Config else None
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        self.events: list[Any] = []
+        self.saved_checkpoints: dict[str, str] = dict(checkpoints or {})
+        self._lock = threading.Lock()
+        self._failures = 0
+        context = SourceContext(
+            agent_id=agent_id, commit=self._commit, read_checkpoints=self._read_checkpoints
+        )
+        self.source = source_class(name=name, config=built, context=context)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"harness:{name}", daemon=True)
+
+    def _commit(self, events: Any, checkpoint: Any) -> None:
+        from agent.errors import QueueError
+        from agent.event import check_event, encode_data
+
+        with self._lock:
+            if self._failures:
+                self._failures -= 1
+                raise QueueError("simulated commit failure")
+            for event in events:
+                check_event(event)
+                encode_data(event.data)
+            self.events.extend(events)
+            for key, value in (checkpoint or {}).items():
+                if value is None:
+                    self.saved_checkpoints.pop(key, None)
+                else:
+                    self.saved_checkpoints[key] = value
+
+    def _read_checkpoints(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.saved_checkpoints)
+
+    def _run(self) -> None:
+        try:
+            self.source.run()
+        except BaseException as exc:  # reported by stop() and wait_for_events()
+            self.error = exc
+
+    def fail_commits(self, count: int) -> None:
+        """Make the next ``count`` commits raise QueueError."""
+        with self._lock:
+            self._failures = count
+
+    def start(self) -> SourceHarness:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.source.stop()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"source {self.source.name} did not stop within {timeout}s")
+        if self.error is not None:
+            raise self.error
+
+    def wait_for_events(self, count: int, timeout: float = 10.0) -> list[Any]:
+        """Wait until at least ``count`` events were committed; return them all."""
+
+        def enough() -> bool:
+            if self.error is not None:
+                raise self.error
+            with self._lock:
+                return len(self.events) >= count
+
+        wait_for(enough, timeout, f"{count} events from source {self.source.name}")
+        with self._lock:
+            return list(self.events)
+
+    def __enter__(self) -> SourceHarness:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

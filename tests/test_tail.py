@@ -1,0 +1,182 @@
+"""The tail source: lines, rotation, truncation, limits, encodings, resuming."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent.testing import SourceHarness, wait_for
+from plugins.tail import TailSource
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = {"poll_interval": "0.05s", "rotate_wait": "0.3s"}
+
+
+def lines(harness: SourceHarness) -> list[str]:
+    return [e.data["line"] for e in harness.events]
+
+
+def append(path, text: str | bytes) -> None:
+    mode = "ab" if isinstance(text, bytes) else "a"
+    with open(path, mode) as handle:
+        handle.write(text)
+
+
+def test_new_lines_become_events_with_path_and_offset(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("old line\n")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "the source to start")
+        append(log, "one\ntwo\r\n")
+        events = harness.wait_for_events(2)
+    assert [e.type for e in events] == ["log.line", "log.line"]
+    assert [e.data for e in events] == [
+        {"path": str(log), "line": "one", "offset": 9},
+        {"path": str(log), "line": "two", "offset": 13},
+    ]
+    assert events[0].subject == str(log)
+
+
+def test_start_at_beginning_reads_what_is_there(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("a\nb\n")
+    config = {"paths": [str(log)], "start_at": "beginning", **FAST}
+    with SourceHarness(TailSource, config) as harness:
+        harness.wait_for_events(2)
+    assert lines(harness) == ["a", "b"]
+
+
+def test_a_partial_line_waits_for_its_end(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        append(log, "hal")
+        append(log, "f\n")
+        harness.wait_for_events(1)
+    assert lines(harness) == ["half"]
+
+
+def test_rotation_by_rename_loses_nothing(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        append(log, "1\n2\n")
+        harness.wait_for_events(2)
+        os.rename(log, tmp_path / "app.log.1")
+        append(tmp_path / "app.log.1", "3\n")  # a writer still holding the old file
+        log.write_text("4\n")
+        harness.wait_for_events(4)
+        wait_for(lambda: len(harness.saved_checkpoints) == 2, 5, "the old file to be retired")
+    assert sorted(lines(harness)) == ["1", "2", "3", "4"]
+
+
+def test_copytruncate_reads_from_the_start_again(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        append(log, "before truncate, a long line\n")
+        harness.wait_for_events(1)
+        with open(log, "r+") as handle:
+            handle.truncate(0)
+        append(log, "after\n")
+        harness.wait_for_events(2)
+    assert lines(harness) == ["before truncate, a long line", "after"]
+
+
+def test_a_file_that_appears_later_is_read_from_its_start(tmp_path):
+    log = tmp_path / "later.log"
+    with SourceHarness(TailSource, {"paths": [str(tmp_path / "*.log")], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        log.write_text("first\nsecond\n")
+        harness.wait_for_events(2)
+    assert lines(harness) == ["first", "second"]
+
+
+def test_long_lines_are_cut_and_counted(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    config = {"paths": [str(log)], "max_line_bytes": 10, **FAST}
+    with SourceHarness(TailSource, config) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        append(log, "x" * 25 + "\nshort\n" + "y" * 300_000 + "\nend\n")
+        harness.wait_for_events(4)
+    assert lines(harness) == ["x" * 10, "short", "y" * 10, "end"]
+    assert harness.source.truncated_lines == 2
+    assert harness.source.dropped_bytes == 15 + 299_990
+
+
+def test_invalid_bytes_are_replaced_not_fatal(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        append(log, b"caf\xe9 \xff\xfe ok\n")
+        harness.wait_for_events(1)
+    assert lines(harness) == ["caf\ufffd \ufffd\ufffd ok"]
+
+
+def test_other_encodings_are_decoded(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    config = {"paths": [str(log)], "encoding": "latin-1", **FAST}
+    with SourceHarness(TailSource, config) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        append(log, "café\n".encode("latin-1"))
+        harness.wait_for_events(1)
+    assert lines(harness) == ["café"]
+
+
+def test_resumes_exactly_at_the_committed_checkpoint(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        wait_for(lambda: "started" in first.saved_checkpoints, 5, "start")
+        append(log, "1\n2\n")
+        first.wait_for_events(2)
+    append(log, "3\n4\n")  # written while the agent was down
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        append(log, "5\n")
+        second.wait_for_events(3)
+    assert lines(second) == ["3", "4", "5"]
+
+
+def test_rotated_while_down_reads_the_rest_of_the_old_file(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        wait_for(lambda: "started" in first.saved_checkpoints, 5, "start")
+        append(log, "1\n")
+        first.wait_for_events(1)
+    append(log, "2\n")
+    os.rename(log, tmp_path / "app.log.1")
+    log.write_text("3\n")
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(2)
+    assert sorted(lines(second)) == ["2", "3"]
+
+
+def test_a_failed_commit_is_read_again_not_lost(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.fail_commits(1)
+        append(log, "a\nb\n")
+        harness.wait_for_events(2)
+    assert lines(harness) == ["a", "b"]
+
+
+def test_a_missing_file_is_followed_once_it_appears(tmp_path, caplog):
+    log = tmp_path / "missing.log"
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        wait_for(lambda: "no such file yet" in caplog.text, 5, "the missing-file warning")
+        log.write_text("here\n")
+        harness.wait_for_events(1)
+    assert lines(harness) == ["here"]
