@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PAGES = {
     ("source", "file"): "docs/sources/file.md",
+    ("source", "tail"): "docs/sources/tail.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
 }
