@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from agent.errors import ConfigError, ConfigProblem
 from agent.plugins import PluginHost, Registration
-from agent.schema import Duration, EnvStr, build, option
+from agent.schema import ByteSize, Duration, EnvStr, build, option
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
@@ -63,6 +63,22 @@ class QueueSettings:
     )
     handoff_max_events: int = option(
         10000, doc="Events that may wait in memory for the writer before sources block."
+    )
+    max_bytes: ByteSize = option(
+        ByteSize(256 * 1024**2), doc="Largest the queue may grow (live data plus its WAL)."
+    )
+    max_events: int = option(0, doc="Most events queued; 0: no limit.")
+    max_age: Duration = option(
+        0.0, doc="Drop events older than this, whatever the policy; 0: keep them."
+    )
+    when_full: Literal["drop_oldest", "block"] = option(
+        "drop_oldest",
+        doc='"drop_oldest" deletes the oldest events to make room (counted, logged);'
+        ' "block" makes sources wait.',
+    )
+    reserve_free: ByteSize = option(
+        ByteSize(64 * 1024**2),
+        doc="Stop growing the queue while the filesystem has less than this free.",
     )
 
 

@@ -47,6 +47,10 @@ class QueueError(AgentError):
     """The on-disk queue cannot be opened or written."""
 
 
+class QueueCorrupt(QueueError):
+    """The queue file is damaged (not a database, or fails its integrity check)."""
+
+
 class SinkUnavailable(AgentError):
     """A sink cannot deliver right now (no connection, refused, timed out).
 

@@ -80,11 +80,15 @@ _BAD_TYPE_CHARS = re.compile(r"[\x00-\x1f\x7f+#/\s]")
 
 
 def check_event(event: Event) -> None:
-    """Raise ValueError naming the problem when ``type`` or ``subject`` cannot be sent.
+    """Raise ValueError naming the problem when the event cannot be queued or sent.
 
     ``type`` becomes part of MQTT topics, so it must be short, printable UTF-8
     without spaces, ``/``, ``+`` or ``#``; ``subject`` must be UTF-8 text.
     """
+    for name in ("id", "time", "source"):
+        value = getattr(event, name)
+        if not isinstance(value, str) or not value or not _is_utf8(value):
+            raise ValueError(f"event {name} must be a non-empty UTF-8 string, got {value!r}")
     if not isinstance(event.type, str) or not event.type or len(event.type) > 128:
         raise ValueError(
             f"event type must be a non-empty string of at most 128 characters, got {event.type!r}"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from agent.api import Sink
 from agent.backoff import Backoff
+from agent.errors import QueueError
 from agent.queue import QueueStore, SinkCursor
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -71,14 +72,32 @@ class Forwarder:
         return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
 
     def _run(self) -> None:
-        cursor = SinkCursor(self.store, self.sink.name, self.sink.agent_id)
-        try:
-            self._forward(cursor)
-        except Exception:
-            log.exception("sink %s: forwarder failed; events stay queued", self.sink.name)
-        finally:
-            self._close_sink()
-            cursor.close()
+        """Forward until told to stop; on an unexpected failure, start over after a backoff.
+
+        A forwarder that died would hold back every sink: nothing is deleted
+        from the queue until every sink has confirmed it.
+        """
+        restart = Backoff(1.0, 60.0)
+        while not self.sink.stopping.is_set() and not self._draining_done():
+            cursor = None
+            try:
+                cursor = SinkCursor(self.store, self.sink.name, self.sink.agent_id)
+                self._forward(cursor)
+                return
+            except Exception as exc:
+                self.last_error = _reason(exc)
+                delay = restart.next()
+                log.exception(
+                    "sink %s: forwarding failed: %s; events stay queued, starting over in %.1fs",
+                    self.sink.name,
+                    self.last_error,
+                    delay,
+                )
+                self._pause(delay)
+            finally:
+                self._close_sink()
+                if cursor is not None:
+                    cursor.close()
 
     def _close_sink(self) -> None:
         try:
@@ -114,8 +133,7 @@ class Forwarder:
                     self._pause(backoff.next())
                     continue
                 self.connected = True
-                backoff.reset()
-                outage.ended()
+                outage.connected()
 
             self.wake.clear()
             events = cursor.read(cursor.position, sink.max_batch)
@@ -126,6 +144,8 @@ class Forwarder:
             try:
                 if not events:
                     sink.check_connection()
+                    outage.ended()  # connected, and nothing was refused
+                    backoff.reset()
                     self.wake.wait(1.0)
                     continue
                 result = sink.publish(batch) if batch else []
@@ -141,14 +161,20 @@ class Forwarder:
             confirmed_ahead |= positions
             # The read events are consecutive in the queue: the cursor moves over
             # the confirmed prefix; confirmations after a gap wait in the set.
-            new_position = cursor.position
+            prefix = []
             for event in events:
                 if event.position not in confirmed_ahead:
                     break
-                confirmed_ahead.discard(event.position)
-                new_position = event.position
-            if new_position > cursor.position:
-                cursor.advance(new_position)
+                prefix.append(event.position)
+            if prefix:
+                try:
+                    cursor.advance(prefix[-1])
+                except QueueError as exc:
+                    # The confirmations stay in memory; recorded on the next round.
+                    log.error("sink %s: %s; trying again", sink.name, exc)
+                    self._pause(1.0)
+                    continue
+                confirmed_ahead.difference_update(prefix)
                 self.on_confirmed()
             unconfirmed = len(batch) - len(positions)
             if unconfirmed:
@@ -161,6 +187,7 @@ class Forwarder:
                 self._pause(backoff.next())
             else:
                 backoff.reset()
+                outage.ended()
 
 
 class _Outage:
@@ -171,6 +198,7 @@ class _Outage:
         self.cursor = cursor
         self.since: float | None = None
         self.reminded = 0.0
+        self.announced = False
 
     def failed(self, what: str) -> None:
         now = time.monotonic()
@@ -197,20 +225,25 @@ class _Outage:
         else:
             log.debug("sink %s: %s", sink.name, what)
 
-    def ended(self) -> None:
+    def connected(self) -> None:
+        """A connection is up; the outage ends with the first confirmed delivery."""
         sink = self.sink
         waiting = self.cursor.backlog()
         if self.since is None:
             log.info("sink %s: connected to %s; %d events waiting", sink.name, sink.target, waiting)
-            return
-        log.info(
-            "sink %s: connected to %s after %.0fs offline; sending %d waiting events in order",
-            sink.name,
-            sink.target,
-            time.monotonic() - self.since,
-            waiting,
-        )
+        elif not self.announced:
+            self.announced = True
+            log.info(
+                "sink %s: connected to %s after %.0fs offline; sending %d waiting events in order",
+                sink.name,
+                sink.target,
+                time.monotonic() - self.since,
+                waiting,
+            )
+
+    def ended(self) -> None:
         self.since = None
+        self.announced = False
 
 
 def _reason(exc: BaseException) -> str:

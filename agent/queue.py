@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlite_utils import Database
 
-from agent.errors import QueueError
+from agent.errors import QueueCorrupt, QueueError
 from agent.event import Event, QueuedEvent
 from agent.migrations import migrations
 
@@ -30,6 +32,18 @@ QUEUE_FILE = "queue.db"
 #: (source instance name, key, value); a value of None deletes the key.
 Checkpoint = tuple[str, str, str | None]
 BUSY_TIMEOUT_MS = 10_000
+#: After a checkpoint, the WAL file is cut back to this size.
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Usage:
+    """How big the queue is now: events, bytes in live pages, bytes of the WAL file."""
+
+    events: int
+    live_bytes: int
+    wal_bytes: int
+    free_pages: int
 
 
 @dataclass(frozen=True)
@@ -54,11 +68,18 @@ class QueueStore:
         """A new connection for the calling thread, with the durability settings checked."""
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
+        try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             level = conn.execute("PRAGMA synchronous").fetchone()[0]
         except sqlite3.Error as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise QueueCorrupt(f"the queue {self.path} is damaged: {exc}") from exc
             raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
         expected = {"full": 2, "normal": 1}[self.sync]
         if mode.lower() != "wal" or level != expected:
@@ -69,8 +90,13 @@ class QueueStore:
             )
         return conn
 
-    def open(self) -> None:
-        """Create the state directory and the schema; check the file is sound."""
+    def open(self) -> str | None:
+        """Create the state directory and the schema; check the file is sound.
+
+        A damaged file is moved aside (with its -wal and -shm files) as
+        ``queue.db.corrupt-<timestamp>`` and a fresh queue is started; the
+        path it was moved to is returned, else None.
+        """
         try:
             os.makedirs(self.state_dir, exist_ok=True)
         except OSError as exc:
@@ -78,16 +104,65 @@ class QueueStore:
                 f"cannot create the state directory {self.state_dir}: {exc.strerror};"
                 " set [agent] state_dir to a writable local folder"
             ) from exc
+        try:
+            self._open_checked()
+            return None
+        except QueueCorrupt as exc:
+            aside = self._move_aside()
+            log.error(
+                "%s. It was moved aside to %s and a new, empty queue was started: events that"
+                " were waiting in it were NOT sent. Inspect it (sqlite3 %s '.recover') and"
+                " delete it when done.",
+                exc,
+                aside,
+                aside,
+            )
+            self._open_checked()
+            return aside
+
+    def _open_checked(self) -> None:
         conn = self.connect()
         try:
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                # Only possible before the first table: lets freed pages go back to the
+                # disk. In WAL mode it takes a VACUUM (instant on an empty file).
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("VACUUM")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                raise QueueError(f"the queue {self.path} is damaged: {check}")
+                raise QueueCorrupt(f"the queue {self.path} is damaged: {check}")
             migrations.apply(Database(conn, execute_plugins=False))
         except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                raise QueueCorrupt(f"the queue {self.path} is damaged: {exc}") from exc
             raise QueueError(f"the queue {self.path} cannot be used: {exc}") from exc
         finally:
             conn.close()
+
+    def _move_aside(self) -> str:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = f"{self.path}.corrupt-{stamp}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        return aside
+
+    def damaged_copies(self) -> list[str]:
+        """Damaged queues moved aside earlier and not yet deleted by an operator."""
+        try:
+            names = os.listdir(self.state_dir)
+        except OSError:
+            return []
+        return sorted(
+            os.path.join(self.state_dir, n)
+            for n in names
+            if n.startswith(QUEUE_FILE + ".corrupt-") and not n.endswith(("-wal", "-shm"))
+        )
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "")
+    return name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(exc)
 
 
 class QueueWriter:
@@ -95,6 +170,7 @@ class QueueWriter:
 
     def __init__(self, store: QueueStore) -> None:
         self.conn = store.connect()
+        self.wal_path = store.path + "-wal"
         self._sequences: dict[str, int] = dict(
             self.conn.execute("SELECT source, last FROM source_sequences").fetchall()
         )
@@ -168,6 +244,96 @@ class QueueWriter:
             self._rollback()
             raise QueueError(f"cannot delete confirmed events: {exc}") from exc
         return deleted
+
+    def usage(self) -> Usage:
+        """Cheap to ask before every commit: page counts and one stat."""
+        conn = self.conn
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        # Deletes only ever remove a prefix of positions, so the span is the count.
+        low, high = conn.execute("SELECT MIN(position), MAX(position) FROM events").fetchone()
+        events = 0 if low is None else high - low + 1
+        try:
+            wal = os.stat(self.wal_path).st_size
+        except OSError:
+            wal = 0
+        return Usage(events, (pages - free) * page_size, wal, free)
+
+    def drop_oldest(self, count: int) -> Counter[str]:
+        """Delete the ``count`` oldest events; return how many per source."""
+        if count <= 0:
+            return Counter()
+        return self._drop_through(
+            "SELECT position FROM events ORDER BY position LIMIT 1 OFFSET ?", (count - 1,)
+        ) or self._drop_through("SELECT MAX(position) FROM events", ())
+
+    def drop_older_than(self, time_text: str) -> Counter[str]:
+        """Delete the oldest events while their ``time`` is before ``time_text`` (RFC 3339).
+
+        Only a prefix is ever deleted: the first event that is young enough
+        stops it, so a clock that jumped (a device without a real-time clock)
+        never costs young events.
+        """
+        dropped: Counter[str] = Counter()
+        while True:
+            rows = self.conn.execute(
+                "SELECT position, time FROM events ORDER BY position LIMIT 1000"
+            ).fetchall()
+            cut = None
+            for position, time in rows:
+                if time >= time_text:
+                    break
+                cut = position
+            if cut is None:
+                return dropped
+            dropped += self._drop_through("SELECT ?", (cut,))
+            if cut != rows[-1][0]:
+                return dropped
+
+    def checkpoint_wal(self) -> None:
+        """Copy the WAL into the database and cut it to zero bytes, if no reader is in the way."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            log.debug("WAL checkpoint skipped: %s", exc)
+
+    def _drop_through(self, position_query: str, args: tuple) -> Counter[str]:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            row = self.conn.execute(position_query, args).fetchone()
+            if row is None or row[0] is None:
+                self.conn.execute("COMMIT")
+                return Counter()
+            counts = Counter(
+                dict(
+                    self.conn.execute(
+                        "SELECT source, COUNT(*) FROM events WHERE position <= ? GROUP BY source",
+                        (row[0],),
+                    ).fetchall()
+                )
+            )
+            self.conn.execute("DELETE FROM events WHERE position <= ?", (row[0],))
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise QueueError(f"cannot drop old events: {exc}") from exc
+        return counts
+
+    def vacuum_step(self, min_free_pages: int, step_pages: int) -> None:
+        """Give up to ``step_pages`` free pages back to the filesystem, once enough are free.
+
+        Small steps, so a large drained backlog shrinks the file without
+        stalling inserts.
+        """
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if free < min_free_pages:
+            return
+        try:
+            # executescript steps the pragma to the end; execute() frees one page only.
+            self.conn.executescript(f"PRAGMA incremental_vacuum({int(step_pages)});")
+        except sqlite3.Error as exc:
+            log.debug("incremental vacuum skipped: %s", exc)
 
     def _rollback(self) -> None:
         try:

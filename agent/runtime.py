@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.api import Sink, Source, SourceContext
 from agent.backoff import Backoff
+from agent.bounds import Limits
 from agent.config import Config, InstanceConfig
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
@@ -36,6 +37,7 @@ log = logging.getLogger("edge_agent")
 
 SOURCE_RESTART_MIN = 1.0
 SOURCE_RESTART_MAX = 60.0
+DAMAGED_REMINDER = 3600.0
 
 
 class SourceRunner:
@@ -150,7 +152,9 @@ class Agent:
 
     def start(self) -> None:
         """Open the queue and start writer, forwarders and sources. Raises QueueError."""
+        queue = self.config.queue
         self.store.open()
+        self._remind_damaged()
         log.info(
             "edge-agent %s starting: queue %s (sync=%s), %d sources, %d sinks",
             self.id,
@@ -166,6 +170,13 @@ class Agent:
             handoff_max_events=self.config.queue.handoff_max_events,
             sink_names=[s.name for s in self.config.sinks],
             on_commit=self._wake_forwarders,
+            limits=Limits(
+                max_bytes=queue.max_bytes,
+                max_events=queue.max_events,
+                max_age=queue.max_age,
+                reserve_free=queue.reserve_free,
+                when_full=queue.when_full,
+            ),
         )
         self.writer.start()
         for instance in self.config.sinks:
@@ -211,10 +222,23 @@ class Agent:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+        last_reminder = time.monotonic()
         while not self._stop_requested.wait(1.0):
             if self.writer is not None and not self.writer.is_alive():
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
                 raise QueueError("the queue writer stopped")
+            if time.monotonic() - last_reminder >= DAMAGED_REMINDER:
+                last_reminder = time.monotonic()
+                self._remind_damaged()
+
+    def _remind_damaged(self) -> None:
+        """Keep saying that a damaged queue was moved aside, until an operator deletes it."""
+        for path in self.store.damaged_copies():
+            log.warning(
+                "a damaged queue was moved aside to %s; its events were not sent. Inspect it"
+                " and delete it to silence this warning.",
+                path,
+            )
 
     def stop(self) -> None:
         """Stop sources, commit, flush within the grace period, stop sinks."""

@@ -14,6 +14,10 @@ Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Duration``
 (seconds; accepts ``"10s"``), ``ByteSize`` (bytes; accepts ``"256MiB"``),
 ``Literal[...]``, ``list[T]``, ``dict[str, T]``, ``T | None``, ``Any`` and a
 nested dataclass (a TOML table or inline table).
+
+Checks that span options, or ranges, go in ``__post_init__``: raise
+``ValueError`` with a sentence, and ``edge-agent check`` reports it at the
+table's key path like any other problem.
 """
 
 from __future__ import annotations
@@ -190,8 +194,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], secret: bo
         wrong()
         return None
     if origin is Literal:
-        if value in args and type(value) in {type(a) for a in args}:
-            return value
+        for allowed in args:
+            if isinstance(value, EnvStr) and str(allowed) == value.strip():
+                return allowed
+            if value == allowed and type(value) is type(allowed):
+                return value
         wrong()
         return None
     if origin is list:
@@ -242,6 +249,8 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], secret: bo
 
 
 def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem]) -> Any:
+    """Build ``cls`` from ``table``; a ``__post_init__`` raising ValueError is a problem too."""
+    before = len(problems)
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -264,10 +273,13 @@ def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem])
         )
         if required and name not in table:
             problems.append((_join(path, name), f"missing required key ({describe(hints[name])})"))
+    if len(problems) > before:
+        return None
     try:
         return cls(**kwargs)
-    except TypeError:
-        return None  # a problem is already recorded for whatever made this fail
+    except ValueError as exc:  # the schema's own checks, in __post_init__
+        problems.append((path, str(exc)))
+        return None
 
 
 def fields_of(cls: type) -> list[tuple[str, str, Any, str]]:

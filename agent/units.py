@@ -22,8 +22,8 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ValueError('expected a duration such as 10, "10s", "5m" or "7d"')
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        if not 0 <= value < 10**9:  # also refuses inf and nan
+            raise ValueError("a duration must be 0 or more seconds, and finite")
         return float(value)
     match = _NUMBER_WITH_UNIT.match(value)
     unit = match.group(2).lower() if match else None

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from agent.bounds import Bounds, Limits
 from agent.errors import QueueError
 from agent.event import Event
 from agent.queue import Checkpoint, QueueStore, QueueWriter
@@ -22,6 +23,8 @@ from agent.queue import Checkpoint, QueueStore, QueueWriter
 log = logging.getLogger("edge_agent.writer")
 
 CLEANUP_INTERVAL = 0.5
+#: While the queue is full and sources must wait, look for room this often.
+BLOCKED_RETRY = 0.2
 
 
 class _Pending:
@@ -47,6 +50,7 @@ class Writer:
         handoff_max_events: int,
         sink_names: Sequence[str],
         on_commit: Callable[[], None],
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.commit_max_events = max(1, commit_max_events)
@@ -60,11 +64,14 @@ class Writer:
         self._cleanup_wanted = threading.Event()
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self._queue: QueueWriter | None = None
+        self.limits = limits or Limits()
+        self.bounds: Bounds | None = None
         self.committed = 0
         self.last_progress = time.monotonic()
 
     def start(self) -> None:
         self._queue = QueueWriter(self.store)
+        self.bounds = Bounds(self._queue, self.limits, self.store.state_dir)
         self._thread.start()
 
     def submit(
@@ -122,41 +129,106 @@ class Writer:
             return batch
 
     def _run(self) -> None:
-        assert self._queue is not None
+        assert self._queue is not None and self.bounds is not None
         last_cleanup = 0.0
+        held: list[_Pending] = []  # a batch waiting for room (when_full = "block")
         try:
             while True:
-                batch = self._take()
-                if batch:
+                batch = held or self._take()
+                held = []
+                if batch and not self._admit(batch):
+                    held = batch
+                    with self._cond:
+                        self._cond.wait(BLOCKED_RETRY)
+                elif batch:
                     self._commit(batch)
                 now = time.monotonic()
                 self.last_progress = now
-                if self._cleanup_wanted.is_set() and now - last_cleanup >= CLEANUP_INTERVAL:
-                    self._cleanup_wanted.clear()
+                if now - last_cleanup >= CLEANUP_INTERVAL:
                     last_cleanup = now
-                    try:
-                        self._queue.delete_confirmed(self.sink_names)
-                    except QueueError as exc:
-                        log.error("%s; confirmed events stay on disk until it works", exc)
+                    self._housekeeping()
                 with self._cond:
-                    if self._stopping and not self._waiting:
+                    if self._stopping and not self._waiting and not held:
                         break
+        except BaseException as exc:
+            log.exception("the queue writer failed: %r", exc)
+            for pending in held:
+                pending.error = QueueError(f"the queue writer failed: {exc!r}")
+                pending.done.set()
+            self._fail_everything(exc)
+            raise
         finally:
             self._queue.close()
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        assert self._queue is not None
-        events = [item for pending in batch for item in pending.events]
-        checkpoints = [row for pending in batch for row in pending.checkpoints]
-        error: Exception | None = None
+    def _admit(self, batch: list[_Pending]) -> bool:
+        """Room for this batch? Drops old events or says wait, as the policy wants."""
+        assert self.bounds is not None
+        count = sum(len(pending.events) for pending in batch)
+        if not count:
+            return True
+        if self._stopping:
+            return True  # at shutdown, try to keep what sources handed over
+        size = sum(len(data or "") for pending in batch for _event, data in pending.events)
         try:
-            self._queue.append(events, checkpoints)
-            self.committed += len(events)
-        except QueueError as exc:
-            log.error("%s; the sources were told, and nothing of this batch was accepted", exc)
+            return self.bounds.admit(count, size)
+        except (QueueError, OSError) as exc:
+            log.error("cannot check the queue's size: %s; committing anyway", exc)
+            return True
+
+    def _housekeeping(self) -> None:
+        assert self._queue is not None and self.bounds is not None
+        try:
+            if self._cleanup_wanted.is_set():
+                self._cleanup_wanted.clear()
+                self._queue.delete_confirmed(self.sink_names)
+            self.bounds.housekeeping()
+        except (QueueError, OSError) as exc:
+            log.error("%s; confirmed events stay on disk until it works", exc)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Commit a group; if it fails, commit each caller's part alone.
+
+        So one caller's bad event (or a failing disk for a moment) costs only
+        that caller its commit, not everyone who happened to share the group.
+        """
+        try:
+            self._append(batch)
+            error: Exception | None = None
+        except Exception as exc:
             error = exc
+        if error is not None and len(batch) > 1:
+            for pending in batch:
+                self._commit([pending])
+            return
+        if error is not None:
+            log.error(
+                "%s; the source was told, and none of its %d events were accepted",
+                error,
+                len(batch[0].events),
+            )
+            if not isinstance(error, QueueError):
+                error = QueueError(f"cannot commit to the queue: {error!r}")
         for pending in batch:
             pending.error = error
             pending.done.set()
         if error is None:
             self.on_commit()
+
+    def _append(self, batch: list[_Pending]) -> None:
+        assert self._queue is not None
+        events = [item for pending in batch for item in pending.events]
+        checkpoints = [row for pending in batch for row in pending.checkpoints]
+        self._queue.append(events, checkpoints)
+        self.committed += len(events)
+
+    def _fail_everything(self, error: Exception) -> None:
+        """The writer is going away: no caller may wait for a commit forever."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._waiting_events = 0
+            self._cond.notify_all()
+        for pending in waiting:
+            pending.error = QueueError(f"the queue writer stopped: {error!r}")
+            pending.done.set()

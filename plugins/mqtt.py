@@ -50,7 +50,11 @@ class MqttSink(Sink):
         qos: Literal[0, 1, 2] = option(
             1, doc="1 or 2: at least once, confirmed by the broker. 0: at most once."
         )
-        protocol: Literal["3.1.1", "5"] = option("3.1.1", doc='MQTT version: "3.1.1" or "5".')
+        protocol: Literal["3.1.1", "5"] = option(
+            "5",
+            doc='MQTT version: "5", or "3.1.1" for old brokers (which cannot report a'
+            " refused message: it is acknowledged as if delivered).",
+        )
         client_id: str = option("", doc="MQTT client id. Default: edge-agent-{agent}-{name}.")
         username: str = option("", doc="User name, if the broker wants one.")
         password: str = option("", secret=True, doc="Password; or password_file = PATH.")
@@ -65,18 +69,36 @@ class MqttSink(Sink):
         reconnect_min: Duration = option(1.0, doc="Shortest wait between connection attempts.")
         reconnect_max: Duration = option(60.0, doc="Longest wait between connection attempts.")
 
+        def __post_init__(self) -> None:
+            unknown = [
+                m.group(1)
+                for m in _PLACEHOLDER.finditer(self.topic)
+                if m.group(1) not in TOPIC_FIELDS
+            ]
+            if unknown:
+                raise ValueError(
+                    f"topic {self.topic!r} uses unknown field(s) {', '.join(unknown)};"
+                    f" known: {', '.join('{' + f + '}' for f in TOPIC_FIELDS)}"
+                )
+            if _UNSAFE_IN_TOPIC.search(_PLACEHOLDER.sub("", self.topic)) or not self.topic:
+                raise ValueError(
+                    f"topic {self.topic!r} may not be empty or hold the wildcards + or #"
+                )
+            if not 1 <= self.port <= 65535:
+                raise ValueError(f"port must be 1 to 65535, got {self.port}")
+            if self.max_inflight < 1 or self.keepalive < 0:
+                raise ValueError("max_inflight must be at least 1 and keepalive 0 or more")
+            for name in ("connect_timeout", "ack_timeout", "reconnect_min", "reconnect_max"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be more than 0")
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         config = self.config
-        problems = [
-            m.group(1)
-            for m in _PLACEHOLDER.finditer(config.topic)
-            if m.group(1) not in TOPIC_FIELDS
-        ]
-        if problems:
-            raise ValueError(
-                f"sink {self.name}: topic {config.topic!r} uses unknown field(s)"
-                f" {', '.join(problems)}; known: {', '.join(TOPIC_FIELDS)}"
+        if config.qos == 2 and config.protocol == "5":
+            self.log.warning(
+                "qos 2 with MQTT 5: a refusal in PUBREC cannot be seen by the MQTT library, so"
+                " a refused message may count as delivered; use qos 1 where refusals matter"
             )
         self.max_batch = max(1, config.max_inflight)
         self.retry_min = config.reconnect_min
@@ -96,6 +118,10 @@ class MqttSink(Sink):
     # -- paho callbacks: network thread; no I/O, no exceptions -------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        # Set here, in the network thread, so a disconnect right after CONNACK
+        # (handled after this in the same thread) always leaves it cleared.
+        if not reason_code.is_failure:
+            self._connected.set()
         self._connack.put((reason_code, properties))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -127,6 +153,8 @@ class MqttSink(Sink):
         client.on_publish = self._on_publish
         self._connack = queue.SimpleQueue()
         self._acks = queue.SimpleQueue()
+        self._connected.clear()
+        self._disconnect_reason = None
         self._client = client
         try:
             client.connect(config.host, config.port, keepalive=config.keepalive)
@@ -147,7 +175,10 @@ class MqttSink(Sink):
         if receive_maximum:
             window = min(window, receive_maximum)  # paho ignores the broker's limit
         self.max_batch = max(1, window)
-        self._connected.set()
+        if not self._connected.is_set():
+            raise SinkUnavailable(
+                f"connection lost right after CONNACK ({self._disconnect_reason})"
+            )
 
     def publish(self, events: list[QueuedEvent]) -> list[QueuedEvent]:
         client = self._client
@@ -168,6 +199,8 @@ class MqttSink(Sink):
                 properties=properties,
             )
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                if not waiting:
+                    raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
                 break  # nothing more can go out; what went out may still be acked
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise SinkUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")

@@ -1,0 +1,189 @@
+"""Queue bounds and policies, on the real queue file, in-process."""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from agent.bounds import Bounds, Limits
+from agent.errors import QueueError
+from agent.event import Event
+from agent.queue import QueueStore, QueueWriter, SinkCursor
+from agent.testing import wait_for
+from agent.writer import Writer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def batch(source: str, count: int, size: int = 200, time: str | None = None):
+    items = []
+    for i in range(count):
+        event = Event(type="test.tick", source=source, data={"i": i})
+        if time is not None:
+            event.time = time
+        items.append((event, '"' + "x" * (size - 2) + '"'))
+    return items
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = QueueStore(str(tmp_path / "state"))
+    store.open()
+    return store
+
+
+def test_drop_oldest_keeps_max_events_and_counts_per_source(store, caplog):
+    queue = QueueWriter(store)
+    bounds = Bounds(queue, Limits(max_events=100), store.state_dir)
+    queue.append(batch("a", 60) + batch("b", 40))
+    assert bounds.admit(30, 30 * 200)
+    queue.append(batch("c", 30))
+    assert queue.usage().events == 100
+    assert bounds.dropped == {"a": 30}
+    assert "dropped 30 events (a: 30)" in caplog.text and "max_events 100" in caplog.text
+    remaining = SinkCursor(store, "s", "gw").read(0, 1000)
+    assert remaining[0].source == "a" and remaining[0].sequence == 31
+
+
+def test_drop_oldest_keeps_max_bytes(store):
+    queue = QueueWriter(store)
+    limit = 2 * 1024 * 1024
+    bounds = Bounds(queue, Limits(max_bytes=limit), store.state_dir)
+    for _ in range(100):
+        items = batch("a", 100, size=1000)
+        assert bounds.admit(len(items), 100 * 1000)
+        queue.append(items)
+        usage = queue.usage()
+        # Checked before each commit: one commit's pages may go over, no more.
+        assert usage.live_bytes + usage.wal_bytes <= limit + 512 * 1024
+    assert sum(bounds.dropped.values()) > 0
+
+
+def test_max_age_drops_old_events_whatever_the_policy(store):
+    queue = QueueWriter(store)
+    old = (datetime.now(UTC) - timedelta(days=8)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    queue.append(batch("a", 5, time=old) + batch("a", 3))
+    bounds = Bounds(queue, Limits(max_age=7 * 86400, when_full="block"), store.state_dir)
+    bounds.housekeeping()
+    assert queue.usage().events == 3
+    assert bounds.dropped == {"a": 5}
+
+
+def test_the_file_does_not_grow_without_end_as_events_come_and_go(store):
+    queue = QueueWriter(store)
+    bounds = Bounds(queue, Limits(), store.state_dir)
+    cursor = SinkCursor(store, "s", "gw")
+    sizes = []
+    for round in range(30):
+        queue.append(batch("a", 2000, size=500))
+        cursor.advance(cursor.read(cursor.position, 10_000)[-1].position)
+        queue.delete_confirmed(["s"])
+        bounds.housekeeping()
+        if round >= 5:
+            sizes.append(os.path.getsize(store.path))
+    assert max(sizes) <= min(sizes) * 1.5, sizes
+
+
+def test_a_drained_backlog_gives_its_space_back(store):
+    queue = QueueWriter(store)
+    bounds = Bounds(queue, Limits(), store.state_dir)
+    cursor = SinkCursor(store, "s", "gw")
+    for _ in range(20):
+        queue.append(batch("a", 1000, size=1000))
+    big = os.path.getsize(store.path)
+    cursor.advance(cursor.read(cursor.position, 100_000)[-1].position)
+    queue.delete_confirmed(["s"])
+    for _ in range(20):
+        bounds.housekeeping()
+    assert os.path.getsize(store.path) < big / 4
+
+
+def test_block_makes_sources_wait_until_sinks_confirm(store):
+    writer = Writer(
+        store,
+        commit_max_events=100,
+        handoff_max_events=1000,
+        sink_names=["s"],
+        on_commit=lambda: None,
+        limits=Limits(max_events=10, when_full="block"),
+    )
+    writer.start()
+    cursor = SinkCursor(store, "s", "gw")
+    writer.submit(batch("a", 10))
+    done = threading.Event()
+    threading.Thread(target=lambda: (writer.submit(batch("a", 5)), done.set()), daemon=True).start()
+    assert not done.wait(1.0), "the source must wait while the queue is full"
+    cursor.advance(cursor.read(0, 5)[-1].position)
+    writer.request_cleanup()
+    wait_for(done.is_set, 10, "the waiting source to be let in")
+    assert [e.sequence for e in cursor.read(cursor.position, 100)] == list(range(6, 16))
+    writer.stop(5)
+
+
+def test_a_failed_commit_is_reported_to_the_source_and_the_writer_carries_on(store):
+    writer = Writer(
+        store,
+        commit_max_events=100,
+        handoff_max_events=100,
+        sink_names=["s"],
+        on_commit=lambda: None,
+    )
+    writer.start()
+    bad = [(Event(type="x", source="a", data=None), None)]  # NOT NULL data: the insert fails
+    results: dict[str, object] = {}
+
+    def submit(name, items):
+        try:
+            writer.submit(items)
+            results[name] = "ok"
+        except QueueError as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=submit, args=(name, items))
+        for name, items in (("bad", bad), ("good", batch("a", 2)), ("good2", batch("b", 3)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert isinstance(results["bad"], QueueError)
+    assert results["good"] == results["good2"] == "ok", "one bad caller must not cost the others"
+    assert len(SinkCursor(store, "s", "gw").read(0, 10)) == 5
+    writer.submit(batch("a", 1))  # and the writer carries on
+    assert writer.is_alive()
+    writer.stop(5)
+
+
+def test_a_damaged_queue_is_moved_aside_and_a_new_one_started(tmp_path, caplog):
+    state = tmp_path / "state"
+    store = QueueStore(str(state))
+    store.open()
+    QueueWriter(store).append(batch("a", 10))
+    with open(store.path, "r+b") as handle:
+        handle.seek(0)
+        handle.write(b"this is not a database header at all")
+    aside = QueueStore(str(state)).open()
+    assert aside is not None and os.path.basename(aside).startswith("queue.db.corrupt-")
+    assert os.path.exists(aside)
+    assert "is damaged" in caplog.text and "moved aside" in caplog.text
+    fresh = QueueWriter(QueueStore(str(state)))
+    assert fresh.usage().events == 0
+    assert QueueStore(str(state)).damaged_copies() == [aside]
+
+
+def test_a_truncated_queue_is_moved_aside_too(tmp_path):
+    state = tmp_path / "state"
+    store = QueueStore(str(state))
+    store.open()
+    writer = QueueWriter(store)
+    writer.append(batch("a", 2000, size=500))
+    writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    writer.close()
+    size = os.path.getsize(store.path)
+    with open(store.path, "r+b") as handle:
+        handle.truncate(size // 3)
+    assert QueueStore(str(state)).open() is not None
