@@ -179,8 +179,14 @@ class Sink:
 
         Return only events whose delivery the destination acknowledged (an
         MQTT PUBACK, a publisher confirm, an fsync). Events not returned stay
-        queued and are handed over again, in order. Return ``events`` when
-        all were confirmed.
+        queued and are handed over again, in order, in the next call. Return
+        ``events`` when all were confirmed.
+
+        A sink that keeps messages in flight across calls (a sliding window)
+        may return as soon as some are confirmed; it then recognises the ones
+        still in flight by ``position`` in the next call and does not send
+        them twice. When a call confirms nothing, the forwarder waits (with
+        backoff) before the next one.
         """
         raise NotImplementedError
 

@@ -40,9 +40,17 @@ def setup_logging(level: str = "info") -> None:
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_quiet_watchdog_shutdown)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
+    """watchdog logs an ERROR when a stopped watch had an event in hand; nothing is wrong."""
+    return not (
+        record.name.startswith("watchdog") and "called when the thread is inactive" in record.msg
+    )
 
 
 def _host() -> PluginHost:

@@ -9,6 +9,7 @@ in order, after a reconnect or a restart.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from agent.api import Sink
 from agent.backoff import Backoff
 from agent.errors import QueueError
+from agent.event import QueuedEvent
 from agent.queue import QueueStore, SinkCursor
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -120,6 +122,7 @@ class Forwarder:
         backoff = Backoff(sink.retry_min, sink.retry_max)
         outage = _Outage(sink, cursor)
         confirmed_ahead: set[int] = set()
+        unsent: collections.deque[QueuedEvent] = collections.deque()
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
                 if self._drain_deadline is not None:
@@ -136,7 +139,14 @@ class Forwarder:
                 outage.connected()
 
             self.wake.clear()
-            events = cursor.read(cursor.position, sink.max_batch)
+            # Read ahead only what is new: events already read and not yet
+            # confirmed stay in `unsent`, in queue order.
+            while unsent and unsent[0].position <= cursor.position:
+                unsent.popleft()
+            if len(unsent) < sink.max_batch:
+                after = unsent[-1].position if unsent else cursor.position
+                unsent.extend(cursor.read(after, sink.max_batch - len(unsent)))
+            events = list(unsent)
             self.last_progress = time.monotonic()
             if not events and self._drain_deadline is not None:
                 return
@@ -176,16 +186,12 @@ class Forwarder:
                     continue
                 confirmed_ahead.difference_update(prefix)
                 self.on_confirmed()
-            unconfirmed = len(batch) - len(positions)
-            if unconfirmed:
-                # The sink has said why (a refusal, a lost connection); wait before
-                # sending them again so a refusing broker is not hammered.
-                self.last_error = f"{unconfirmed} events not confirmed"
-                log.debug(
-                    "sink %s: %d of %d events not confirmed", sink.name, unconfirmed, len(batch)
-                )
+            if batch and not positions:
+                # Nothing confirmed: the sink has said why (a refusal, say). Wait
+                # before sending again so a refusing destination is not hammered.
+                self.last_error = f"none of {len(batch)} events confirmed"
                 self._pause(backoff.next())
-            else:
+            elif positions:
                 backoff.reset()
                 outage.ended()
 

@@ -64,8 +64,12 @@ class QueueStore:
         self.path = os.path.join(state_dir, QUEUE_FILE)
         self.sync = sync
 
-    def connect(self) -> sqlite3.Connection:
-        """A new connection for the calling thread, with the durability settings checked."""
+    def connect(self, *, sync: str | None = None) -> sqlite3.Connection:
+        """A new connection for the calling thread, with the durability settings checked.
+
+        ``sync`` overrides the configured level for this connection only.
+        """
+        sync = sync or self.sync
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -73,7 +77,7 @@ class QueueStore:
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+            conn.execute(f"PRAGMA synchronous = {sync.upper()}")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             level = conn.execute("PRAGMA synchronous").fetchone()[0]
         except sqlite3.Error as exc:
@@ -81,11 +85,11 @@ class QueueStore:
             if _is_corruption(exc):
                 raise QueueCorrupt(f"the queue {self.path} is damaged: {exc}") from exc
             raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
-        expected = {"full": 2, "normal": 1}[self.sync]
+        expected = {"full": 2, "normal": 1}[sync]
         if mode.lower() != "wal" or level != expected:
             conn.close()
             raise QueueError(
-                f"the queue {self.path} refused WAL mode or synchronous={self.sync}"
+                f"the queue {self.path} refused WAL mode or synchronous={sync}"
                 f" (got journal_mode={mode}, synchronous={level}); is it on a local filesystem?"
             )
         return conn
@@ -353,7 +357,10 @@ class SinkCursor:
     """
 
     def __init__(self, store: QueueStore, sink: str, agent_id: str) -> None:
-        self.conn = store.connect()
+        # A cursor lost to a power cut only means events are sent again (at
+        # least once), so its commits skip the fsync: in WAL mode the next
+        # synchronous=FULL commit of events makes them durable anyway.
+        self.conn = store.connect(sync="normal")
         self.sink = sink
         self.agent_id = agent_id
         # A sink seen for the first time starts at the oldest event still queued.

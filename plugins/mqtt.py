@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ class MqttSink(Sink):
         self._acks: queue.SimpleQueue = queue.SimpleQueue()
         self._connected = threading.Event()
         self._disconnect_reason: str | None = None
+        self._inflight: dict[int, QueuedEvent] = {}  # queue position -> event, this connection
+        self._mids: dict[int, int] = {}  # paho message id -> queue position
         #: Messages the broker refused (a reason code of 0x80 or above), since start.
         self.refused = 0
 
@@ -155,11 +158,18 @@ class MqttSink(Sink):
         self._acks = queue.SimpleQueue()
         self._connected.clear()
         self._disconnect_reason = None
+        self._inflight = {}
+        self._mids = {}
         self._client = client
         try:
             client.connect(config.host, config.port, keepalive=config.keepalive)
         except (OSError, ValueError) as exc:
             raise SinkUnavailable(getattr(exc, "strerror", None) or str(exc)) from None
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            # Small PUBLISH packets must not wait for Nagle's algorithm; paho leaves it on.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.loop_start()
         try:
             reason_code, properties = self._connack.get(timeout=config.connect_timeout)
@@ -181,13 +191,24 @@ class MqttSink(Sink):
             )
 
     def publish(self, events: list[QueuedEvent]) -> list[QueuedEvent]:
+        """Keep up to ``max_inflight`` messages in flight; return those acknowledged so far.
+
+        A sliding window: events already in flight on this connection are not
+        sent again, new ones fill the free places, and the call returns as
+        soon as acknowledgements arrive (waiting at most ``ack_timeout`` for
+        the first). Waiting for a whole batch instead would leave the line idle
+        while the last acknowledgements trickle in.
+        """
         client = self._client
         if client is None or not self._connected.is_set():
             raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
         config = self.config
         properties = None
-        waiting: dict[int, QueuedEvent] = {}
         for event in events:
+            if event.position in self._inflight:
+                continue
+            if len(self._inflight) >= self.max_batch:
+                break
             if config.protocol == "5":
                 properties = Properties(PacketTypes.PUBLISH)
                 properties.ContentType = "application/cloudevents+json"
@@ -199,34 +220,40 @@ class MqttSink(Sink):
                 properties=properties,
             )
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                if not waiting:
+                if not self._inflight:
                     raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
                 break  # nothing more can go out; what went out may still be acked
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise SinkUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
-            waiting[info.mid] = event
-        return self._await_acks(waiting)
+            self._inflight[event.position] = event
+            self._mids[info.mid] = event.position
+        return self._collect_acks()
 
-    def _await_acks(self, waiting: dict[int, QueuedEvent]) -> list[QueuedEvent]:
+    def _collect_acks(self) -> list[QueuedEvent]:
+        """Wait for the first acknowledgement (up to ack_timeout), then take all that came."""
         confirmed: list[QueuedEvent] = []
         refused: list[str] = []
         deadline = time.monotonic() + self.config.ack_timeout
-        while waiting and not self.stopping.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        block = True
+        while self._inflight and not self.stopping.is_set():
             try:
-                item = self._acks.get(timeout=min(left, 0.5))
+                if block:
+                    item = self._acks.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.5)))
+                else:
+                    item = self._acks.get_nowait()
             except queue.Empty:
+                if not block or time.monotonic() >= deadline:
+                    break
                 continue
             if item is None:
                 if not self._connected.is_set():
                     break
                 continue
             mid, reason_code = item
-            event = waiting.pop(mid, None)
+            event = self._inflight.pop(self._mids.pop(mid, -1), None)
             if event is None:
-                continue  # an ack of an earlier, abandoned batch
+                continue
+            block = False  # got one: now take whatever else is already there
             if reason_code.is_failure:
                 refused.append(f"{event.id}: {reason_code}")
             else:
@@ -240,11 +267,10 @@ class MqttSink(Sink):
                 self.refused,
                 "; ".join(refused[:3]),
             )
-        if waiting and not confirmed and not refused:
+        if self._inflight and not confirmed and not refused and not self.stopping.is_set():
             if not self._connected.is_set():
                 raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
-            if not self.stopping.is_set():
-                raise SinkUnavailable(f"no acknowledgement within {self.config.ack_timeout:g}s")
+            raise SinkUnavailable(f"no acknowledgement within {self.config.ack_timeout:g}s")
         confirmed.sort(key=lambda e: e.position)
         return confirmed
 
