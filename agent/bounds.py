@@ -61,8 +61,11 @@ class Bounds:
         self._unreported: Counter[str] = Counter()
         self._last_warning = 0.0
         self._last_expire = 0.0
-        #: Why the queue is refusing to grow now, or None.
+        #: Why the queue cannot grow now (events wait or old ones are dropped), or None.
         self.full_reason: str | None = None
+        self.full_since = 0.0
+        self._last_full_warning = -WARN_EVERY
+        self._said_full = False
 
     # -- before a commit -------------------------------------------------------
 
@@ -84,11 +87,9 @@ class Bounds:
         to_drop = max(excess_events, math.ceil(excess_bytes / max(average, 1.0)))
         dropped = self.queue.drop_oldest(to_drop)
         self._count_drops(dropped, f"the queue is full ({reason})")
-        if sum(dropped.values()) < to_drop and reason.startswith("disk"):
-            self._set_full(reason)
-            return False  # nothing left to drop and still no room: wait for space
-        self._set_full(None)
-        return True
+        self._set_full(reason)
+        # Nothing left to drop and the disk still full: the events must wait for space.
+        return not (sum(dropped.values()) < to_drop and reason.startswith("disk"))
 
     def _over(self, count: int, needed: int) -> tuple[str | None, int, int]:
         """(reason, events over the limit, bytes over the limit) for ``count`` more events."""
@@ -126,17 +127,26 @@ class Bounds:
         return None, 0, 0
 
     def _set_full(self, reason: str | None) -> None:
-        if reason == self.full_reason:
-            return
+        """Say once (at most once a minute) that the queue cannot grow, and when it can again."""
+        now = time.monotonic()
         if reason is not None and self.full_reason is None:
-            action = (
-                "sources wait until sinks confirm events"
-                if self.limits.when_full == "block"
-                else "the oldest events are dropped to make room"
+            self.full_since = now
+            if now - self._last_full_warning >= WARN_EVERY:
+                self._last_full_warning = now
+                self._said_full = True
+                action = (
+                    "sources wait until sinks confirm events"
+                    if self.limits.when_full == "block"
+                    else "the oldest events are dropped to make room"
+                )
+                log.warning("queue cannot grow: %s; %s", reason, action)
+        elif reason is None and self.full_reason is not None and self._said_full:
+            self._said_full = False
+            log.info(
+                "queue has room again after %.0fs (was: %s)",
+                now - self.full_since,
+                self.full_reason,
             )
-            log.warning("queue cannot grow: %s; %s", reason, action)
-        elif reason is None:
-            log.info("queue has room again (was: %s)", self.full_reason)
         self.full_reason = reason
 
     # -- between commits ---------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import signal
 import sqlite3
 import subprocess
@@ -60,12 +61,15 @@ class AgentProcess:
         self.state_dir = workdir / "state"
         self.log_path = workdir / "agent.log"
         self.process: subprocess.Popen | None = None
+        self.wrapped = False
         self._log = None
 
-    def start(self) -> AgentProcess:
+    def start(self, wrapper: list[str] | None = None) -> AgentProcess:
+        """Start it; ``wrapper`` runs it under another command (strace …)."""
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in _close)
+        self.wrapped = bool(wrapper)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+            [*(wrapper or []), sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
@@ -78,16 +82,30 @@ class AgentProcess:
     def wait_log(self, text: str, timeout: float = 10.0) -> None:
         wait_for(lambda: text in self.log(), timeout, f"{text!r} in the agent's log:\n{self.log()}")
 
+    @property
+    def pid(self) -> int:
+        """The agent's own process id, also when it runs under a wrapper."""
+        assert self.process is not None
+        if not self.wrapped:
+            return self.process.pid
+
+        def child() -> int | None:
+            path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            children = path.read_text().split() if path.exists() else []
+            return int(children[0]) if children else None
+
+        return wait_for(child, 10, "the wrapped agent process")
+
     def terminate(self, timeout: float = 15.0) -> int:
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
+        os.kill(self.pid, signal.SIGTERM)
         code = self.process.wait(timeout)
         self._close()
         return code
 
     def kill(self) -> None:
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
+        os.kill(self.pid, signal.SIGKILL)
         self.process.wait(10)
         self._close()
 
@@ -124,6 +142,8 @@ def agent_process(tmp_path):
     yield make
     for agent in made:
         if agent.process is not None:
+            if agent.wrapped and agent.process.poll() is None:
+                os.kill(agent.pid, signal.SIGKILL)  # the agent, not just its wrapper
             agent.process.kill()
             agent.process.wait()
             agent._close()
