@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.toml
 
-.PHONY: run test lint mosquitto clean
+.PHONY: run test lint test-tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,9 @@ run: $(VENV)/.installed
 	mkdir -p var/inbox var/state
 	$(BIN)/edge-agent run -c $(CONFIG)
 
-# The tests start their own brokers; they need the mosquitto binary.
-mosquitto:
+# The tests start their own brokers and need the mosquitto binary; the disk
+# fault tests use strace to make a write or an fsync fail.
+test-tools:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
 		: ; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -34,12 +35,21 @@ mosquitto:
 		echo "       Install it as root (Debian/Ubuntu: apt-get install mosquitto), then run make test again."; \
 		exit 1; \
 	fi
+	@if ! command -v strace >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "strace is missing; installing it for the disk fault tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q strace \
+				|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q strace); \
+		else \
+			echo "note: strace is not installed; the injected-fault tests will be skipped."; \
+		fi; \
+	fi
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(VENV)/.installed-test mosquitto lint
+test: $(VENV)/.installed-test test-tools lint
 	$(BIN)/pytest
 
 clean:
