@@ -2,10 +2,10 @@
 
 What a plugin author imports::
 
-    from agent import Source, Sink, Event, QueuedEvent, hookimpl, option, Duration, ByteSize
+    from agent import Source, Sink, Processor, Event, QueuedEvent, hookimpl, option, Duration
 """
 
-from agent.api import Sink, Source
+from agent.api import Processor, Sink, Source, SourceContext
 from agent.errors import SinkUnavailable
 from agent.event import Event, QueuedEvent
 from agent.hookspecs import hookimpl
@@ -17,10 +17,12 @@ __all__ = [
     "ByteSize",
     "Duration",
     "Event",
+    "Processor",
     "QueuedEvent",
     "Sink",
     "SinkUnavailable",
     "Source",
+    "SourceContext",
     "__version__",
     "hookimpl",
     "option",

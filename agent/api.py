@@ -200,3 +200,33 @@ class Sink:
 
     def close(self) -> None:
         """Release the connection. Must not raise; called after a failure too."""
+
+
+class Processor:
+    """Base class of processor plugins: filter, change or enrich events before they are queued.
+
+    The agent creates one instance per ``[[processors.NAME]]`` table; the
+    instances run in the order of their tables in the config file, in the
+    emitting source's thread (so several threads may call :meth:`process` at
+    once: guard shared state with a lock). Keep it fast: the source waits.
+
+    Attributes set for you: ``name``, ``config``, ``agent_id``, ``log``, and
+    ``dropped`` (how many events :meth:`process` dropped, kept by the agent).
+    """
+
+    Config: ClassVar[type | None] = None
+
+    def __init__(self, *, name: str, config: Any, agent_id: str) -> None:
+        self.name = name
+        self.config = config
+        self.agent_id = agent_id
+        self.log = logging.getLogger(f"edge_agent.processor.{name}")
+        self.dropped = 0
+
+    def process(self, event: Event) -> Event | None:
+        """Return the event (changed or not) to keep it, or None to drop it.
+
+        An exception is logged with the processor's name and the event goes
+        on unchanged.
+        """
+        raise NotImplementedError

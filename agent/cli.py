@@ -133,7 +133,9 @@ def check(config_path: str | None) -> None:
 def plugins(as_json: bool) -> None:
     """List installed plugins: name, kind, package, version."""
     host = _host()
-    rows = sorted([*host.sources.values(), *host.sinks.values()], key=lambda r: (r.kind, r.name))
+    kinds = {"source": 0, "processor": 1, "sink": 2}  # the order events flow through them
+    registered = [*host.sources.values(), *host.processors.values(), *host.sinks.values()]
+    rows = sorted(registered, key=lambda r: (kinds.get(r.kind, 3), r.name))
     if as_json:
         data = [
             {"name": r.name, "kind": r.kind, "package": r.package, "version": r.version}

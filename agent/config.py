@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from agent.errors import ConfigError, ConfigProblem
@@ -92,6 +92,7 @@ class InstanceConfig:
     key: str
     config: Any
     registration: Registration
+    index: int = 0  # which [[KIND.PLUGIN]] table of that plugin, counting from 0
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Config:
     queue: QueueSettings
     sources: list[InstanceConfig]
     sinks: list[InstanceConfig]
+    processors: list[InstanceConfig] = field(default_factory=list)
 
 
 def default_config_path() -> str:
@@ -177,7 +179,7 @@ def _instances(
     problems: list[tuple[str, str]],
 ) -> list[InstanceConfig]:
     top = f"{kind}s"
-    registry = host.sources if kind == "source" else host.sinks
+    registry = {"source": host.sources, "sink": host.sinks, "processor": host.processors}[kind]
     if not isinstance(section, dict):
         problems.append(
             (top, f"expected tables such as [[{top}.NAME]], got a {type(section).__name__}")
@@ -234,17 +236,45 @@ def _instances(
                 config = None
             else:
                 config = build(schema, table, here, problems)
-            result.append(InstanceConfig(kind, plugin_name, name, here, config, registration))
+            result.append(
+                InstanceConfig(kind, plugin_name, name, here, config, registration, index)
+            )
     return result
 
 
-def parse_config(data: dict, file: str, host: PluginHost) -> Config:
-    """Validate an already-parsed TOML document; raise ConfigError listing every problem."""
+_PROCESSOR_HEADER = re.compile(r"^\s*\[\[\s*processors\s*\.\s*([A-Za-z0-9_-]+)\s*\]\]", re.M)
+
+
+def processor_order(text: str) -> list[str]:
+    """Processor plugin names in the order their ``[[processors.NAME]]`` tables appear."""
+    return _PROCESSOR_HEADER.findall(text)
+
+
+def _in_file_order(instances: list[InstanceConfig], order: list[str]) -> list[InstanceConfig]:
+    """Interleave processor instances as the file does (TOML groups them by name)."""
+    places: dict[tuple[str, int], int] = {}
+    seen: dict[str, int] = {}
+    for place, name in enumerate(order):
+        places[(name, seen.get(name, 0))] = place
+        seen[name] = seen.get(name, 0) + 1
+    return sorted(instances, key=lambda i: places.get((i.plugin, i.index), len(order)))
+
+
+def parse_config(
+    data: dict, file: str, host: PluginHost, processor_order: list[str] | None = None
+) -> Config:
+    """Validate an already-parsed TOML document; raise ConfigError listing every problem.
+
+    ``processor_order`` lists processor plugin names in file order (see
+    :func:`processor_order`); without it processors run grouped by plugin.
+    """
     problems: list[tuple[str, str]] = []
     data = _interpolate(data, "", problems)
     for key in data:
-        if key not in ("agent", "queue", "sources", "sinks"):
-            problems.append((key, "unknown table (expected agent, queue, sources or sinks)"))
+        if key not in ("agent", "queue", "sources", "processors", "sinks"):
+            problems.append(
+                (key, "unknown table (expected agent, queue, sources, processors or sinks)")
+            )
     agent = build(AgentSettings, data.get("agent", {}), "agent", problems)
     queue = build(QueueSettings, data.get("queue", {}), "queue", problems)
     if agent is not None and not _NAME.match(agent.id):
@@ -253,25 +283,33 @@ def parse_config(data: dict, file: str, host: PluginHost) -> Config:
         )
     sources = _instances("source", data.get("sources", {}), host, problems)
     sinks = _instances("sink", data.get("sinks", {}), host, problems)
+    processors = _in_file_order(
+        _instances("processor", data.get("processors", {}), host, problems),
+        processor_order or [],
+    )
     if not sinks and "sinks" not in [p[0].split(".")[0] for p in problems]:
         problems.append(("sinks", "no sink is configured; add one such as [[sinks.mqtt]]"))
     if problems:
         raise ConfigError([ConfigProblem(file, key, message) for key, message in problems])
     assert agent is not None and queue is not None
-    return Config(file, agent, queue, sources, sinks)
+    return Config(file, agent, queue, sources, sinks, processors)
 
 
 def load_config(path: str, host: PluginHost) -> Config:
     """Read and validate the config file at ``path``; raise ConfigError listing every problem."""
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            raw = handle.read()
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(
             [ConfigProblem(path, "", "no such file; pass -c FILE or set EDGE_AGENT_CONFIG")]
         ) from None
     except OSError as exc:
         raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text: {exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
-    return parse_config(data, path, host)
+    return parse_config(data, path, host, processor_order(text))

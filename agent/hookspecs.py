@@ -54,6 +54,23 @@ def register_sinks(register):
 
 
 @hookspec
+def register_processors(register):
+    """Register processor classes this plugin provides.
+
+    Called once when plugins are loaded, in the main thread.
+
+    :param register: call ``register(name, cls)`` once per processor, where
+        ``name`` is the table name in the config (``[[processors.NAME]]``)
+        and ``cls`` a subclass of :class:`agent.Processor`. Duplicate names
+        are handled as for :func:`register_sources`.
+
+    Configured processor instances run in the order of their tables in the
+    config file, after every :func:`process_event` implementation.
+    Return value is ignored. An exception is logged with the plugin's name.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add subcommands to the ``edge-agent`` command line.
 

@@ -12,18 +12,23 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from agent import hookspecs
-from agent.api import Sink, Source
+from agent.api import Processor, Sink, Source
 from agent.event import Event
 
 log = logging.getLogger("edge_agent.plugins")
 
 ENTRY_POINT_GROUP = "edge_agent"
+#: A hook or processor slower than this (seconds) is reported.
+SLOW_HOOK = 1.0
+SLOW_WARN_EVERY = 60.0
 LOAD_PLUGINS_ENV = "EDGE_AGENT_LOAD_PLUGINS"
 
 
@@ -32,11 +37,39 @@ class Registration:
     """One registered source or sink class and where it came from."""
 
     name: str
-    kind: str  # "source" or "sink"
+    kind: str  # "source", "sink" or "processor"
     cls: type
     plugin: str
     package: str
     version: str
+
+
+class SlowReporter:
+    """Warns, at most once a minute per culprit, when a hook or processor takes too long.
+
+    Sources wait for processors and hooks, so a slow one slows every source.
+    """
+
+    def __init__(self, threshold: float = SLOW_HOOK) -> None:
+        self.threshold = threshold
+        self._warned: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, who: str, seconds: float) -> None:
+        if seconds < self.threshold:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._warned.get(who, -SLOW_WARN_EVERY) < SLOW_WARN_EVERY:
+                return
+            self._warned[who] = now
+        log.warning(
+            "%s took %.1fs (more than %.1fs); the sources wait for it: make it faster or move"
+            " the slow work out of the event path",
+            who,
+            seconds,
+            self.threshold,
+        )
 
 
 @dataclass
@@ -46,9 +79,11 @@ class PluginHost:
     pm: pluggy.PluginManager
     sources: dict[str, Registration] = field(default_factory=dict)
     sinks: dict[str, Registration] = field(default_factory=dict)
+    processors: dict[str, Registration] = field(default_factory=dict)
     #: (plugin name, message) for every plugin that failed to load or register.
     errors: list[tuple[str, str]] = field(default_factory=list)
     _origins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    slow: SlowReporter = field(default_factory=lambda: SlowReporter())
 
     @property
     def hook(self) -> Any:
@@ -57,18 +92,27 @@ class PluginHost:
     def call_each(self, hook_name: str, **kwargs: Any) -> None:
         """Call a hook one plugin at a time, logging (not raising) each plugin's failure."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            started = time.monotonic()
             try:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
             except Exception as exc:
                 log.exception("plugin %s failed in hook %s: %s", impl.plugin_name, hook_name, exc)
+            finally:
+                self.slow.check(
+                    f"plugin {impl.plugin_name}'s {hook_name} hook", time.monotonic() - started
+                )
 
     def process_event(self, event: Event, agent: Any) -> Event | None:
         """Run the ``process_event`` chain; None when an implementation dropped the event."""
         for impl in self.pm.hook.process_event.get_hookimpls():
             args = {"event": event, "agent": agent}
+            started = time.monotonic()
             try:
                 result = impl.function(*[args[arg] for arg in impl.argnames])
             except Exception as exc:
+                self.slow.check(
+                    f"plugin {impl.plugin_name}'s process_event", time.monotonic() - started
+                )
                 log.error(
                     "plugin %s raised in process_event for %s event from %s: %s;"
                     " the event is kept as it was",
@@ -78,6 +122,9 @@ class PluginHost:
                     exc,
                 )
                 continue
+            self.slow.check(
+                f"plugin {impl.plugin_name}'s process_event", time.monotonic() - started
+            )
             if result is None:
                 return None
             event = result
@@ -105,6 +152,7 @@ class PluginHost:
         for kind, hook_name, base, table in (
             ("source", "register_sources", Source, self.sources),
             ("sink", "register_sinks", Sink, self.sinks),
+            ("processor", "register_processors", Processor, self.processors),
         ):
             impls = [
                 i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if i.plugin is plugin

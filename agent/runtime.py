@@ -22,14 +22,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.api import Sink, Source, SourceContext
+from agent.api import Processor, Sink, Source, SourceContext
 from agent.backoff import Backoff
 from agent.bounds import Limits
 from agent.config import Config, InstanceConfig
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
-from agent.plugins import PluginHost
+from agent.plugins import PluginHost, SlowReporter
 from agent.queue import QueueStore, read_checkpoints
 from agent.writer import Writer
 
@@ -104,7 +104,10 @@ class Agent:
         self.sinks: list[Sink] = []
         self.forwarders: list[Forwarder] = []
         self.sources: list[SourceRunner] = []
+        self.processors: list[Processor] = []
         self.writer: Writer | None = None
+        self.slow = SlowReporter()
+        host.slow = self.slow
         self._stop_requested = threading.Event()
 
     # -- events ------------------------------------------------------------
@@ -122,7 +125,7 @@ class Agent:
         """
         items = []
         for event in events:
-            processed = self.host.process_event(event, self)
+            processed = self._process(event)
             if processed is None:
                 continue
             check_event(processed)
@@ -131,6 +134,31 @@ class Agent:
             raise QueueError("the agent has not started its queue")
         rows = [(source, key, value) for key, value in (checkpoint or {}).items()]
         self.writer.submit(items, rows)
+
+    def _process(self, event: Event) -> Event | None:
+        """``process_event`` hooks, then the configured processors in file order."""
+        processed = self.host.process_event(event, self)
+        for processor in self.processors:
+            if processed is None:
+                return None
+            started = time.monotonic()
+            try:
+                result = processor.process(processed)
+            except Exception as exc:
+                log.error(
+                    "processor %s raised for a %s event from %s: %s; the event goes on unchanged",
+                    processor.name,
+                    processed.type,
+                    processed.source,
+                    exc,
+                )
+                continue
+            finally:
+                self.slow.check(f"processor {processor.name}", time.monotonic() - started)
+            if result is None:
+                processor.dropped += 1
+            processed = result
+        return processed
 
     def _wake_forwarders(self) -> None:
         for forwarder in self.forwarders:
@@ -150,6 +178,18 @@ class Agent:
             return cls(name=name, config=instance.config, context=context)
         return cls(name=instance.name, config=instance.config, agent_id=self.id)
 
+    def _make_processors(self) -> None:
+        for instance in self.config.processors:
+            try:
+                self.processors.append(self._make(instance))
+            except Exception as exc:
+                log.exception(
+                    "processor %s (plugin %s) could not be created: %s; events pass without it",
+                    instance.name,
+                    instance.plugin,
+                    exc,
+                )
+
     def start(self) -> None:
         """Open the queue and start writer, forwarders and sources. Raises QueueError."""
         queue = self.config.queue
@@ -164,6 +204,7 @@ class Agent:
             len(self.config.sinks),
         )
         self.host.call_each("startup", agent=self)
+        self._make_processors()
         self.writer = Writer(
             self.store,
             commit_max_events=self.config.queue.commit_max_events,

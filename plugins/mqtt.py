@@ -131,6 +131,7 @@ class MqttSink(Sink):
         self._disconnect_reason = str(reason_code)
         self._connected.clear()
         self._acks.put(None)  # wake a waiting publish()
+        self._connack.put(None)  # and a waiting open()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acks.put((mid, reason_code))
@@ -171,13 +172,27 @@ class MqttSink(Sink):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.loop_start()
-        try:
-            reason_code, properties = self._connack.get(timeout=config.connect_timeout)
-        except queue.Empty:
-            raise SinkUnavailable(
-                f"the broker accepted the TCP connection but sent no CONNACK within"
-                f" {config.connect_timeout:g}s"
-            ) from None
+        deadline = time.monotonic() + config.connect_timeout
+        answer = None
+        while answer is None and not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SinkUnavailable(
+                    f"the broker accepted the TCP connection but sent no CONNACK within"
+                    f" {config.connect_timeout:g}s"
+                )
+            try:
+                answer = self._connack.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if answer is None:
+                raise SinkUnavailable(
+                    "the broker closed the connection before answering"
+                    f" ({self._disconnect_reason or 'no reason given'})"
+                )
+        if answer is None:
+            raise SinkUnavailable("stopping")
+        reason_code, properties = answer
         if reason_code.is_failure:
             raise SinkUnavailable(f"the broker refused the connection: {reason_code}")
         window = self.config.max_inflight

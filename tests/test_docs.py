@@ -47,6 +47,15 @@ def test_every_builtin_plugin_has_a_page():
     assert builtins == set(PAGES)
 
 
+def test_every_builtin_processor_and_option_is_documented():
+    host = load_plugins()
+    text = (ROOT / "docs/processors.md").read_text()
+    keys = documented_keys("docs/processors.md")
+    for name, registration in host.processors.items():
+        assert f"`{name}`" in text
+        assert {f.name for f in dataclasses.fields(registration.cls.Config)} <= keys, name
+
+
 def test_every_core_option_is_in_the_configuration_reference():
     keys = documented_keys("docs/configuration.md")
     for schema in (AgentSettings, QueueSettings):
