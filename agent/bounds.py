@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from agent.queue import QueueWriter
+from agent.queue import QueueWriter, Usage
 
 log = logging.getLogger("edge_agent.queue")
 
@@ -75,14 +75,13 @@ class Bounds:
         needed = data_bytes + count * ROW_OVERHEAD
         if usage.events:  # what an event really takes here, pages and index included
             needed = max(needed, count * usage.live_bytes // usage.events)
-        reason, excess_events, excess_bytes = self._over(count, needed)
+        reason, excess_events, excess_bytes = self._over(count, needed, usage)
         if reason is None:
             self._set_full(None)
             return True
         if self.limits.when_full == "block":
             self._set_full(reason)
             return False
-        usage = self.queue.usage()
         average = (usage.live_bytes / usage.events) if usage.events else needed / max(count, 1)
         to_drop = max(excess_events, math.ceil(excess_bytes / max(average, 1.0)))
         dropped = self.queue.drop_oldest(to_drop)
@@ -91,10 +90,9 @@ class Bounds:
         # Nothing left to drop and the disk still full: the events must wait for space.
         return not (sum(dropped.values()) < to_drop and reason.startswith("disk"))
 
-    def _over(self, count: int, needed: int) -> tuple[str | None, int, int]:
+    def _over(self, count: int, needed: int, usage: Usage) -> tuple[str | None, int, int]:
         """(reason, events over the limit, bytes over the limit) for ``count`` more events."""
         limits = self.limits
-        usage = self.queue.usage()
         if limits.reserve_free:
             stat = os.statvfs(self.state_dir)
             free = stat.f_bavail * stat.f_frsize

@@ -23,6 +23,8 @@ from agent.queue import QueueStore, SinkCursor
 
 log = logging.getLogger("edge_agent.forwarder")
 
+#: Confirmed positions are written to disk at most this often (seconds).
+CURSOR_FLUSH_EVERY = 0.2
 #: While a sink stays unreachable, repeat the "offline" line this often.
 OFFLINE_REMINDER = 300.0
 
@@ -99,7 +101,14 @@ class Forwarder:
             finally:
                 self._close_sink()
                 if cursor is not None:
+                    self._flush(cursor)
                     cursor.close()
+
+    def _flush(self, cursor: SinkCursor) -> None:
+        try:
+            cursor.flush()
+        except QueueError as exc:
+            log.warning("sink %s: %s; those events will be sent again", self.sink.name, exc)
 
     def _close_sink(self) -> None:
         try:
@@ -150,6 +159,8 @@ class Forwarder:
             self.last_progress = time.monotonic()
             if not events and self._drain_deadline is not None:
                 return
+            if not events:
+                self._flush(cursor)  # idle: put the position on disk now
             batch = [e for e in events if e.position not in confirmed_ahead]
             try:
                 if not events:
@@ -177,14 +188,13 @@ class Forwarder:
                     break
                 prefix.append(event.position)
             if prefix:
+                confirmed_ahead.difference_update(prefix)
                 try:
-                    cursor.advance(prefix[-1])
+                    cursor.advance(prefix[-1], flush_after=CURSOR_FLUSH_EVERY)
                 except QueueError as exc:
-                    # The confirmations stay in memory; recorded on the next round.
+                    # The position stays in memory; written on the next round.
                     log.error("sink %s: %s; trying again", sink.name, exc)
                     self._pause(1.0)
-                    continue
-                confirmed_ahead.difference_update(prefix)
                 self.on_confirmed()
             if batch and not positions:
                 # Nothing confirmed: the sink has said why (a refusal, say). Wait

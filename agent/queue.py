@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -256,7 +257,11 @@ class QueueWriter:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         # Deletes only ever remove a prefix of positions, so the span is the count.
-        low, high = conn.execute("SELECT MIN(position), MAX(position) FROM events").fetchone()
+        # Two subqueries: SQLite answers a lone MIN or MAX from the index, but
+        # MIN and MAX together scan the whole table.
+        low, high = conn.execute(
+            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
+        ).fetchone()
         events = 0 if low is None else high - low + 1
         try:
             wal = os.stat(self.wal_path).st_size
@@ -285,8 +290,8 @@ class QueueWriter:
                 "SELECT position, time FROM events ORDER BY position LIMIT 1000"
             ).fetchall()
             cut = None
-            for position, time in rows:
-                if time >= time_text:
+            for position, event_time in rows:
+                if event_time >= time_text:
                     break
                 cut = position
             if cut is None:
@@ -375,6 +380,8 @@ class SinkCursor:
         self.position: int = self.conn.execute(
             "SELECT position FROM sink_cursors WHERE sink = ?", (sink,)
         ).fetchone()[0]
+        self._saved = self.position
+        self._flushed_at = 0.0
 
     def read(self, after: int, limit: int) -> list[QueuedEvent]:
         """Up to ``limit`` events after position ``after``, in queue order."""
@@ -385,21 +392,35 @@ class SinkCursor:
         ).fetchall()
         return [QueuedEvent(*row, agent_id=self.agent_id) for row in rows]
 
-    def advance(self, position: int) -> None:
-        """Record that every event up to ``position`` is confirmed by this sink."""
-        if position <= self.position:
+    def advance(self, position: int, *, flush_after: float = 0.0) -> None:
+        """Every event up to ``position`` is confirmed by this sink.
+
+        The position is written to disk at once, or, with ``flush_after``, at
+        most that often (seconds): each write takes the database's write lock
+        from the writer, and a position lost to a crash only means events
+        are sent again. Call :meth:`flush` before closing.
+        """
+        if position > self.position:
+            self.position = position
+        if time.monotonic() - self._flushed_at >= flush_after:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the confirmed position to disk if it moved. Raises QueueError."""
+        if self.position == self._saved:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute(
-                "UPDATE sink_cursors SET position = ? WHERE sink = ?", (position, self.sink)
+                "UPDATE sink_cursors SET position = ? WHERE sink = ?", (self.position, self.sink)
             )
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise QueueError(f"cannot record confirmations of sink {self.sink}: {exc}") from exc
-        self.position = position
+        self._saved = self.position
+        self._flushed_at = time.monotonic()
 
     def backlog(self) -> int:
         """Events this sink has not confirmed yet."""

@@ -239,7 +239,7 @@ class Agent:
                     exc,
                 )
                 continue
-            runner = SourceRunner(source, instance.plugin)
+            runner = SourceRunner(source, instance.registration.plugin)
             self.sources.append(runner)
             runner.start()
 

@@ -311,3 +311,76 @@ class SourceHarness:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def queued_events(events: list[Any], agent_id: str = "test-agent") -> list[Any]:
+    """Turn :class:`agent.Event` objects into the :class:`agent.QueuedEvent` a sink receives."""
+    from agent.event import QueuedEvent, encode_data
+
+    sequences: dict[str, int] = {}
+    result = []
+    for position, event in enumerate(events, start=1):
+        sequences[event.source] = sequences.get(event.source, 0) + 1
+        result.append(
+            QueuedEvent(
+                position=position,
+                id=event.id,
+                source=event.source,
+                type=event.type,
+                time=event.time,
+                subject=event.subject,
+                sequence=sequences[event.source],
+                data_json=encode_data(event.data),
+                agent_id=agent_id,
+            )
+        )
+    return result
+
+
+class SinkHarness:
+    """Run one sink plugin against a list of events and see what it confirmed.
+
+    Drives the sink the way the agent's forwarder does: ``open()``, then
+    ``publish()`` with batches of at most ``max_batch`` events in order,
+    handing over again whatever was not confirmed, then ``close()``::
+
+        harness = SinkHarness(MySink, {"path": str(tmp_path / "out.jsonl")})
+        confirmed = harness.deliver([Event(type="t.x", source="s", data={"n": 1})])
+        assert len(confirmed) == 1
+    """
+
+    def __init__(
+        self,
+        sink_class: type,
+        config: dict[str, Any],
+        *,
+        name: str = "test",
+        agent_id: str = "test-agent",
+    ) -> None:
+        from agent.schema import build
+
+        problems: list[tuple[str, str]] = []
+        built = build(sink_class.Config, config, name, problems) if sink_class.Config else None
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        self.agent_id = agent_id
+        self.sink = sink_class(name=name, config=built, agent_id=agent_id)
+
+    def deliver(self, events: list[Any], timeout: float = 10.0) -> list[Any]:
+        """Publish ``events`` until all are confirmed or ``timeout`` passes.
+
+        Returns the events the sink confirmed, as :class:`agent.QueuedEvent`.
+        """
+        pending = queued_events(events, self.agent_id)
+        confirmed: list[Any] = []
+        deadline = time.monotonic() + timeout
+        self.sink.open()
+        try:
+            while pending and time.monotonic() < deadline:
+                batch = pending[: self.sink.max_batch]
+                done = {e.position for e in self.sink.publish(batch)}
+                confirmed += [e for e in batch if e.position in done]
+                pending = [e for e in pending if e.position not in done]
+        finally:
+            self.sink.close()
+        return confirmed

@@ -187,3 +187,18 @@ def test_a_truncated_queue_is_moved_aside_too(tmp_path):
     with open(store.path, "r+b") as handle:
         handle.truncate(size // 3)
     assert QueueStore(str(state)).open() is not None
+
+
+def test_checking_the_bounds_never_scans_the_queue(store):
+    """admit() runs before every commit: none of its queries may read the whole table."""
+    queue = QueueWriter(store)
+    queue.append(batch("a", 2000, size=20))
+    statements: list[str] = []
+    queue.conn.set_trace_callback(statements.append)
+    Bounds(queue, Limits(max_bytes=10**9, max_events=10**9), store.state_dir).admit(10, 200)
+    queue.conn.set_trace_callback(None)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert selects
+    for statement in selects:
+        plan = queue.conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
+        assert not any(row[-1].startswith("SCAN events") for row in plan), (statement, plan)
