@@ -50,6 +50,7 @@ if ROOT not in sys.path:
 from agent.bounds import Limits  # noqa: E402
 from agent.config import QueueSettings  # noqa: E402
 from agent.event import Event, encode_data  # noqa: E402
+from agent.forwarder import CURSOR_FLUSH_EVERY  # noqa: E402
 from agent.queue import QueueStore, SinkCursor  # noqa: E402
 from agent.writer import Writer  # noqa: E402
 
@@ -320,9 +321,11 @@ def bench_cycle(folder: str, sync: str, workload: Workload, args: argparse.Names
                     wake.wait(0.1)
                     continue
                 drained["reads"] += 1
-                cursor.advance(events[-1].position)
+                cursor.advance(events[-1].position, flush_after=CURSOR_FLUSH_EVERY)
                 writer.request_cleanup()
                 confirmed += len(events)
+            cursor.flush()  # as a forwarder does when it goes idle
+            writer.request_cleanup()
             drained["acked_at"] = time.perf_counter()
         except BaseException as exc:
             drain_errors.append(exc)
@@ -543,7 +546,8 @@ def main() -> int:
         f"edge-agent: {args.threads} source threads, submit() of {args.chunk} events each,"
         f" commit_max_events={QueueSettings().commit_max_events},"
         f" handoff_max_events={QueueSettings().handoff_max_events}, agent's default bounds;"
-        f" drain: 1 thread, SinkCursor.read({args.read_batch}) + advance() + request_cleanup()"
+        f" drain: 1 thread, SinkCursor.read({args.read_batch}) + advance(flush_after="
+        f"{CURSOR_FLUSH_EVERY}s, as forwarders do) + request_cleanup()"
     )
     if "pq" in methods:
         pq_n = min(args.pq_max, args.n)
