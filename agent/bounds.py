@@ -17,6 +17,7 @@ commit and calls :meth:`Bounds.housekeeping` between commits.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -34,6 +35,8 @@ EXPIRE_EVERY = 5.0
 #: Give freed pages back to the filesystem once this many are free.
 VACUUM_MIN_FREE_PAGES = 1024
 VACUUM_STEP_PAGES = 2048
+#: Keep as many free pages as events written this many seconds back would take.
+VACUUM_HORIZON = 30.0
 #: Per-event overhead beyond its data (columns, index), for estimates.
 ROW_OVERHEAD = 160
 
@@ -66,6 +69,7 @@ class Bounds:
         self.full_since = 0.0
         self._last_full_warning = -WARN_EVERY
         self._said_full = False
+        self._appended: collections.deque[tuple[float, int]] = collections.deque()
 
     # -- before a commit -------------------------------------------------------
 
@@ -147,6 +151,10 @@ class Bounds:
             )
         self.full_reason = reason
 
+    def appended(self, data_bytes: int) -> None:
+        """The writer committed this much event data (for the vacuum's estimate)."""
+        self._appended.append((time.monotonic(), data_bytes))
+
     # -- between commits ---------------------------------------------------------
 
     def housekeeping(self) -> None:
@@ -157,7 +165,13 @@ class Bounds:
             cutoff = datetime.now(UTC) - timedelta(seconds=self.limits.max_age)
             expired = self.queue.drop_older_than(cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
             self._count_drops(expired, f"older than max_age {self.limits.max_age:g}s")
-        self.queue.vacuum_step(VACUUM_MIN_FREE_PAGES, VACUUM_STEP_PAGES)
+        # Free pages that new events will soon take again are left alone:
+        # giving them back only for the file to grow again is wasted writes.
+        horizon = now - VACUUM_HORIZON
+        while self._appended and self._appended[0][0] < horizon:
+            self._appended.popleft()
+        soon_needed = sum(size for _, size in self._appended)
+        self.queue.vacuum_step(VACUUM_MIN_FREE_PAGES, VACUUM_STEP_PAGES, keep_bytes=soon_needed)
         self._report()
 
     def _count_drops(self, dropped: Counter[str], why: str) -> None:

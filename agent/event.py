@@ -132,9 +132,12 @@ def encode_data(data: Any) -> str:
     return text
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class QueuedEvent:
-    """An event committed to the queue, as sinks receive it.
+    """An event committed to the queue, as sinks receive it. Treat it as read-only.
+
+    (Not a frozen dataclass only because those take four times as long to
+    build, and forwarders build one per event.)
 
     ``position`` is the event's place in the queue (increasing, never reused);
     ``sequence`` counts per source. ``data_json`` is the data as stored.

@@ -329,15 +329,19 @@ class QueueWriter:
             raise QueueError(f"cannot drop old events: {exc}") from exc
         return counts
 
-    def vacuum_step(self, min_free_pages: int, step_pages: int) -> None:
+    def vacuum_step(self, min_free_pages: int, step_pages: int, keep_bytes: int = 0) -> None:
         """Give up to ``step_pages`` free pages back to the filesystem, once enough are free.
 
         Small steps, so a large drained backlog shrinks the file without
-        stalling inserts.
+        stalling inserts; ``keep_bytes`` worth of free pages are kept for
+        events expected soon.
         """
         free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        free -= keep_bytes // page_size
         if free < min_free_pages:
             return
+        step_pages = min(step_pages, free)
         try:
             # executescript steps the pragma to the end; execute() frees one page only.
             self.conn.executescript(f"PRAGMA incremental_vacuum({int(step_pages)});")

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from agent.bounds import Bounds, Limits
+from agent.bounds import ROW_OVERHEAD, Bounds, Limits
 from agent.errors import QueueError
 from agent.event import Event
 from agent.queue import Checkpoint, QueueStore, QueueWriter
@@ -220,6 +220,10 @@ class Writer:
         checkpoints = [row for pending in batch for row in pending.checkpoints]
         self._queue.append(events, checkpoints)
         self.committed += len(events)
+        if self.bounds is not None:
+            self.bounds.appended(
+                sum(len(data) for _event, data in events) + ROW_OVERHEAD * len(events)
+            )
 
     def _fail_everything(self, error: Exception) -> None:
         """The writer is going away: no caller may wait for a commit forever."""
