@@ -1,0 +1,183 @@
+"""Backlog: RSS with an empty queue and with a large one, then the drain to a real broker.
+
+Fills a queue with N events (default 1 000 000) while no broker answers, runs
+the real agent on it, and reports its RSS beside an agent with an empty
+queue; then starts Mosquitto and reports the time to drain, the rate, and the
+agent's RSS during the drain.
+
+    .venv/bin/python bench/backlog.py [-n 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import UTC, datetime
+
+from agent.event import Event
+from agent.queue import QueueStore, QueueWriter
+from agent.testing import Mosquitto, free_port
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def queued(state_dir: str) -> int:
+    conn = sqlite3.connect(f"file:{state_dir}/queue.db?mode=ro", uri=True, timeout=10)
+    try:
+        low, high = conn.execute(
+            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
+        ).fetchone()
+        return 0 if low is None else high - low + 1
+    finally:
+        conn.close()
+
+
+def fill(state_dir: str, count: int) -> float:
+    store = QueueStore(state_dir)
+    store.open()
+    writer = QueueWriter(store)
+    data = '{"path":"/var/spool/inbox/' + "x" * 150 + '.csv","size":1432}'
+    started = time.perf_counter()
+    for start in range(0, count, 10_000):
+        chunk = min(10_000, count - start)
+        writer.append(
+            [(Event(type="file.created", source="inbox", data=None), data) for _ in range(chunk)]
+        )
+    writer.close()
+    return time.perf_counter() - started
+
+
+def start_agent(workdir: str, state_dir: str, port: int) -> subprocess.Popen:
+    inbox = os.path.join(workdir, "inbox")
+    os.makedirs(inbox, exist_ok=True)
+    log_file = os.path.join(workdir, "app.log")
+    open(log_file, "a").close()
+    config = os.path.join(workdir, f"agent-{os.path.basename(state_dir)}.toml")
+    with open(config, "w") as handle:
+        handle.write(
+            textwrap.dedent(
+                f"""
+                [agent]
+                id = "bench"
+                state_dir = "{state_dir}"
+                log_level = "warning"
+                [queue]
+                max_bytes = "4GiB"
+                [[sources.file]]
+                name = "inbox"
+                paths = ["{inbox}"]
+                [[sources.tail]]
+                name = "app"
+                paths = ["{log_file}"]
+                [[sinks.mqtt]]
+                port = {port}
+                reconnect_min = "0.1s"
+                reconnect_max = "0.5s"
+                """
+            )
+        )
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "-c", config],
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(workdir, "agent.log"), "a"),
+    )
+
+
+def settle_rss(pid: int, seconds: float) -> float:
+    samples = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        samples.append(rss_mib(pid))
+        time.sleep(0.25)  # sampling interval
+    return statistics.median(samples[len(samples) // 2 :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=1_000_000, help="events in the backlog")
+    parser.add_argument("--dir", default=None, help="where to make the temporary folder")
+    args = parser.parse_args()
+
+    workdir = tempfile.mkdtemp(prefix=".bench-backlog-", dir=args.dir or os.getcwd())
+    try:
+        print(f"machine:   {os.cpu_count()} cores, {platform.platform()}")
+        print(f"python:    {platform.python_version()}; sqlite {sqlite3.sqlite_version}")
+        print(f"date:      {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+        print(f"backlog:   {args.n:,} events of about 200 bytes of data")
+
+        empty_state = os.path.join(workdir, "empty")
+        full_state = os.path.join(workdir, "full")
+        fill_seconds = fill(full_state, args.n)
+        size = sum(os.path.getsize(os.path.join(full_state, f)) for f in os.listdir(full_state))
+        print(f"filled:    {fill_seconds:.1f}s, queue file {size / 2**20:.0f} MiB")
+
+        port = free_port()
+        agent = start_agent(workdir, empty_state, port)
+        rss_empty = settle_rss(agent.pid, 5)
+        agent.terminate()
+        agent.wait(30)
+
+        agent = start_agent(workdir, full_state, port)
+        rss_backlog = settle_rss(agent.pid, 5)
+        print(
+            f"RSS, broker away: empty queue {rss_empty:.1f} MiB, {args.n:,} queued"
+            f" {rss_backlog:.1f} MiB, difference {rss_backlog - rss_empty:+.1f} MiB"
+            " (target: within 10 MiB)"
+        )
+
+        broker = Mosquitto(os.path.join(workdir, "mosquitto"), port=port)
+        cpu_before = cpu_seconds(agent.pid)
+        started = time.perf_counter()
+        broker.start()
+        peak = rss_backlog
+        samples = []
+        while True:
+            left = queued(full_state)
+            rss = rss_mib(agent.pid)
+            samples.append(rss)
+            peak = max(peak, rss)
+            if left == 0:
+                break
+            if time.perf_counter() - started > 3600:
+                raise SystemExit(f"still {left} events queued after an hour")
+            time.sleep(0.5)  # sampling interval
+        drained = time.perf_counter() - started
+        cpu = cpu_seconds(agent.pid) - cpu_before
+        print(
+            f"drain:     {drained:.1f}s for {args.n:,} events = {args.n / drained:,.0f} events/s"
+            f" (QoS 1, MQTT 5, one event per message), agent CPU {cpu:.1f}s"
+        )
+        print(
+            f"RSS during the drain: median {statistics.median(samples):.1f} MiB,"
+            f" peak {peak:.1f} MiB"
+        )
+        agent.terminate()
+        agent.wait(30)
+        broker.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
