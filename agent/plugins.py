@@ -9,11 +9,13 @@ a broken plugin is reported by name and never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,26 +50,52 @@ class SlowReporter:
     """Warns, at most once a minute per culprit, when a hook or processor takes too long.
 
     Sources wait for processors and hooks, so a slow one slows every source.
+    Calls are timed with :meth:`timed`; :meth:`report_stuck`, called from the
+    main loop, also names a call that has not returned at all.
     """
 
     def __init__(self, threshold: float = SLOW_HOOK) -> None:
         self.threshold = threshold
         self._warned: dict[str, float] = {}
+        self._running: dict[int, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, who: str, seconds: float) -> None:
-        if seconds < self.threshold:
-            return
+    @contextlib.contextmanager
+    def timed(self, who: str) -> Iterator[None]:
+        """Time the block; warn if it took longer than the threshold."""
+        token = object()
+        started = time.monotonic()
+        with self._lock:
+            self._running[id(token)] = (who, started)
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._running[id(token)]
+            seconds = time.monotonic() - started
+            if seconds >= self.threshold:
+                self._warn(who, f"took {seconds:.1f}s")
+
+    def report_stuck(self) -> None:
+        """Warn about calls still running past the threshold (a hook that blocks)."""
+        now = time.monotonic()
+        with self._lock:
+            running = list(self._running.values())
+        for who, started in running:
+            if now - started >= self.threshold:
+                self._warn(who, f"has been running for {now - started:.0f}s")
+
+    def _warn(self, who: str, what: str) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._warned.get(who, -SLOW_WARN_EVERY) < SLOW_WARN_EVERY:
                 return
             self._warned[who] = now
         log.warning(
-            "%s took %.1fs (more than %.1fs); the sources wait for it: make it faster or move"
+            "%s %s (more than %.1fs); what waits for it is held up: make it faster or move"
             " the slow work out of the event path",
             who,
-            seconds,
+            what,
             self.threshold,
         )
 
@@ -92,27 +120,20 @@ class PluginHost:
     def call_each(self, hook_name: str, **kwargs: Any) -> None:
         """Call a hook one plugin at a time, logging (not raising) each plugin's failure."""
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            started = time.monotonic()
             try:
-                impl.function(*[kwargs[arg] for arg in impl.argnames])
+                with self.slow.timed(f"plugin {impl.plugin_name}'s {hook_name} hook"):
+                    impl.function(*[kwargs[arg] for arg in impl.argnames])
             except Exception as exc:
                 log.exception("plugin %s failed in hook %s: %s", impl.plugin_name, hook_name, exc)
-            finally:
-                self.slow.check(
-                    f"plugin {impl.plugin_name}'s {hook_name} hook", time.monotonic() - started
-                )
 
     def process_event(self, event: Event, agent: Any) -> Event | None:
         """Run the ``process_event`` chain; None when an implementation dropped the event."""
         for impl in self.pm.hook.process_event.get_hookimpls():
             args = {"event": event, "agent": agent}
-            started = time.monotonic()
             try:
-                result = impl.function(*[args[arg] for arg in impl.argnames])
+                with self.slow.timed(f"plugin {impl.plugin_name}'s process_event hook"):
+                    result = impl.function(*[args[arg] for arg in impl.argnames])
             except Exception as exc:
-                self.slow.check(
-                    f"plugin {impl.plugin_name}'s process_event", time.monotonic() - started
-                )
                 log.error(
                     "plugin %s raised in process_event for %s event from %s: %s;"
                     " the event is kept as it was",
@@ -122,9 +143,6 @@ class PluginHost:
                     exc,
                 )
                 continue
-            self.slow.check(
-                f"plugin {impl.plugin_name}'s process_event", time.monotonic() - started
-            )
             if result is None:
                 return None
             event = result

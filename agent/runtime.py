@@ -141,9 +141,9 @@ class Agent:
         for processor in self.processors:
             if processed is None:
                 return None
-            started = time.monotonic()
             try:
-                result = processor.process(processed)
+                with self.slow.timed(f"processor {processor.name}"):
+                    result = processor.process(processed)
             except Exception as exc:
                 log.error(
                     "processor %s raised for a %s event from %s: %s; the event goes on unchanged",
@@ -153,8 +153,6 @@ class Agent:
                     exc,
                 )
                 continue
-            finally:
-                self.slow.check(f"processor {processor.name}", time.monotonic() - started)
             if result is None:
                 processor.dropped += 1
             processed = result
@@ -221,7 +219,19 @@ class Agent:
         )
         self.writer.start()
         for instance in self.config.sinks:
-            sink = self._make(instance)
+            try:
+                sink = self._make(instance)
+            except Exception as exc:
+                # Its name stays among the sinks the writer waits for, so nothing
+                # is deleted that this sink never got.
+                log.exception(
+                    "sink %s (plugin %s) could not be created: %s; its events stay queued"
+                    " until it can be (restart after fixing it)",
+                    instance.name,
+                    instance.registration.plugin,
+                    exc,
+                )
+                continue
             self.sinks.append(sink)
             self.forwarders.append(
                 Forwarder(sink, self.store, on_confirmed=self.writer.request_cleanup)
@@ -268,6 +278,7 @@ class Agent:
             if self.writer is not None and not self.writer.is_alive():
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
                 raise QueueError("the queue writer stopped")
+            self.slow.report_stuck()
             if time.monotonic() - last_reminder >= DAMAGED_REMINDER:
                 last_reminder = time.monotonic()
                 self._remind_damaged()

@@ -51,7 +51,9 @@ def agent_for(tmp_path, extra, body: str = "") -> Agent:
     }
     import tomllib
 
-    data.update(tomllib.loads(textwrap.dedent(body)))
+    extra = tomllib.loads(textwrap.dedent(body))
+    data["sinks"].update(extra.pop("sinks", {}))
+    data.update(extra)
     return Agent(parse_config(data, "test.toml", host), host)
 
 
@@ -259,3 +261,52 @@ def test_load_plugins_env_restricts_loading(broken_plugin_on_path):
     listed = edge_agent("plugins", env=env)
     names = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
     assert names == ["file", "stdout"] and listed.stderr == ""
+
+
+class Unbuildable(Sink):
+    """A sink whose constructor fails (a bad certificate path, say)."""
+
+    def __init__(self, **kwargs):
+        raise OSError("cannot read /etc/edge-agent/missing.pem")
+
+
+def test_a_sink_that_cannot_be_created_keeps_its_events_and_the_rest_runs(tmp_path, caplog):
+    class Provides:
+        @hookimpl
+        def register_sinks(self, register):
+            register("unbuildable", Unbuildable)
+
+    agent = agent_for(tmp_path, [(Provides(), "provides")], "[[sinks.unbuildable]]\n")
+    agent.start()
+    agent.commit_events("s", [Event(type="a.b", source="s", data={})])
+    wait_for(lambda: read_stats(agent.store).sink_backlog.get("stdout") == 0, 10, "stdout sink")
+    agent.stop()
+    assert "sink unbuildable (plugin provides) could not be created" in caplog.text
+    assert read_stats(agent.store).events == 1, "kept for the sink that could not start"
+
+
+def test_a_hook_that_blocks_is_reported_while_it_blocks(tmp_path, caplog):
+    import threading
+
+    release = threading.Event()
+
+    class Blocking:
+        @hookimpl
+        def process_event(self, event):
+            release.wait(10)
+            return event
+
+    agent = agent_for(tmp_path, [(Blocking(), "blocking")])
+    agent.slow.threshold = 0.2
+    worker = threading.Thread(target=agent._process, args=(Event(type="a.b", source="s", data={}),))
+    worker.start()
+    try:
+        wait_for(
+            lambda: (agent.slow.report_stuck(), "has been running for" in caplog.text)[1],
+            5,
+            "the blocked hook to be reported",
+        )
+    finally:
+        release.set()
+        worker.join(5)
+    assert "plugin blocking's process_event hook has been running for" in caplog.text
