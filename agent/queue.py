@@ -222,7 +222,7 @@ class QueueWriter:
                 [row[:2] for row in checkpoints if row[2] is None],
             )
             self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError, TypeError) as exc:
             self._rollback()
             raise QueueError(f"cannot commit {len(rows)} events to the queue: {exc}") from exc
         self._sequences = sequences
@@ -462,3 +462,19 @@ def read_stats(store: QueueStore) -> QueueStats:
     finally:
         conn.close()
     return QueueStats(count, oldest, newest, backlog)
+
+
+def count_events(path: str) -> int:
+    """Events in the queue file at ``path`` (0 if it does not exist yet), read-only."""
+    if not os.path.exists(path):
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        low, high = conn.execute(
+            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
+        ).fetchone()
+        return 0 if low is None else high - low + 1
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()

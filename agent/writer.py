@@ -168,10 +168,10 @@ class Writer:
             return True
         if self._stopping:
             return True  # at shutdown, try to keep what sources handed over
-        size = sum(len(data or "") for pending in batch for _event, data in pending.events)
         try:
+            size = sum(len(data) for pending in batch for _event, data in pending.events)
             return self.bounds.admit(count, size)
-        except (QueueError, OSError) as exc:
+        except Exception as exc:
             log.error("cannot check the queue's size: %s; committing anyway", exc)
             return True
 

@@ -24,7 +24,7 @@ import time
 from datetime import UTC, datetime
 
 from agent.event import Event
-from agent.queue import QueueStore, QueueWriter
+from agent.queue import QueueStore, QueueWriter, count_events
 from agent.testing import Mosquitto, free_port
 
 
@@ -43,14 +43,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def queued(state_dir: str) -> int:
-    conn = sqlite3.connect(f"file:{state_dir}/queue.db?mode=ro", uri=True, timeout=10)
-    try:
-        low, high = conn.execute(
-            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
-        ).fetchone()
-        return 0 if low is None else high - low + 1
-    finally:
-        conn.close()
+    return count_events(os.path.join(state_dir, "queue.db"))
 
 
 def fill(state_dir: str, count: int) -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.queue import count_events
 from agent.testing import Mosquitto, Subscriber, wait_for
 
 
@@ -117,16 +118,7 @@ class AgentProcess:
 
     def queued(self) -> int:
         """Events in the queue file now (0 before it exists)."""
-        path = self.state_dir / "queue.db"
-        if not path.exists():
-            return 0
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            conn.close()
+        return count_events(str(self.state_dir / "queue.db"))
 
 
 @pytest.fixture

@@ -132,7 +132,7 @@ def test_a_failed_commit_is_reported_to_the_source_and_the_writer_carries_on(sto
         on_commit=lambda: None,
     )
     writer.start()
-    bad = [(Event(type="x", source="a", data=None), None)]  # NOT NULL data: the insert fails
+    bad = [(Event(type="x", source="a", data=None), object())]  # cannot be stored
     results: dict[str, object] = {}
 
     def submit(name, items):

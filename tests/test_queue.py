@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 
 from agent.event import Event, new_event_id
-from agent.queue import QueueStore, QueueWriter, SinkCursor, read_stats
+from agent.queue import QueueStore, QueueWriter, SinkCursor, count_events, read_stats
 
 
 def events(source: str, count: int) -> list[tuple[Event, str]]:
@@ -52,7 +51,8 @@ def test_confirmed_events_are_deleted_only_when_every_sink_confirmed(tmp_path):
     store.open()
     writer = QueueWriter(store)
     one, two = SinkCursor(store, "one", "gw"), SinkCursor(store, "two", "gw")
-    writer.append(events("a", 10))
+    for _ in range(5):
+        writer.append(events("a", 2))  # five commits of two: rows are deleted whole
     batch = one.read(one.position, 100)
     one.advance(batch[-1].position)
     assert writer.delete_confirmed(["one", "two"]) == 0
@@ -62,8 +62,35 @@ def test_confirmed_events_are_deleted_only_when_every_sink_confirmed(tmp_path):
     assert stats.events == 6
     assert stats.sink_backlog == {"one": 0, "two": 6}
     # The deletion really committed: another connection sees it.
-    conn = sqlite3.connect(store.path)
-    assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 6
+    assert count_events(store.path) == 6
+
+
+def test_a_partly_confirmed_commit_loses_exactly_its_confirmed_part(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    cursor = SinkCursor(store, "s", "gw")
+    writer.append(events("a", 10))
+    cursor.advance(cursor.read(cursor.position, 7)[-1].position)
+    assert writer.delete_confirmed(["s"]) == 7
+    assert [e.sequence for e in cursor.read(cursor.position, 100)] == [8, 9, 10]
+    assert count_events(store.path) == 3
+    cursor.advance(10)
+    assert writer.delete_confirmed(["s"]) == 3
+    assert count_events(store.path) == 0
+
+
+def test_reads_cross_commits_and_respect_the_limit(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    for size in (3, 1, 4):
+        writer.append(events("a", size))
+    cursor = SinkCursor(store, "s", "gw")
+    assert [e.position for e in cursor.read(0, 5)] == [1, 2, 3, 4, 5]
+    assert [e.position for e in cursor.read(2, 3)] == [3, 4, 5]
+    assert [e.position for e in cursor.read(5, 100)] == [6, 7, 8]
+    assert cursor.read(8, 100) == []
 
 
 def test_a_new_sink_starts_with_what_is_still_queued(tmp_path):
@@ -71,7 +98,8 @@ def test_a_new_sink_starts_with_what_is_still_queued(tmp_path):
     store.open()
     writer = QueueWriter(store)
     old = SinkCursor(store, "old", "gw")
-    writer.append(events("a", 5))
+    for _ in range(5):
+        writer.append(events("a", 1))
     old.advance(old.read(old.position, 2)[-1].position)
     writer.delete_confirmed(["old"])
     new = SinkCursor(store, "new", "gw")
