@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = {
     ("source", "file"): "docs/sources/file.md",
     ("source", "tail"): "docs/sources/tail.md",
+    ("source", "udev"): "docs/sources/udev.md",
+    ("source", "serial"): "docs/sources/serial.md",
+    ("source", "exec"): "docs/sources/exec.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
 }

@@ -1,0 +1,288 @@
+"""The udev, serial and exec sources, with real kernel events, a real pty and real scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.testing import SourceHarness, wait_for
+from plugins.exec import ExecSource
+from plugins.serial import SerialSource
+from plugins.udev import UdevSource
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- udev: veth pairs make real add/remove uevents in subsystem "net" -------------
+
+
+def veth_names() -> tuple[str, str]:
+    tag = f"{os.getpid() % 100000}"
+    return f"eat{tag}a", f"eat{tag}b"
+
+
+@pytest.fixture
+def veth():
+    """Create and delete a veth pair (root only); yields a function doing one round."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network links needs root")
+    a, b = veth_names()
+
+    def cycle() -> tuple[str, str]:
+        subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+        subprocess.run(["ip", "link", "del", a], check=True)
+        return a, b
+
+    yield cycle
+    subprocess.run(["ip", "link", "del", a], capture_output=True, check=False)
+
+
+def interface_events(events, names) -> list[tuple[str, str]]:
+    return sorted(
+        (e.type, e.data["properties"].get("INTERFACE"))
+        for e in events
+        if e.data["properties"].get("INTERFACE") in names
+    )
+
+
+def test_udev_reports_a_veth_pair_coming_and_going(veth, caplog):
+    caplog.set_level(logging.INFO)
+    with SourceHarness(UdevSource, {"subsystems": ["net"]}) as harness:
+        wait_for(lambda: "listening to" in caplog.text, 5, "the netlink monitor")
+        a, b = veth()
+        wait_for(lambda: len(interface_events(harness.events, {a, b})) == 4, 10, "4 events")
+    assert interface_events(harness.events, {a, b}) == [
+        ("device.added", a),
+        ("device.added", b),
+        ("device.removed", a),
+        ("device.removed", b),
+    ]
+    assert {e.data["subsystem"] for e in harness.events} == {"net"}
+    added = next(e for e in harness.events if e.type == "device.added")
+    assert added.subject.startswith("/devices/virtual/net/")
+    assert added.data["sys_name"] in (a, b)
+
+
+def test_udev_property_match_keeps_only_matching_devices(veth, caplog):
+    caplog.set_level(logging.INFO)
+    a, b = veth_names()
+    config = {"subsystems": ["net"], "match": {"INTERFACE": a}}
+    with SourceHarness(UdevSource, config) as harness:
+        wait_for(lambda: "listening to" in caplog.text, 5, "the netlink monitor")
+        veth()
+        wait_for(lambda: len(harness.events) >= 2, 10, "a's two events")
+    assert interface_events(harness.events, {a, b}) == [("device.added", a), ("device.removed", a)]
+
+
+def test_udev_enumerates_present_devices_once():
+    config = {"subsystems": ["net"], "enumerate_on_start": True}
+    with SourceHarness(UdevSource, config) as harness:
+        events = harness.wait_for_events(1)
+    present = [e for e in events if e.type == "device.present"]
+    assert "lo" in {e.data["sys_name"] for e in present}
+    assert all(e.data["action"] == "present" for e in present)
+
+
+# -- serial: a real pty pair ---------------------------------------------------------
+
+
+class Pty:
+    """A pty pair; ``link`` is a stable name for the current slave, as in /dev/serial/by-id."""
+
+    def __init__(self, link) -> None:
+        self.link = link
+        self.open()
+
+    def open(self) -> None:
+        self.master, self.slave = os.openpty()
+        if os.path.lexists(self.link):
+            os.unlink(self.link)
+        os.symlink(os.ttyname(self.slave), self.link)
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_serial_lines_arrive_and_a_vanished_port_is_reopened(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    pty = Pty(tmp_path / "ttyTEST")
+    config = {"port": str(pty.link), "baudrate": 115200, "reopen_interval": "0.1s"}
+    with SourceHarness(SerialSource, config) as harness:
+        wait_for(lambda: caplog.text.count("reading ") == 1, 5, "the port to be opened")
+        pty.write(b"temp=21.5\nhum")
+        pty.write(b"id=40\r\n")
+        harness.wait_for_events(2)
+        pty.close()  # the USB adapter is pulled out
+        wait_for(lambda: "lost" in caplog.text or "cannot open" in caplog.text, 10, "the loss")
+        pty.open()  # and plugged in again
+        wait_for(lambda: "is back" in caplog.text, 10, "the port to be reopened")
+        wait_for(lambda: caplog.text.count("reading ") == 2, 5, "the port to be opened again")
+        pty.write(b"again\n")
+        events = harness.wait_for_events(3)
+        assert caplog.text.count("looking for it every") == 1, "said once, not on every retry"
+    pty.close()
+    assert [e.data["line"] for e in events] == ["temp=21.5", "humid=40\r", "again"]
+    assert events[0].type == "serial.line" and events[0].data["port"] == str(pty.link)
+
+
+def test_serial_frames_and_raw_bytes(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    pty = Pty(tmp_path / "ttyFRAMES")
+    config = {"port": str(pty.link), "frame_bytes": 4, "encoding": "raw"}
+    with SourceHarness(SerialSource, config) as harness:
+        wait_for(lambda: "reading " in caplog.text, 5, "the port to be opened")
+        pty.write(b"\x00\x01\x02\x03\xff\xfe")
+        pty.write(b"\xfd\xfc")
+        events = harness.wait_for_events(2)
+    pty.close()
+    import base64
+
+    assert [base64.b64decode(e.data["data_base64"]) for e in events] == [
+        b"\x00\x01\x02\x03",
+        b"\xff\xfe\xfd\xfc",
+    ]
+
+
+# -- exec: real scripts --------------------------------------------------------------
+
+
+def script(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_exec_interval_parses_json_output(tmp_path):
+    command = script(tmp_path, "sensors.py", "print('{\"temp\": 21.5}')\n")
+    config = {"command": [command], "interval": "0.1s"}
+    with SourceHarness(ExecSource, config) as harness:
+        events = harness.wait_for_events(2)
+    data = events[0].data
+    assert events[0].type == "exec.output"
+    assert data["format"] == "json" and data["output"] == {"temp": 21.5}
+    assert data["exit_code"] == 0 and data["timed_out"] is False
+    assert data["command"] == command and events[0].subject == command
+
+
+def test_exec_invalid_json_is_sent_as_text_with_stderr_and_exit_code(tmp_path):
+    command = script(
+        tmp_path,
+        "broken.py",
+        """
+        import sys
+        print('{"temp": 21.5')
+        print("warning: sensor 2 missing", file=sys.stderr)
+        sys.exit(3)
+        """,
+    )
+    with SourceHarness(ExecSource, {"command": [command], "interval": "1h"}) as harness:
+        events = harness.wait_for_events(1)
+    data = events[0].data
+    assert data["format"] == "text" and data["output"] == '{"temp": 21.5\n'
+    assert data["exit_code"] == 3 and "sensor 2 missing" in data["stderr"]
+
+
+def test_exec_a_hanging_command_is_killed_at_its_timeout(tmp_path):
+    command = script(
+        tmp_path, "hang.py", "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
+    )
+    config = {"command": [command], "interval": "1h", "timeout": "0.5s"}
+    with SourceHarness(ExecSource, config) as harness:
+        events = harness.wait_for_events(1, timeout=15)
+    data = events[0].data
+    assert data["timed_out"] is True and data["exit_code"] < 0
+    assert data["output"] == "started\n" and data["duration"] < 5
+
+
+def test_exec_stream_emits_each_line_and_restarts_with_backoff(tmp_path, caplog):
+    command = script(
+        tmp_path,
+        "stream.py",
+        """
+        print('{"n": 1}', flush=True)
+        print('not json', flush=True)
+        """,
+    )
+    config = {"command": [command], "mode": "stream", "restart_min": "0.1s", "restart_max": "0.2s"}
+    with SourceHarness(ExecSource, config) as harness:
+        events = harness.wait_for_events(4, timeout=15)
+    assert [(e.data["format"], e.data["output"]) for e in events[:4]] == [
+        ("json", {"n": 1}),
+        ("text", "not json"),
+        ("json", {"n": 1}),
+        ("text", "not json"),
+    ]
+    assert "exited with 0; starting it again in" in caplog.text
+
+
+def test_exec_shell_needs_saying_so():
+    with pytest.raises(ValueError, match="shell is false"):
+        SourceHarness(ExecSource, {"command": "ls -l | wc -l"})
+    harness = SourceHarness(ExecSource, {"command": "echo $((6 * 7))", "shell": True})
+    with harness:
+        events = harness.wait_for_events(1)
+    assert events[0].data["output"] == 42
+
+
+def test_devices_serial_lines_and_commands_reach_the_broker(
+    tmp_path, veth, subscriber, running_broker, agent_process
+):
+    """The three sources in a real agent: exactly the veth pair's events, the lines, the output."""
+    pty = Pty(tmp_path / "ttyE2E")
+    command = script(tmp_path, "probe.py", "print('{\"ok\": true}')\n")
+    agent = agent_process(
+        f"""
+        [agent]
+        id = "test-gw"
+        state_dir = "{tmp_path / "state"}"
+        log_level = "debug"
+
+        [[sources.udev]]
+        name = "devices"
+        subsystems = ["net"]
+
+        [[sources.serial]]
+        name = "meter"
+        port = "{pty.link}"
+
+        [[sources.exec]]
+        name = "probe"
+        command = ["{command}"]
+        interval = "1h"
+
+        [[sinks.mqtt]]
+        port = {running_broker.port}
+        """
+    )
+    agent.start()
+    agent.wait_log("listening to kernel device events")
+    agent.wait_log(f"reading {pty.link}")
+    a, b = veth()
+    pty.write(b"kwh=12.5\n")
+
+    def by_topic(suffix: str) -> list[dict]:
+        return [m.json() for m in subscriber.messages if m.topic.endswith(suffix)]
+
+    wait_for(lambda: len(by_topic("/devices/device.removed")) == 2, 15, "both links removed")
+    wait_for(lambda: by_topic("/meter/serial.line"), 15, "the meter's line")
+    wait_for(lambda: by_topic("/probe/exec.output"), 15, "the probe's output")
+    devices = [
+        (e["type"], e["data"]["sys_name"]) for e in subscriber.events() if "device" in e["type"]
+    ]
+    assert sorted(devices) == sorted(
+        [("device.added", a), ("device.added", b), ("device.removed", a), ("device.removed", b)]
+    )
+    assert by_topic("/meter/serial.line")[0]["data"]["line"] == "kwh=12.5"
+    assert by_topic("/probe/exec.output")[0]["data"]["output"] == {"ok": True}
+    assert agent.terminate() == 0
+    pty.close()
