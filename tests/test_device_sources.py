@@ -286,3 +286,21 @@ def test_devices_serial_lines_and_commands_reach_the_broker(
     assert by_topic("/probe/exec.output")[0]["data"]["output"] == {"ok": True}
     assert agent.terminate() == 0
     pty.close()
+
+
+def test_udev_without_netlink_says_so_and_keeps_trying(monkeypatch, caplog):
+    """A refused netlink socket cannot be made here as root without a seccomp filter, so
+    the refusal is simulated at pyudev's door; what is tested is the source's answer."""
+    import pyudev
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(1)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(pyudev.Monitor, "from_netlink", refuse)
+    with SourceHarness(UdevSource, {"retry": "0.1s"}):
+        wait_for(lambda: len(attempts) >= 3, 5, "retries")
+    assert caplog.text.count("cannot listen to device events") == 1
+    assert "Is AF_NETLINK allowed" in caplog.text
