@@ -13,6 +13,7 @@ Telegraf do; systemd runs the agent from ``/``, so use absolute paths there.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -198,10 +199,13 @@ def _instances(
         registration = registry.get(plugin_name)
         if registration is None:
             known = ", ".join(sorted(registry)) or "none"
+            close = difflib.get_close_matches(plugin_name, registry, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             why = (
                 f"plugin {plugin_name!r} is installed but failed to load (see the errors above)"
                 if plugin_name in failed
-                else f"no {kind} plugin named {plugin_name!r} is installed (installed: {known})"
+                else f"no {kind} plugin named {plugin_name!r} is installed{hint}"
+                f" (installed: {known})"
             )
             problems.append((key, why))
             continue

@@ -154,7 +154,15 @@ class Subscriber:
     published while it reconnects after a broker restart are kept for it.
     """
 
-    def __init__(self, port: int, topic: str = "#", *, protocol: str = "3.1.1") -> None:
+    def __init__(
+        self,
+        port: int,
+        topic: str = "#",
+        *,
+        protocol: str = "3.1.1",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.messages: list[Message] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -166,6 +174,8 @@ class Subscriber:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
         )
         self.client.reconnect_delay_set(0.05, 0.5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.topic = topic
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self._subscribed.set()

@@ -130,9 +130,10 @@ def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):
     path.write_text('[[sources.flie]]\npaths = ["/tmp"]\n[[sinks.stdout]]\n')
     result = edge_agent("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
-    assert "sources.flie: no source plugin named 'flie' is installed (installed: file" in (
+    assert "sources.flie: no source plugin named 'flie' is installed; did you mean 'file'?" in (
         result.stderr
     )
+    assert "(installed: exec, file, serial, tail, udev)" in result.stderr
 
 
 def test_plugins_lists_the_builtins_with_package_and_version():

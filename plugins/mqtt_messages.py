@@ -1,0 +1,240 @@
+"""The MQTT sink's configuration and how events become MQTT messages.
+
+Kept apart from the connection handling in :mod:`plugins.mqtt` so that topic
+templates, payload modes and batching can be read (and tested) on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import ByteSize, Duration, QueuedEvent, option
+
+TOPIC_FIELDS = ("agent", "source", "type")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_UNSAFE_IN_TOPIC = re.compile(r"[+#\x00]")
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+
+
+@dataclass(kw_only=True)
+class TlsConfig:
+    """The ``tls`` table: TLS to the broker, the server's name always checked unless insecure."""
+
+    ca_file: str = option(
+        "", doc="CA certificate(s) to trust for the broker. Empty: the system's CAs."
+    )
+    cert_file: str = option("", doc="Client certificate, for mutual TLS.")
+    key_file: str = option("", doc="Client private key, for mutual TLS.")
+    insecure: bool = option(
+        False, doc="Do not check the broker's host name against its certificate. Tests only."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"tls.{name}: cannot read {path}; check the path and permissions")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls: give cert_file and key_file together, for mutual TLS")
+
+
+@dataclass(kw_only=True)
+class MqttConfig:
+    """The ``[[sinks.mqtt]]`` table."""
+
+    host: str = option("127.0.0.1", doc="Broker host name or address.")
+    port: int = option(1883, doc="Broker port.")
+    hosts: list[str] = option(
+        [], doc='Brokers tried in turn, "host:port" each; replaces host and port.'
+    )
+    transport: Literal["tcp", "websockets"] = option("tcp", doc='"tcp" or "websockets".')
+    ws_path: str = option("/mqtt", doc="The URL path, with websockets.")
+    tls: TlsConfig | None = option(None, doc="TLS settings; no table: plain TCP.")
+    topic: str = option(
+        "edge/{agent}/{source}/{type}",
+        doc="Topic template: {agent}, {source}, {type} and {data.FIELD}.",
+    )
+    qos: Literal[0, 1, 2] = option(
+        1, doc="1 or 2: at least once, confirmed by the broker. 0: at most once."
+    )
+    retain: bool = option(False, doc="Publish events as retained messages.")
+    payload: Literal["cloudevent", "data", "binary"] = option(
+        "cloudevent",
+        doc='"cloudevent": the whole envelope; "data": the data alone; "binary": the data,'
+        " with the CloudEvents attributes as MQTT 5 user properties.",
+    )
+    batch_max_events: int = option(
+        1, doc="Put up to this many events in one message (a JSON array); 1: one per message."
+    )
+    batch_max_bytes: ByteSize = option(
+        ByteSize(256 * 1024), doc="Largest payload of a batched message."
+    )
+    protocol: Literal["3.1.1", "5"] = option(
+        "5",
+        doc='MQTT version: "5", or "3.1.1" for old brokers (which cannot report a'
+        " refused message: it is acknowledged as if delivered).",
+    )
+    client_id: str = option("", doc="MQTT client id. Default: edge-agent-{agent}-{name}.")
+    username: str = option("", doc="User name, if the broker wants one.")
+    password: str = option("", secret=True, doc="Password; or password_file = PATH.")
+    clean_start: bool = option(True, doc="Start a new session; false keeps the broker's.")
+    session_expiry: Duration = option(
+        0.0, doc="How long the broker keeps the session after a disconnect (MQTT 5)."
+    )
+    message_expiry: Duration = option(
+        0.0, doc="Brokers drop a message not delivered within this (MQTT 5); 0: never."
+    )
+    keepalive: int = option(30, doc="Seconds between keepalive pings.")
+    max_inflight: int = option(
+        100, doc="Messages sent before their acknowledgements arrive. 1 keeps strict order."
+    )
+    connect_timeout: Duration = option(10.0, doc="How long a connection attempt may take.")
+    ack_timeout: Duration = option(
+        30.0, doc="How long to wait for acknowledgements before reconnecting."
+    )
+    reconnect_min: Duration = option(1.0, doc="Shortest wait between connection attempts.")
+    reconnect_max: Duration = option(60.0, doc="Longest wait between connection attempts.")
+    status_topic: str = option(
+        "",
+        doc='Retained status topic, e.g. "edge/{agent}/status": the birth message on'
+        " connect, the broker-side last will when the agent vanishes. Empty: none.",
+    )
+    status_online: str = option("online", doc="Birth message.")
+    status_offline: str = option("offline", doc="Last will, and the word left on a clean stop.")
+
+    def __post_init__(self) -> None:
+        for template in (self.topic, self.status_topic):
+            unknown = [
+                m.group(1)
+                for m in _PLACEHOLDER.finditer(template)
+                if m.group(1) not in TOPIC_FIELDS and not m.group(1).startswith("data.")
+            ]
+            if unknown:
+                raise ValueError(
+                    f"topic {template!r} uses unknown field(s) {', '.join(unknown)};"
+                    " known: {agent}, {source}, {type}, {data.FIELD}"
+                )
+        if not self.topic or _UNSAFE_IN_TOPIC.search(_PLACEHOLDER.sub("", self.topic)):
+            raise ValueError(f"topic {self.topic!r} may not be empty or hold the wildcards + or #")
+        if "{data." in self.status_topic or "{source}" in self.status_topic:
+            raise ValueError("status_topic knows {agent} only")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1 to 65535, got {self.port}")
+        for entry in self.hosts:
+            split_host(entry, self.port)
+        if self.max_inflight < 1 or self.keepalive < 0:
+            raise ValueError("max_inflight must be at least 1 and keepalive 0 or more")
+        if self.batch_max_events < 1 or self.batch_max_bytes < 1024:
+            raise ValueError("batch_max_events must be at least 1 and batch_max_bytes 1KiB or more")
+        if self.payload == "binary" and (self.protocol != "5" or self.batch_max_events > 1):
+            raise ValueError('payload = "binary" needs protocol = "5" and no batching')
+        for name in ("connect_timeout", "ack_timeout", "reconnect_min", "reconnect_max"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be more than 0")
+
+    def brokers(self) -> list[tuple[str, int]]:
+        """(host, port) of every broker, in the order they are tried."""
+        if self.hosts:
+            return [split_host(entry, self.port) for entry in self.hosts]
+        return [(self.host, self.port)]
+
+
+def split_host(entry: str, default_port: int) -> tuple[str, int]:
+    """``"broker:8883"`` → ("broker", 8883); ``"[::1]:1883"`` too; ValueError if malformed."""
+    host, sep, port = entry.rpartition(":")
+    if not sep or "]" in port:
+        return entry.strip("[]"), default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"hosts: {entry!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def render_topic(template: str, event: QueuedEvent, data: Any = None) -> str:
+    """Fill the template; wildcards and NUL in values become ``_``, a missing field ``_``."""
+
+    def value(name: str) -> str:
+        if name == "agent":
+            return event.agent_id
+        if name == "source":
+            return event.source
+        if name == "type":
+            return event.type
+        found: Any = data if data is not None else event.data
+        for part in name[len("data.") :].split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return "_" if found is None else str(found)
+
+    return _PLACEHOLDER.sub(lambda m: _UNSAFE_IN_TOPIC.sub("_", value(m.group(1))) or "_", template)
+
+
+@dataclass
+class Message:
+    """One MQTT message and the events it carries."""
+
+    topic: str
+    payload: bytes
+    properties: Properties | None
+    events: list[QueuedEvent]
+
+
+def _properties(content_type: str, pairs: list[tuple[str, str]], expiry: float) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ContentType = content_type
+    if pairs:
+        properties.UserProperty = pairs
+    if expiry:
+        properties.MessageExpiryInterval = int(expiry)
+    return properties
+
+
+def build_messages(config: MqttConfig, events: list[QueuedEvent]) -> list[Message]:
+    """Events in queue order → messages; consecutive events for one topic share a batch."""
+    v5 = config.protocol == "5"
+    needs_data = "{data." in config.topic
+    messages: list[Message] = []
+    for event in events:
+        data = event.data if needs_data else None
+        topic = render_topic(config.topic, event, data)
+        if config.payload == "binary":
+            attributes = event.attributes()
+            content_type = attributes.pop("datacontenttype")
+            payload = event.data_json.encode("utf-8")
+            props = _properties(content_type, list(attributes.items()), config.message_expiry)
+            messages.append(Message(topic, payload, props, [event]))
+            continue
+        body = event.data_json if config.payload == "data" else event.to_cloudevent_json()
+        last = messages[-1] if messages else None
+        if (
+            config.batch_max_events > 1
+            and last is not None
+            and last.topic == topic
+            and len(last.events) < config.batch_max_events
+            and len(last.payload) + len(body) + 1 <= config.batch_max_bytes
+        ):
+            last.payload = last.payload[:-1] + b"," + body.encode("utf-8") + b"]"
+            last.events.append(event)
+            if last.properties is not None:
+                last.properties.UserProperty = [("id", e.id) for e in last.events]
+            continue
+        if config.batch_max_events > 1:
+            payload = b"[" + body.encode("utf-8") + b"]"
+            content_type = BATCH if config.payload == "cloudevent" else "application/json"
+        else:
+            payload = body.encode("utf-8")
+            content_type = STRUCTURED if config.payload == "cloudevent" else "application/json"
+        props = _properties(content_type, [("id", event.id)], config.message_expiry) if v5 else None
+        messages.append(Message(topic, payload, props, [event]))
+    return messages
+
+
+def payload_json(message: Message) -> Any:
+    """The payload parsed (for tests and debugging)."""
+    return json.loads(message.payload)
