@@ -1,10 +1,11 @@
 # The two commands the README starts with: `make run` and `make test`.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.toml
 
-.PHONY: run test lint test-tools clean
+.PHONY: run test lint test-tools rabbitmq clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +46,19 @@ test-tools:
 		fi; \
 	fi
 
+# The AMQP tests use the RabbitMQ on 127.0.0.1:5672: start an installed one that is not running.
+rabbitmq:
+	@if command -v rabbitmq-server >/dev/null 2>&1 && ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then \
+		echo "starting the installed RabbitMQ for the AMQP tests"; \
+		rabbitmq-server -detached; \
+		for i in $$(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done; \
+	fi
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(VENV)/.installed-test test-tools lint
+test: $(VENV)/.installed-test test-tools rabbitmq lint
 	$(BIN)/pytest
 
 clean:

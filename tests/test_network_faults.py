@@ -13,7 +13,6 @@ Two test doubles live here, both plain threads and sockets on 127.0.0.1:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -24,7 +23,15 @@ from collections import defaultdict
 import pytest
 from conftest import created_paths, mqtt_agent_config
 
-from agent.testing import Mosquitto, Subscriber, free_port, wait_for
+from agent.testing import (
+    CuttableProxy,
+    Listener,
+    Mosquitto,
+    Subscriber,
+    free_port,
+    shutdown_socket,
+    wait_for,
+)
 
 # MQTT control packet types (the high nibble of the first byte).
 CONNECT, PUBLISH = 1, 3
@@ -60,47 +67,6 @@ def read_packet(sock: socket.socket) -> tuple[int, bytes] | None:
     return first[0] >> 4, body
 
 
-def _shutdown(sock: socket.socket) -> None:
-    """Wake any thread blocked on ``sock`` (close() alone does not, on Linux)."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Listener:
-    """A loopback listening socket with an accept thread that hands connections on."""
-
-    def __init__(self, port: int, handle) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)  # lets the accept loop notice close() promptly
-        self.closing = threading.Event()
-        self.handle = handle
-        self.thread = threading.Thread(target=self._accept, name=f"listen:{port}", daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while not self.closing.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.setblocking(True)
-            if self.closing.is_set():
-                conn.close()
-                return
-            self.handle(conn)
-
-    def close(self) -> None:
-        """Stop accepting and close the socket: new connections are refused from now on."""
-        self.closing.set()
-        self.thread.join(5)
-        self.sock.close()
-
-
 class SilentBroker:
     """Accepts MQTT connections and CONNACKs them, then never acknowledges anything."""
 
@@ -113,10 +79,10 @@ class SilentBroker:
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._listener: _Listener | None = None
+        self._listener: Listener | None = None
 
     def start(self) -> SilentBroker:
-        self._listener = _Listener(self.port, self._handle)
+        self._listener = Listener(self.port, self._handle)
         return self
 
     def _handle(self, conn: socket.socket) -> None:
@@ -165,92 +131,9 @@ class SilentBroker:
         with self._lock:
             socks, threads = list(self._socks), list(self._threads)
         for sock in socks:
-            _shutdown(sock)
+            shutdown_socket(sock)
         for thread in threads:
             thread.join(5)
-
-
-class CuttableProxy:
-    """Forwards TCP from its own loopback port to ``upstream_port``; can be cut and restored."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
-        self.accepted = 0
-        self.cuts = 0
-        self._lock = threading.Lock()
-        self._pairs: set[tuple[socket.socket, socket.socket]] = set()
-        self._pumps: list[threading.Thread] = []
-        self._listener: _Listener | None = None
-
-    def start(self) -> CuttableProxy:
-        self._listener = _Listener(self.port, self._handle)
-        return self
-
-    def _handle(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=2)
-            upstream.settimeout(None)
-        except OSError:
-            client.close()
-            return
-        for sock in (client, upstream):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pair = (client, upstream)
-        done = [0]
-        with self._lock:
-            self.accepted += 1
-            self._pairs.add(pair)
-            pumps = [
-                threading.Thread(target=self._pump, args=(a, b, pair, done), daemon=True)
-                for a, b in ((client, upstream), (upstream, client))
-            ]
-            self._pumps.extend(pumps)
-        for pump in pumps:
-            pump.start()
-
-    def _pump(self, source, target, pair, done) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in pair:  # one direction ended: end the other one too
-                _shutdown(sock)
-            with self._lock:
-                done[0] += 1
-                last = done[0] == 2
-                if last:
-                    self._pairs.discard(pair)
-            if last:  # close only when neither pump can touch the sockets any more
-                for sock in pair:
-                    sock.close()
-
-    def cut(self) -> None:
-        """Drop every connection, and refuse new ones (the port is closed) until restore()."""
-        with self._lock:
-            self.cuts += 1
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            pairs = list(self._pairs)
-        for pair in pairs:
-            for sock in pair:
-                _shutdown(sock)
-
-    def restore(self) -> None:
-        if self._listener is None:
-            self._listener = _Listener(self.port, self._handle)
-
-    def stop(self) -> None:
-        self.cut()
-        with self._lock:
-            pumps = list(self._pumps)
-        for pump in pumps:
-            pump.join(5)
 
 
 def rss_kib(pid: int) -> int:

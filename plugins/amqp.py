@@ -1,0 +1,188 @@
+"""The ``amqp`` sink: events to RabbitMQ (AMQP 0-9-1), confirmed by publisher confirms.
+
+An event counts as delivered only when the broker confirms it (basic.ack
+after ``confirm_delivery``); a nack, or an unroutable message returned to us
+(``mandatory``), keeps it queued. Messages are persistent by default, so the
+broker writes them to disk before it confirms them to durable queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pika
+import pika.exceptions
+
+from agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+FIELDS = ("agent", "source", "type")
+
+
+class AmqpSink(Sink):
+    """Publishes each event to an exchange with a routing key made from a template."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        url: str = option(
+            "amqp://guest:guest@127.0.0.1:5672/%2F",
+            secret=True,
+            doc="amqp:// or amqps:// URL with credentials; or url_file = PATH.",
+        )
+        exchange: str = option("edge", doc='Exchange to publish to; "" is the default exchange.')
+        exchange_type: Literal["topic", "direct", "fanout", "headers"] = option(
+            "topic", doc="Type used when declaring the exchange."
+        )
+        declare_exchange: bool = option(
+            True, doc="Declare the exchange (durable) at connect; false if it is managed elsewhere."
+        )
+        routing_key: str = option(
+            "{agent}.{source}.{type}", doc="Routing key template: {agent}, {source}, {type}."
+        )
+        persistent: bool = option(True, doc="delivery_mode 2: the broker keeps it on disk.")
+        mandatory: bool = option(
+            True,
+            doc="A message no queue takes is returned and stays queued here, rather than"
+            " being dropped by the broker.",
+        )
+        payload: Literal["cloudevent", "data"] = option(
+            "cloudevent", doc='"cloudevent": the whole envelope; "data": the data alone.'
+        )
+        heartbeat: int = option(30, doc="AMQP heartbeat, seconds.")
+        connect_timeout: Duration = option(10.0, doc="How long a connection attempt may take.")
+        reconnect_min: Duration = option(1.0, doc="Shortest wait between connection attempts.")
+        reconnect_max: Duration = option(60.0, doc="Longest wait between connection attempts.")
+
+        def __post_init__(self) -> None:
+            if not self.url.startswith(("amqp://", "amqps://")):
+                raise ValueError("url must start with amqp:// or amqps://")
+            unknown = [m for m in _PLACEHOLDER.findall(self.routing_key) if m not in FIELDS]
+            if unknown:
+                raise ValueError(
+                    f"routing_key uses unknown field(s) {', '.join(unknown)}; known: {FIELDS}"
+                )
+            if self.reconnect_min <= 0 or self.reconnect_max <= 0 or self.connect_timeout <= 0:
+                raise ValueError("connect_timeout and the reconnect waits must be more than 0")
+
+    max_batch = 200
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.retry_min = self.config.reconnect_min
+        self.retry_max = self.config.reconnect_max
+        self._connection: Any = None
+        self._channel: Any = None
+        params = pika.URLParameters(self.config.url)
+        self._where = (
+            f"{params.host}:{params.port}{params.virtual_host and '/' + params.virtual_host}"
+        )
+        #: Messages nacked or returned by the broker, since start.
+        self.refused = 0
+
+    @property
+    def target(self) -> str:
+        return self._where  # the URL without its credentials
+
+    def open(self) -> None:
+        config = self.config
+        params = pika.URLParameters(config.url)
+        params.heartbeat = config.heartbeat
+        params.socket_timeout = config.connect_timeout
+        params.blocked_connection_timeout = config.connect_timeout * 3
+        params.connection_attempts = 1
+        try:
+            self._connection = pika.BlockingConnection(params)
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+            if config.declare_exchange and config.exchange:
+                self._channel.exchange_declare(
+                    config.exchange, exchange_type=config.exchange_type, durable=True
+                )
+        except pika.exceptions.ProbableAuthenticationError:
+            raise SinkUnavailable("the broker refused the credentials in url") from None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise SinkUnavailable(f"the broker closed the channel: {exc.reply_text}") from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise SinkUnavailable(_describe(exc)) from None
+
+    def publish(self, events: list[QueuedEvent]) -> list[QueuedEvent]:
+        if self._channel is None:
+            raise SinkUnavailable("not connected")
+        config = self.config
+        confirmed = []
+        for event in events:
+            key = routing_key(config.routing_key, event)
+            body = event.data_json if config.payload == "data" else event.to_cloudevent_json()
+            properties = pika.BasicProperties(
+                content_type="application/cloudevents+json"
+                if config.payload == "cloudevent"
+                else "application/json",
+                delivery_mode=2 if config.persistent else 1,
+                message_id=event.id,
+                type=event.type,
+                app_id="edge-agent",
+                headers={f"ce_{k}": v for k, v in event.attributes().items()},
+            )
+            try:
+                self._channel.basic_publish(
+                    config.exchange,
+                    key,
+                    body.encode("utf-8"),
+                    properties=properties,
+                    mandatory=config.mandatory,
+                )
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+                self.refused += 1
+                why = (
+                    "no queue took it"
+                    if isinstance(exc, pika.exceptions.UnroutableError)
+                    else "nacked"
+                )
+                self.log.warning(
+                    "the broker did not take event %s (routing key %s: %s); it stays queued"
+                    " and is sent again (%d refused since start)",
+                    event.id,
+                    key,
+                    why,
+                    self.refused,
+                )
+                break
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                if confirmed:
+                    break  # keep what was confirmed; the next call notices the loss
+                raise SinkUnavailable(_describe(exc)) from None
+            confirmed.append(event)
+        return confirmed
+
+    def check_connection(self) -> None:
+        if self._connection is None or not self._connection.is_open:
+            raise SinkUnavailable("connection lost")
+        try:
+            self._connection.process_data_events(time_limit=0)  # heartbeats, a close
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise SinkUnavailable(_describe(exc)) from None
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+def routing_key(template: str, event: QueuedEvent) -> str:
+    """Fill ``{agent}``, ``{source}`` and ``{type}``."""
+    values = {"agent": event.agent_id, "source": event.source, "type": event.type}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "…"
+
+
+@hookimpl
+def register_sinks(register):
+    register("amqp", AmqpSink)
