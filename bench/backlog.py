@@ -10,22 +10,29 @@ agent's RSS during the drain.
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import shutil
-import sqlite3
-import statistics
-import subprocess
 import sys
-import tempfile
-import textwrap
-import time
-from datetime import UTC, datetime
 
-from agent.event import Event
-from agent.queue import QueueStore, QueueWriter, count_events
-from agent.testing import Mosquitto, free_port
+# This folder holds queue.py, which would shadow the standard library's queue.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sqlite3  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import textwrap  # noqa: E402
+import time  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+
+from agent.event import Event  # noqa: E402
+from agent.queue import QueueStore, QueueWriter, count_events  # noqa: E402
+from agent.testing import Mosquitto, free_port  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

@@ -1,0 +1,166 @@
+"""Forwarding throughput: queue → a local Mosquitto at QoS 1, beside raw paho-mqtt.
+
+Fills the queue with N events (about 200 bytes of data each), then times the
+agent's forwarder with the MQTT sink until the broker has acknowledged every
+event: one event per message (MQTT 5 and 3.1.1) and batched. In the same run,
+raw paho-mqtt publishes N messages of the same size at QoS 1 from one
+process: the ceiling for one Python process.
+
+    .venv/bin/python bench/forward.py [-n 20000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This folder holds queue.py, which would shadow the standard library's queue.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sqlite3  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
+
+from agent.event import Event  # noqa: E402
+from agent.forwarder import Forwarder  # noqa: E402
+from agent.queue import QueueStore, QueueWriter  # noqa: E402
+from agent.schema import build  # noqa: E402
+from agent.testing import Mosquitto  # noqa: E402
+from plugins.mqtt import MqttSink  # noqa: E402
+
+DATA = '{"path":"/var/spool/inbox/' + "x" * 150 + '.csv","size":1432}'
+BROKER_CONFIG = "max_inflight_messages 100\nmax_queued_messages 0"
+
+
+def raw_paho(port: int, count: int, protocol: str, window: int) -> float:
+    done = threading.Event()
+    acked = [0]
+    v5 = protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+    )
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+
+    def on_publish(*_args) -> None:
+        acked[0] += 1
+        if acked[0] == count:
+            done.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payload = b"x" * 400  # about the size of a CloudEvents envelope here
+    started = time.perf_counter()
+    for _ in range(count):
+        client.publish("bench/raw", payload, qos=1)
+    if not done.wait(300):
+        raise SystemExit("raw paho: not every message was acknowledged")
+    elapsed = time.perf_counter() - started
+    client.disconnect()
+    client.loop_stop()
+    return count / elapsed
+
+
+def agent_forward(folder: str, port: int, count: int, options: dict) -> float:
+    store = QueueStore(folder)
+    store.open()
+    writer = QueueWriter(store)
+    for start in range(0, count, 1000):
+        writer.append(
+            [
+                (Event(type="file.created", source="inbox"), DATA)
+                for _ in range(min(1000, count - start))
+            ]
+        )
+    writer.close()
+    problems: list = []
+    config = build(MqttSink.Config, {"port": port, **options}, "bench", problems)
+    if problems:
+        raise SystemExit(problems)
+    sink = MqttSink(name="bench", config=config, agent_id="bench")
+    forwarder = Forwarder(sink, store, on_confirmed=lambda: None)
+    started = time.perf_counter()
+    forwarder.start()
+    while forwarder.confirmed < count:
+        if time.perf_counter() - started > 600:
+            raise SystemExit("forwarding took more than 10 minutes")
+        time.sleep(0.005)  # polling the counter
+    elapsed = time.perf_counter() - started
+    forwarder.abort()
+    forwarder.join(10)
+    return count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=20_000, help="events per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; median")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix=".bench-forward-", dir=os.getcwd())
+    broker = Mosquitto(os.path.join(workdir, "mosquitto"), extra_config=BROKER_CONFIG).start()
+    try:
+        print(f"machine:   {os.cpu_count()} cores, {platform.platform()}")
+        print(
+            f"python:    {platform.python_version()}; paho-mqtt {version('paho-mqtt')};"
+            f" sqlite {sqlite3.sqlite_version}; date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        )
+        print(f"workload:  {args.n:,} events, QoS 1, local Mosquitto (max_inflight_messages 100)")
+        rows = []
+        cases = [
+            ("raw paho-mqtt, MQTT 5, in-flight 100", None, "5"),
+            ("raw paho-mqtt, MQTT 3.1.1, in-flight 100", None, "3.1.1"),
+            ("edge-agent, MQTT 5, one event per message", {"protocol": "5"}, "5"),
+            ("edge-agent, MQTT 3.1.1, one event per message", {"protocol": "3.1.1"}, "3.1.1"),
+            (
+                "edge-agent, MQTT 5, batches of 100",
+                {"protocol": "5", "batch_max_events": 100},
+                "5",
+            ),
+        ]
+        for label, options, protocol in cases:
+            runs = []
+            for run in range(args.repeat):
+                if options is None:
+                    runs.append(raw_paho(broker.port, args.n, protocol, 100))
+                else:
+                    folder = os.path.join(workdir, f"q-{len(rows)}-{run}")
+                    runs.append(agent_forward(folder, broker.port, args.n, options))
+            rows.append((label, protocol, statistics.median(runs), runs))
+        raw = {protocol: rate for label, protocol, rate, _ in rows if label.startswith("raw")}
+        print(f"\n{'method':<48} | {'events/s':>9} | {'of raw':>6} | runs")
+        print("-" * 90)
+        for label, protocol, rate, runs in rows:
+            share = "" if label.startswith("raw") else f"{rate / raw[protocol]:.0%}"
+            shown = ", ".join(f"{r:,.0f}" for r in runs)
+            print(f"{label:<48} | {rate:>9,.0f} | {share:>6} | {shown}")
+        one = rows[2][2] / raw["5"]
+        batched = rows[4][2]
+        print(
+            f"\ntarget: one event per message >= 80% of raw (MQTT 5): {one:.0%}"
+            f" -> {'MET' if one >= 0.8 else 'MISSED'}"
+        )
+        print(
+            f"target: batched >= 30,000 events/s: {batched:,.0f}"
+            f" -> {'MET' if batched >= 30_000 else 'MISSED'}"
+        )
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
