@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +264,42 @@ def test_bad_options_are_config_errors():
     assert 'sinks.mqtt[1]: payload = "binary" needs protocol = "5"' in text
     assert "sinks.mqtt[2]: hosts: 'x:notaport' is not host:port" in text
     assert "sinks.mqtt[3].tls: tls.ca_file: cannot read /no/such/ca.pem" in text
+
+
+def test_websockets_transport(tmp_path):
+    ws_port = free_port()
+    broker = Mosquitto(
+        str(tmp_path / "ws"), extra_config=f"listener {ws_port} 127.0.0.1\nprotocol websockets"
+    )
+    try:
+        broker.start()
+    except RuntimeError as exc:
+        pytest.skip(f"this mosquitto has no websockets support: {exc}")
+    try:
+        with Subscriber(broker.port, "edge/#") as sub:
+            assert len(deliver({"port": ws_port, "transport": "websockets"})) == 3
+            wait_for(lambda: len(sub.messages) == 3, 10, "3 messages over websockets")
+    finally:
+        broker.stop()
+
+
+def test_retain_message_expiry_and_a_persistent_session(tmp_path):
+    broker = Mosquitto(str(tmp_path / "b")).start()
+    try:
+        config = {
+            "port": broker.port,
+            "retain": True,
+            "message_expiry": "1h",
+            "clean_start": False,
+            "session_expiry": "10m",
+            "client_id": "gw-01-session",
+        }
+        deliver(config, count=1)
+        # A subscriber arriving later still gets it: it was retained.
+        with Subscriber(broker.port, "edge/#", protocol="5") as sub:
+            wait_for(lambda: sub.messages, 10, "the retained message")
+        assert 0 < sub.messages[0].properties.MessageExpiryInterval <= 3600
+        log = Path(broker.log_path).read_text()
+        assert "as gw-01-session (p5, c0" in log, "connected without a clean start"
+    finally:
+        broker.stop()
