@@ -76,6 +76,10 @@ class Event:
     time: str = field(default_factory=utc_now)
 
 
+def _string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 _BAD_TYPE_CHARS = re.compile(r"[\x00-\x1f\x7f+#/\s]")
 
 
@@ -179,6 +183,12 @@ class QueuedEvent:
         return attributes
 
     def to_cloudevent_json(self) -> str:
-        """The whole CloudEvents envelope as compact JSON text."""
-        head = json.dumps(self.attributes(), ensure_ascii=False, separators=(",", ":"))
-        return f'{head[:-1]},"data":{self.data_json}}}'
+        """The whole CloudEvents envelope as compact JSON text (the same as ``attributes()``
+        plus ``data``, built without a dict: forwarders call this once per event)."""
+        subject = "" if self.subject is None else f',"subject":{_string(self.subject)}'
+        return (
+            f'{{"specversion":"1.0","id":{_string(self.id)},'
+            f'"source":{_string(self.source_uri)},"type":{_string(self.type)},'
+            f'"time":{_string(self.time)},"sequence":"{self.sequence:0{SEQUENCE_DIGITS}d}",'
+            f'"datacontenttype":"application/json"{subject},"data":{self.data_json}}}'
+        )

@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
-from plugins.mqtt_messages import MqttConfig, build_messages, render_topic
+from plugins.mqtt_messages import MqttConfig, TopicCache, build_messages, render_topic
 
 __all__ = ["MqttSink", "render_topic"]
 
@@ -48,6 +48,7 @@ class MqttSink(Sink):
         self.max_batch = self.window * config.batch_max_events
         self.retry_min = config.reconnect_min
         self.retry_max = config.reconnect_max
+        self._topics = TopicCache(config.topic)
         self._client: mqtt.Client | None = None
         self._broker = config.brokers()[0]
         self._connack: queue.SimpleQueue = queue.SimpleQueue()
@@ -225,7 +226,7 @@ class MqttSink(Sink):
             raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
         config = self.config
         fresh = [e for e in events if e.position not in self._inflight]
-        for message in build_messages(config, fresh):
+        for message in build_messages(config, fresh, self._topics):
             if len(self._mids) >= self.window:
                 break
             info = client.publish(

@@ -172,6 +172,26 @@ def render_topic(template: str, event: QueuedEvent, data: Any = None) -> str:
     return _PLACEHOLDER.sub(lambda m: _UNSAFE_IN_TOPIC.sub("_", value(m.group(1))) or "_", template)
 
 
+class TopicCache:
+    """Topics of templates without data fields depend only on (source, type): remember them."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.uses_data = "{data." in template
+        self._topics: dict[tuple[str, str, str], str] = {}
+
+    def topic(self, event: QueuedEvent) -> str:
+        if self.uses_data:
+            return render_topic(self.template, event, event.data)
+        key = (event.agent_id, event.source, event.type)
+        topic = self._topics.get(key)
+        if topic is None:
+            if len(self._topics) > 10_000:  # a source inventing types without end
+                self._topics.clear()
+            topic = self._topics[key] = render_topic(self.template, event)
+        return topic
+
+
 class PackedProperties:
     """MQTT 5 PUBLISH properties, encoded once.
 
@@ -222,17 +242,19 @@ class Message:
     events: list[QueuedEvent]
 
 
-def build_messages(config: MqttConfig, events: list[QueuedEvent]) -> list[Message]:
+def build_messages(
+    config: MqttConfig, events: list[QueuedEvent], topics: TopicCache | None = None
+) -> list[Message]:
     """Events in queue order → messages; consecutive events for one topic share a batch."""
     v5 = config.protocol == "5"
-    needs_data = "{data." in config.topic
+    topics = topics or TopicCache(config.topic)
     expiry = config.message_expiry
     messages: list[Message] = []
     if config.payload == "binary":
         for event in events:
             attributes = event.attributes()
             content_type = attributes.pop("datacontenttype")
-            topic = render_topic(config.topic, event, event.data if needs_data else None)
+            topic = topics.topic(event)
             props = PackedProperties(content_type, list(attributes.items()), expiry)
             messages.append(Message(topic, event.data_json.encode("utf-8"), props, [event]))
         return messages
@@ -240,7 +262,7 @@ def build_messages(config: MqttConfig, events: list[QueuedEvent]) -> list[Messag
     if config.batch_max_events == 1:
         content_type = "application/json" if data_only else STRUCTURED
         for event in events:
-            topic = render_topic(config.topic, event, event.data if needs_data else None)
+            topic = topics.topic(event)
             body = event.data_json if data_only else event.to_cloudevent_json()
             props = PackedProperties(content_type, [("id", event.id)], expiry) if v5 else None
             messages.append(Message(topic, body.encode("utf-8"), props, [event]))
@@ -248,7 +270,7 @@ def build_messages(config: MqttConfig, events: list[QueuedEvent]) -> list[Messag
     # Batches: runs of consecutive events for one topic, within the count and size limits.
     groups: list[tuple[str, list[QueuedEvent], list[bytes], int]] = []
     for event in events:
-        topic = render_topic(config.topic, event, event.data if needs_data else None)
+        topic = topics.topic(event)
         body = (event.data_json if data_only else event.to_cloudevent_json()).encode("utf-8")
         if groups:
             last_topic, members, bodies, size = groups[-1]
