@@ -72,6 +72,9 @@ class Forwarder:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _draining_done(self) -> bool:
         return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
 
@@ -121,6 +124,7 @@ class Forwarder:
         """Wait before a retry, ending early when the agent stops."""
         end = time.monotonic() + seconds
         while not self.sink.stopping.is_set() and self._drain_deadline is None:
+            self.last_progress = time.monotonic()  # waiting by design is not being stuck
             left = end - time.monotonic()
             if left <= 0:
                 return

@@ -427,10 +427,11 @@ class SinkCursor:
         self._flushed_at = time.monotonic()
 
     def backlog(self) -> int:
-        """Events this sink has not confirmed yet."""
-        return self.conn.execute(
-            "SELECT COUNT(*) FROM events WHERE position > ?", (self.position,)
-        ).fetchone()[0]
+        """Events this sink has not confirmed yet (index look-ups only)."""
+        low, high = self.conn.execute(
+            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
+        ).fetchone()
+        return 0 if low is None else max(0, high - max(self.position, low - 1))
 
     def close(self) -> None:
         self.conn.close()
@@ -447,16 +448,27 @@ def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
 
 
 def read_stats(store: QueueStore) -> QueueStats:
-    """Counts for ``queue stats`` and ``status``; opens and closes its own connection."""
+    """Counts for ``queue stats`` and ``status``; opens and closes its own connection.
+
+    Index look-ups only (positions are consecutive: deletes take a prefix), so
+    it stays cheap with millions of events queued.
+    """
     conn = store.connect()
     try:
-        count, oldest, newest = conn.execute(
-            "SELECT COUNT(*), MIN(time), MAX(time) FROM events"
+        low, high = conn.execute(
+            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
         ).fetchone()
+        count = 0 if low is None else high - low + 1
+        oldest = newest = None
+        if low is not None:
+            oldest = conn.execute("SELECT time FROM events WHERE position = ?", (low,)).fetchone()[
+                0
+            ]
+            newest = conn.execute("SELECT time FROM events WHERE position = ?", (high,)).fetchone()[
+                0
+            ]
         backlog = {
-            sink: conn.execute(
-                "SELECT COUNT(*) FROM events WHERE position > ?", (position,)
-            ).fetchone()[0]
+            sink: 0 if low is None else max(0, high - max(position, low - 1))
             for sink, position in conn.execute("SELECT sink, position FROM sink_cursors")
         }
     finally:

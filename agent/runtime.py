@@ -30,7 +30,8 @@ from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
 from agent.plugins import PluginHost, SlowReporter
-from agent.queue import QueueStore, read_checkpoints
+from agent.queue import QueueStore, read_checkpoints, read_stats
+from agent.systemd import Notifier
 from agent.writer import Writer
 
 log = logging.getLogger("edge_agent")
@@ -38,6 +39,9 @@ log = logging.getLogger("edge_agent")
 SOURCE_RESTART_MIN = 1.0
 SOURCE_RESTART_MAX = 60.0
 DAMAGED_REMINDER = 3600.0
+#: A writer or forwarder whose loop has not turned for this long is stuck.
+STUCK_AFTER = 120.0
+STATUS_EVERY = 5.0
 
 
 class SourceRunner:
@@ -109,6 +113,7 @@ class Agent:
         self.slow = SlowReporter()
         host.slow = self.slow
         self._stop_requested = threading.Event()
+        self.notifier = Notifier()
 
     # -- events ------------------------------------------------------------
 
@@ -273,15 +278,51 @@ class Agent:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
-        last_reminder = time.monotonic()
+        last_reminder = last_status = time.monotonic()
+        self.notifier.ready(self.summary())
         while not self._stop_requested.wait(1.0):
             if self.writer is not None and not self.writer.is_alive():
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
                 raise QueueError("the queue writer stopped")
             self.slow.report_stuck()
+            stuck = self.stuck()
+            if not stuck:
+                self.notifier.watchdog()
+            elif self.notifier.watchdog_interval:
+                log.error("%s made no progress for %.0fs; not telling the watchdog", *stuck)
+            if time.monotonic() - last_status >= STATUS_EVERY:
+                last_status = time.monotonic()
+                self.notifier.status(self.summary())
             if time.monotonic() - last_reminder >= DAMAGED_REMINDER:
                 last_reminder = time.monotonic()
                 self._remind_damaged()
+
+    def stuck(self) -> tuple[str, float] | None:
+        """(what, seconds) for a writer or forwarder that is dead or made no progress lately."""
+        now = time.monotonic()
+        parts: list[tuple[str, Any]] = [("the queue writer", self.writer)]
+        parts += [(f"sink {f.name}", f) for f in self.forwarders]
+        for name, part in parts:
+            if part is None:
+                continue
+            if not part.is_alive():
+                return name, float("inf")
+            if now - part.last_progress > STUCK_AFTER:
+                return name, now - part.last_progress
+        return None
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS: each sink's state and the backlog."""
+        try:
+            stats = read_stats(self.store)
+        except QueueError:
+            return "queue unreadable"
+        sinks = ", ".join(
+            f"{f.name} {'connected' if f.connected else 'offline'}"
+            f" ({stats.sink_backlog.get(f.name, 0)} waiting)"
+            for f in self.forwarders
+        )
+        return f"{stats.events} events queued; {sinks or 'no sinks'}"
 
     def _remind_damaged(self) -> None:
         """Keep saying that a damaged queue was moved aside, until an operator deletes it."""
@@ -294,6 +335,7 @@ class Agent:
 
     def stop(self) -> None:
         """Stop sources, commit, flush within the grace period, stop sinks."""
+        self.notifier.stopping()
         grace = self.config.agent.shutdown_grace
         for runner in self.sources:
             runner.stop()

@@ -65,8 +65,8 @@ class AgentProcess:
         self.wrapped = False
         self._log = None
 
-    def start(self, wrapper: list[str] | None = None) -> AgentProcess:
-        """Start it; ``wrapper`` runs it under another command (strace …)."""
+    def start(self, wrapper: list[str] | None = None, env: dict | None = None) -> AgentProcess:
+        """Start it; ``wrapper`` runs it under a command (strace …); ``env`` adds variables."""
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in _close)
         self.wrapped = bool(wrapper)
         self.process = subprocess.Popen(
@@ -74,6 +74,7 @@ class AgentProcess:
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
+            env={**os.environ, **(env or {})},
         )
         return self
 
