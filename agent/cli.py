@@ -156,6 +156,146 @@ def plugins(as_json: bool) -> None:
         click.echo(f"error: plugin {name} {message}", err=True)
 
 
+def _state(config_path: str | None) -> Config:
+    try:
+        config = _load(config_path)[1]
+    except ConfigError as error:
+        _config_failed(error)
+        raise  # not reached
+    return config
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(config_path: str | None, as_json: bool) -> None:
+    """How the running agent is doing: sinks, backlog, errors. Exit 1 if it is not running."""
+    from agent import status as snapshots
+
+    config = _state(config_path)
+    data, problem = snapshots.read(config.agent.state_dir)
+    if as_json:
+        click.echo(json.dumps({"running": problem is None, "problem": problem, "status": data}))
+    elif data is not None:
+        click.echo(snapshots.render(data))
+    if problem is not None:
+        if not as_json:
+            click.echo(problem, err=True)
+        sys.exit(1)
+
+
+@cli.group()
+def queue() -> None:
+    """Look into the backlog on disk: stats, peek, purge."""
+
+
+def _store(config: Config):
+    from agent.queue import QueueStore
+
+    store = QueueStore(config.agent.state_dir, sync=config.queue.sync)
+    if not os.path.exists(store.path):
+        raise click.ClickException(f"no queue at {store.path}: the agent has not run yet")
+    return store
+
+
+@queue.command("stats")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def queue_stats(config_path: str | None, as_json: bool) -> None:
+    """Events queued, oldest and newest, and each sink's backlog."""
+    from agent.queue import read_stats
+
+    config = _state(config_path)
+    store = _store(config)
+    stats = read_stats(store)
+    size = sum(
+        os.path.getsize(store.path + suffix)
+        for suffix in ("", "-wal")
+        if os.path.exists(store.path + suffix)
+    )
+    if as_json:
+        data = {
+            "path": store.path,
+            "events": stats.events,
+            "bytes": size,
+            "oldest": stats.oldest_time,
+            "newest": stats.newest_time,
+            "sinks": stats.sink_backlog,
+        }
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"{store.path}: {stats.events} events, {size / 2**20:.1f} MiB on disk")
+    click.echo(f"oldest {stats.oldest_time or '-'}, newest {stats.newest_time or '-'}")
+    for sink, backlog in sorted(stats.sink_backlog.items()):
+        configured = "" if sink in {s.name for s in config.sinks} else " (no longer configured)"
+        click.echo(f"sink {sink}: {backlog} waiting{configured}")
+
+
+@queue.command("peek")
+@config_option
+@click.option("-n", "count", default=10, show_default=True, help="How many events.")
+def queue_peek(config_path: str | None, count: int) -> None:
+    """The oldest queued events, as they will be sent."""
+    from agent.queue import peek
+
+    config = _state(config_path)
+    for event in peek(_store(config), count, config.agent.id):
+        body = json.loads(event.to_cloudevent_json())
+        click.echo(json.dumps(body, indent=2, ensure_ascii=False))
+
+
+@queue.command("purge")
+@config_option
+@click.option("--sink", "sink", required=True, help="The sink whose backlog to cut.")
+@click.option(
+    "--before",
+    required=True,
+    help='Events older than this: a time ("2026-11-20T00:00:00Z") or an age ("7d", "12h").',
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> None:
+    """Give up on a sink's oldest events: they count as confirmed by it.
+
+    An event leaves the queue once every sink has confirmed (or been purged of)
+    it. The running agent notices within a second.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from agent.queue import purge, purge_plan
+    from agent.units import parse_duration
+
+    config = _state(config_path)
+    store = _store(config)
+    try:
+        cutoff = datetime.now(UTC) - timedelta(seconds=parse_duration(before))
+        before_text = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(before.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(
+                'expected a time such as "2026-11-20T00:00:00Z" or an age such as "7d"',
+                param_hint="--before",
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        before_text = parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        taken, through = purge_plan(store, sink, before_text)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not taken:
+        click.echo(f"sink {sink} has no events queued before {before_text}; nothing to purge")
+        return
+    question = f"Purge {taken} events queued before {before_text} from sink {sink}'s backlog?"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.ClickException(f"{question} Refusing without --yes (no terminal to ask).")
+        click.confirm(question, abort=True)
+    purge(store, sink, through)
+    click.echo(f"purged {taken} events from sink {sink}")
+
+
 def main() -> None:
     """Entry point of the ``edge-agent`` command: load plugins once, then dispatch."""
     host = load_plugins()

@@ -45,9 +45,12 @@ class Forwarder:
         self.wake = threading.Event()
         self.connected = False
         self.confirmed = 0
+        #: Connections made after the first one.
+        self.reconnects = 0
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
         self._drain_deadline: float | None = None
+        self._ever_connected = False
         self._thread = threading.Thread(target=self._run, name=f"sink:{sink.name}", daemon=True)
 
     @property
@@ -149,6 +152,8 @@ class Forwarder:
                     self._pause(backoff.next())
                     continue
                 self.connected = True
+                self.reconnects += self._ever_connected
+                self._ever_connected = True
                 outage.connected()
 
             self.wake.clear()

@@ -410,20 +410,29 @@ class SinkCursor:
             self.flush()
 
     def flush(self) -> None:
-        """Write the confirmed position to disk if it moved. Raises QueueError."""
-        if self.position == self._saved:
+        """Write the confirmed position to disk if it moved; take a purge made meanwhile.
+
+        ``edge-agent queue purge`` moves a cursor forward in the database; the
+        position never moves back, and the forwarder skips what was purged.
+        Raises QueueError.
+        """
+        if self.position == self._saved and time.monotonic() - self._flushed_at < 1.0:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute(
-                "UPDATE sink_cursors SET position = ? WHERE sink = ?", (self.position, self.sink)
+                "UPDATE sink_cursors SET position = MAX(position, ?) WHERE sink = ?",
+                (self.position, self.sink),
             )
+            stored = self.conn.execute(
+                "SELECT position FROM sink_cursors WHERE sink = ?", (self.sink,)
+            ).fetchone()[0]
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise QueueError(f"cannot record confirmations of sink {self.sink}: {exc}") from exc
-        self._saved = self.position
+        self.position = self._saved = max(self.position, stored)
         self._flushed_at = time.monotonic()
 
     def backlog(self) -> int:
@@ -474,6 +483,62 @@ def read_stats(store: QueueStore) -> QueueStats:
     finally:
         conn.close()
     return QueueStats(count, oldest, newest, backlog)
+
+
+def peek(store: QueueStore, count: int, agent_id: str) -> list[QueuedEvent]:
+    """The ``count`` oldest queued events."""
+    conn = store.connect()
+    try:
+        rows = conn.execute(
+            "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+            " ORDER BY position LIMIT ?",
+            (count,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [QueuedEvent(*row, agent_id=agent_id) for row in rows]
+
+
+def purge_plan(store: QueueStore, sink: str, before: str) -> tuple[int, int]:
+    """(events a purge would take from ``sink``'s backlog, the position it would move to).
+
+    Only a prefix is purged: events up to the last one, in queue order, whose
+    ``time`` is before ``before`` (RFC 3339, UTC) with none younger in between.
+    """
+    conn = store.connect()
+    try:
+        row = conn.execute("SELECT position FROM sink_cursors WHERE sink = ?", (sink,)).fetchone()
+        if row is None:
+            raise QueueError(f"the queue has no sink named {sink!r}")
+        cursor = row[0]
+        through = cursor
+        for position, event_time in conn.execute(
+            "SELECT position, time FROM events WHERE position > ? ORDER BY position", (cursor,)
+        ):
+            if event_time >= before:
+                break
+            through = position
+        taken = conn.execute(
+            "SELECT COUNT(*) FROM events WHERE position > ? AND position <= ?", (cursor, through)
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    return taken, through
+
+
+def purge(store: QueueStore, sink: str, through: int) -> None:
+    """Count every event up to ``through`` as confirmed by ``sink`` (never moves back)."""
+    conn = store.connect()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE sink_cursors SET position = MAX(position, ?) WHERE sink = ?", (through, sink)
+        )
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise QueueError(f"cannot purge: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def count_events(path: str) -> int:

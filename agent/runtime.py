@@ -15,13 +15,16 @@ disk for the next start.
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+from agent import __version__, status
 from agent.api import Processor, Sink, Source, SourceContext
 from agent.backoff import Backoff
 from agent.bounds import Limits
@@ -114,6 +117,11 @@ class Agent:
         host.slow = self.slow
         self._stop_requested = threading.Event()
         self.notifier = Notifier()
+        self.version = __version__
+        self.started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.status_interval = STATUS_EVERY
+        #: Events committed per source since start.
+        self.events_in: collections.Counter[str] = collections.Counter()
 
     # -- events ------------------------------------------------------------
 
@@ -139,6 +147,7 @@ class Agent:
             raise QueueError("the agent has not started its queue")
         rows = [(source, key, value) for key, value in (checkpoint or {}).items()]
         self.writer.submit(items, rows)
+        self.events_in[source] += len(items)
 
     def _process(self, event: Event) -> Event | None:
         """``process_event`` hooks, then the configured processors in file order."""
@@ -280,6 +289,7 @@ class Agent:
         signal.signal(signal.SIGHUP, on_hup)
         last_reminder = last_status = time.monotonic()
         self.notifier.ready(self.summary())
+        self.write_status()
         while not self._stop_requested.wait(1.0):
             if self.writer is not None and not self.writer.is_alive():
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
@@ -290,9 +300,10 @@ class Agent:
                 self.notifier.watchdog()
             elif self.notifier.watchdog_interval:
                 log.error("%s made no progress for %.0fs; not telling the watchdog", *stuck)
-            if time.monotonic() - last_status >= STATUS_EVERY:
+            if time.monotonic() - last_status >= self.status_interval:
                 last_status = time.monotonic()
                 self.notifier.status(self.summary())
+                self.write_status()
             if time.monotonic() - last_reminder >= DAMAGED_REMINDER:
                 last_reminder = time.monotonic()
                 self._remind_damaged()
@@ -310,6 +321,13 @@ class Agent:
             if now - part.last_progress > STUCK_AFTER:
                 return name, now - part.last_progress
         return None
+
+    def write_status(self) -> None:
+        """Refresh ``status.json`` in the state directory for ``edge-agent status``."""
+        try:
+            status.write(self.store.state_dir, status.snapshot(self))
+        except (OSError, QueueError) as exc:
+            log.debug("cannot write the status snapshot: %s", exc)
 
     def summary(self) -> str:
         """One line for systemd's STATUS: each sink's state and the backlog."""
@@ -355,4 +373,5 @@ class Agent:
             if not forwarder.join(5.0):
                 log.warning("sink %s did not stop within 5s; leaving it", forwarder.name)
         self.host.call_each("shutdown", agent=self)
+        self.write_status()
         log.info("edge-agent %s stopped", self.id)

@@ -23,6 +23,8 @@ from agent.queue import Checkpoint, QueueStore, QueueWriter
 log = logging.getLogger("edge_agent.writer")
 
 CLEANUP_INTERVAL = 0.5
+#: Delete confirmed events at least this often, even when no forwarder asked.
+UNASKED_CLEANUP = 5.0
 #: While the queue is full and sources must wait, look for room this often.
 BLOCKED_RETRY = 0.2
 
@@ -67,6 +69,7 @@ class Writer:
         self.limits = limits or Limits()
         self.bounds: Bounds | None = None
         self.committed = 0
+        self._last_delete = 0.0
         self.last_progress = time.monotonic()
 
     def start(self) -> None:
@@ -178,8 +181,11 @@ class Writer:
     def _housekeeping(self) -> None:
         assert self._queue is not None and self.bounds is not None
         try:
-            if self._cleanup_wanted.is_set():
+            # Also now and then unasked: `queue purge` moves cursors behind our back.
+            now = time.monotonic()
+            if self._cleanup_wanted.is_set() or now - self._last_delete >= UNASKED_CLEANUP:
                 self._cleanup_wanted.clear()
+                self._last_delete = now
                 self._queue.delete_confirmed(self.sink_names)
             self.bounds.housekeeping()
         except (QueueError, OSError) as exc:

@@ -1,0 +1,157 @@
+"""The status snapshot: what ``edge-agent status`` shows about the running agent.
+
+The agent writes ``status.json`` in its state directory every few seconds
+(write to a temporary file, then rename: a reader never sees half a file).
+Nothing listens on a network port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.queue import read_stats
+
+STATUS_FILE = "status.json"
+#: A snapshot older than this many status intervals means the agent is not running.
+STALE_AFTER = 4
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def snapshot(agent: Any) -> dict[str, Any]:
+    """The agent's state as plain data."""
+    stats = read_stats(agent.store)
+    writer = agent.writer
+    bounds = writer.bounds if writer is not None else None
+    return {
+        "agent": agent.id,
+        "pid": os.getpid(),
+        "version": agent.version,
+        "started": agent.started_at,
+        "updated": _now(),
+        "interval": agent.status_interval,
+        "queue": {
+            "path": agent.store.path,
+            "events": stats.events,
+            "oldest": stats.oldest_time,
+            "newest": stats.newest_time,
+            "file_bytes": _size(agent.store.path) + _size(agent.store.path + "-wal"),
+            "committed": writer.committed if writer is not None else 0,
+            "dropped": dict(bounds.dropped) if bounds is not None else {},
+            "full": bounds.full_reason if bounds is not None else None,
+            "damaged_copies": agent.store.damaged_copies(),
+        },
+        "sinks": {
+            f.name: {
+                "target": f.sink.target,
+                "connected": f.connected,
+                "backlog": stats.sink_backlog.get(f.name, 0),
+                "confirmed": f.confirmed,
+                "reconnects": f.reconnects,
+                "refused": getattr(f.sink, "refused", 0),
+                "last_error": f.last_error,
+            }
+            for f in agent.forwarders
+        },
+        "sources": {
+            runner.source.name: {
+                "plugin": runner.plugin,
+                "events": agent.events_in.get(runner.source.name, 0),
+                "restarts": runner.restarts,
+                "last_error": runner.last_error,
+            }
+            for runner in agent.sources
+        },
+        "processors": {p.name: {"dropped": p.dropped} for p in agent.processors},
+    }
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def write(state_dir: str, data: dict[str, Any]) -> None:
+    """Replace the snapshot atomically."""
+    path = os.path.join(state_dir, STATUS_FILE)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def read(state_dir: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(snapshot, None), or (last snapshot or None, why the agent seems not to run)."""
+    path = os.path.join(state_dir, STATUS_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None, f"no status in {state_dir}: the agent has not run with this config"
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {path}: {exc}"
+    age = time.time() - os.path.getmtime(path)
+    if age > STALE_AFTER * data.get("interval", 5):
+        return data, f"the agent is not running: its last status is {age:.0f}s old"
+    return data, None
+
+
+def render(data: dict[str, Any]) -> str:
+    """The snapshot as an operator reads it at a terminal."""
+    queue = data["queue"]
+    lines = [
+        f"agent {data['agent']} (pid {data['pid']}, version {data['version']},"
+        f" up since {data['started']}, status at {data['updated']})",
+        f"queue: {queue['events']} events, {queue['file_bytes'] / 2**20:.1f} MiB on disk,"
+        f" oldest {queue['oldest'] or '-'}",
+    ]
+    if queue["full"]:
+        lines.append(f"  cannot grow: {queue['full']}")
+    if queue["dropped"]:
+        dropped = ", ".join(f"{s}: {n}" for s, n in queue["dropped"].items())
+        lines.append(f"  dropped when full: {dropped}")
+    for copy in queue["damaged_copies"]:
+        lines.append(f"  WARNING: a damaged queue was moved aside to {copy}")
+    table = [("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "LAST ERROR")]
+    for name, sink in data["sinks"].items():
+        state = "connected" if sink["connected"] else "offline"
+        table.append(
+            (
+                f"{name} ({sink['target']})",
+                state,
+                str(sink["backlog"]),
+                str(sink["confirmed"]),
+                str(sink["reconnects"]),
+                str(sink["refused"]),
+                sink["last_error"] or "-",
+            )
+        )
+    table.append(("", "", "", "", "", "", ""))
+    table.append(("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "", "", "LAST ERROR"))
+    for name, source in data["sources"].items():
+        table.append(
+            (
+                name,
+                source["plugin"],
+                str(source["events"]),
+                str(source["restarts"]),
+                "",
+                "",
+                source["last_error"] or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines.append("")
+    for row in table:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for name, processor in data["processors"].items():
+        lines.append(f"processor {name}: {processor['dropped']} dropped")
+    return "\n".join(lines)
