@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+from agent.errors import QueueError
 from agent.event import Event, QueuedEvent
 
 
@@ -123,6 +124,35 @@ class Source:
         processor do not stop their checkpoint from being saved.
         """
         self.context.commit(events, checkpoint)
+
+    def emit_until_accepted(self, events: Sequence[Event], *, batch: int = 500) -> bool:
+        """Commit events (in transactions of at most ``batch``), trying again while the
+        queue cannot take them (a full disk): a warning each time, backoff up to 30 s.
+
+        For sources that cannot re-read what they saw (a device event, a serial
+        line). Returns False if the source was told to stop first: the events
+        not yet committed were then not accepted.
+        """
+        wait = 0.5
+        for start in range(0, len(events), batch):
+            chunk = events[start : start + batch]
+            while True:
+                if self.stopping.is_set():
+                    return False
+                try:
+                    self.context.commit(chunk, None)
+                    wait = 0.5
+                    break
+                except QueueError as exc:
+                    self.log.warning(
+                        "could not commit %d events: %s; trying again in %.1fs",
+                        len(chunk),
+                        exc,
+                        wait,
+                    )
+                    self.stopping.wait(wait)
+                    wait = min(wait * 2, 30.0)
+        return True
 
     def save_checkpoint(self, checkpoint: Mapping[str, str | None]) -> None:
         """Save checkpoint values without events (a skipped blank line, a rotation)."""

@@ -22,10 +22,8 @@ from typing import Any, Literal
 
 from agent import Duration, Event, Source, hookimpl, option
 from agent.backoff import Backoff
-from agent.errors import QueueError
 
 KILL_GRACE = 2.0
-BATCH_MAX = 500
 
 
 def parse_output(text: str) -> tuple[str, Any]:
@@ -119,7 +117,7 @@ class ExecSource(Source):
     def _interval(self) -> None:
         while not self.stopping.is_set():
             started = time.monotonic()
-            self._commit([self._run_once()])
+            self.emit_until_accepted([self._run_once()])
             self.stopping.wait(max(0.0, self.config.interval - (time.monotonic() - started)))
 
     def _run_once(self) -> Event:
@@ -189,7 +187,9 @@ class ExecSource(Source):
                     line = raw[: self.config.max_output_bytes].decode("utf-8", errors="replace")
                     output_format, output = parse_output(line.rstrip("\r\n"))
                     data = {"command": self.command_text, "format": output_format, "output": output}
-                    self._commit([self.event("exec.output", data, subject=self.command_text)])
+                    self.emit_until_accepted(
+                        [self.event("exec.output", data, subject=self.command_text)]
+                    )
                 code = process.wait()
                 stderr_text = stderr_tail.text().strip()
             with self._lock:
@@ -207,15 +207,6 @@ class ExecSource(Source):
                 delay,
             )
             self.stopping.wait(delay)
-
-    def _commit(self, events: list[Event]) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.emit_many(events)
-                return
-            except QueueError as exc:
-                self.log.warning("could not commit command output: %s; retrying", exc)
-                self.stopping.wait(1.0)
 
 
 class _TailReader:

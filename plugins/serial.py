@@ -16,9 +16,6 @@ from typing import Any, Literal
 import serial
 
 from agent import Duration, Event, Source, hookimpl, option
-from agent.errors import QueueError
-
-BATCH_MAX = 500
 
 
 def _unescape(text: str) -> bytes:
@@ -120,7 +117,7 @@ class SerialSource(Source):
             buffer += chunk
             pieces, buffer = self._split(buffer)
             if pieces:
-                self._commit([self._event(piece) for piece in pieces])
+                self.emit_until_accepted([self._event(piece) for piece in pieces])
 
     def _split(self, buffer: bytes) -> tuple[list[bytes], bytes]:
         size = self.config.frame_bytes
@@ -143,16 +140,6 @@ class SerialSource(Source):
         else:
             data["line"] = piece.decode(self.config.encoding, errors="replace")
         return self.event("serial.line", data, subject=self.config.port)
-
-    def _commit(self, events: list[Event]) -> None:
-        for start in range(0, len(events), BATCH_MAX):
-            while not self.stopping.is_set():
-                try:
-                    self.emit_many(events[start : start + BATCH_MAX])
-                    break
-                except QueueError as exc:
-                    self.log.warning("could not commit %d lines: %s; retrying", len(events), exc)
-                    self.stopping.wait(1.0)
 
 
 @hookimpl

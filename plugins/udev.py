@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent import Duration, Event, Source, hookimpl, option
-from agent.errors import QueueError
 
 TYPES = {
     "add": "device.added",
@@ -142,7 +141,7 @@ class UdevSource(Source):
                     if self.wanted(device):
                         events.append(self.to_event(device, device.action))
                 if events:
-                    self._commit(events)
+                    self.emit_until_accepted(events)
         finally:
             with contextlib.suppress(Exception):
                 monitor.stop()
@@ -151,20 +150,7 @@ class UdevSource(Source):
         devices = context.list_devices()
         for subsystem in self.config.subsystems:
             devices = devices.match_subsystem(subsystem)
-        events = [self.to_event(d, None) for d in devices if self.wanted(d)]
-        for start in range(0, len(events), BATCH_MAX):
-            self._commit(events[start : start + BATCH_MAX])
-
-    def _commit(self, events: list[Event]) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.emit_many(events)
-                return
-            except QueueError as exc:
-                self.log.warning(
-                    "could not commit %d device events: %s; retrying", len(events), exc
-                )
-                self.stopping.wait(1.0)
+        self.emit_until_accepted([self.to_event(d, None) for d in devices if self.wanted(d)])
 
 
 @hookimpl

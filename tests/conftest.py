@@ -142,6 +142,29 @@ def agent_process(tmp_path):
             agent._close()
 
 
+def run_cli(*args: str, env: dict | None = None, stdin: str | None = None, cwd=None):
+    """``edge-agent ARGS`` as a user types it; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        input=stdin,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def make_files(folder, count: int, prefix: str = "f") -> list[str]:
+    """``count`` small CSV files in ``folder``; their paths, in creation order."""
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}{i:04d}.csv"
+        path.write_text(f"row {i}\n")
+        paths.append(str(path))
+    return paths
+
+
 def mqtt_agent_config(tmp_path: Path, port: int, **extra: str) -> str:
     """A config with one file source on tmp_path/inbox and one MQTT sink."""
     (tmp_path / "inbox").mkdir(exist_ok=True)

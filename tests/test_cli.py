@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_cli
 
 EX_CONFIG = 78
-
-
-def edge_agent(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=cwd,
-        env=env,
-    )
 
 
 BAD_CONFIG = """
@@ -46,7 +34,7 @@ def bad_config(tmp_path):
 
 
 def test_check_lists_every_problem_with_its_key_path(bad_config):
-    result = edge_agent("check", "-c", str(bad_config))
+    result = run_cli("check", "-c", str(bad_config))
     assert result.returncode == EX_CONFIG
     err = result.stderr
     assert "Traceback" not in err
@@ -58,7 +46,7 @@ def test_check_lists_every_problem_with_its_key_path(bad_config):
 
 
 def test_run_on_a_bad_config_exits_78_without_starting(bad_config, tmp_path):
-    result = edge_agent("run", "-c", str(bad_config))
+    result = run_cli("run", "-c", str(bad_config))
     assert result.returncode == EX_CONFIG
     assert "sources.file.pathz" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "state").exists()
@@ -86,7 +74,7 @@ def test_check_accepts_a_valid_config_and_reads_the_environment(tmp_path, monkey
         )
     )
     env = {"GW_ID": "gw-42", "PATH": "/usr/bin:/bin"}
-    result = edge_agent("check", "-c", str(path), env=env)
+    result = run_cli("check", "-c", str(path), env=env)
     assert result.returncode == 0, result.stderr
     assert "ok (1 sources, 1 sinks, agent id 'gw-42')" in result.stdout
     assert "s3cret" not in result.stdout + result.stderr
@@ -107,7 +95,7 @@ def test_check_names_an_unset_variable_and_an_unreadable_secret(tmp_path):
             """
         )
     )
-    result = edge_agent("check", "-c", str(path))
+    result = run_cli("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
     assert "agent.id: environment variable NO_SUCH_VARIABLE_HERE is not set" in result.stderr
     assert f"sinks.mqtt.password_file: cannot read {tmp_path / 'nope'}" in result.stderr
@@ -117,10 +105,10 @@ def test_check_names_an_unset_variable_and_an_unreadable_secret(tmp_path):
 def test_check_reports_broken_toml_and_missing_file(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text("[agent\nid = 1\n")
-    result = edge_agent("check", "-c", str(path))
+    result = run_cli("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
     assert f"{path}: not valid TOML" in result.stderr
-    result = edge_agent("check", "-c", str(tmp_path / "none.toml"))
+    result = run_cli("check", "-c", str(tmp_path / "none.toml"))
     assert result.returncode == EX_CONFIG
     assert "no such file; pass -c FILE or set EDGE_AGENT_CONFIG" in result.stderr
 
@@ -128,7 +116,7 @@ def test_check_reports_broken_toml_and_missing_file(tmp_path):
 def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text('[[sources.flie]]\npaths = ["/tmp"]\n[[sinks.stdout]]\n')
-    result = edge_agent("check", "-c", str(path))
+    result = run_cli("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
     assert "sources.flie: no source plugin named 'flie' is installed; did you mean 'file'?" in (
         result.stderr
@@ -139,7 +127,7 @@ def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):
 def test_plugins_lists_the_builtins_with_package_and_version():
     from agent import __version__
 
-    result = edge_agent("plugins")
+    result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["NAME", "KIND", "PACKAGE", "VERSION"]
@@ -149,4 +137,4 @@ def test_plugins_lists_the_builtins_with_package_and_version():
 
 
 def test_usage_error_exits_2():
-    assert edge_agent("run", "--no-such-option").returncode == 2
+    assert run_cli("run", "--no-such-option").returncode == 2

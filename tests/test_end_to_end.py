@@ -6,20 +6,11 @@ import os
 import uuid
 
 import pytest
-from conftest import created_paths, first_deliveries, mqtt_agent_config
+from conftest import created_paths, first_deliveries, make_files, mqtt_agent_config
 
 from agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def make_files(folder, count: int, prefix: str = "f") -> list[str]:
-    paths = []
-    for i in range(count):
-        path = folder / f"{prefix}{i:04d}.csv"
-        path.write_text(f"row {i}\n")
-        paths.append(str(path))
-    return paths
 
 
 def test_created_files_arrive_as_cloudevents(tmp_path, subscriber, running_broker, agent_process):

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from conftest import created_paths, mqtt_agent_config
+from conftest import created_paths, make_files, mqtt_agent_config
 
 from agent.testing import (
     CuttableProxy,
@@ -151,15 +151,6 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def make_files(folder, count: int, prefix: str = "f") -> list[str]:
-    paths = []
-    for i in range(count):
-        path = folder / f"{prefix}{i:04d}.csv"
-        path.write_text(f"row {i}\n")
-        paths.append(str(path))
-    return paths
 
 
 @pytest.mark.timeout(90)

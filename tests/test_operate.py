@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import mqtt_agent_config
+from conftest import mqtt_agent_config, run_cli
 
 from agent.testing import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def edge_agent(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        input=stdin,
-    )
 
 
 def test_status_while_connected_and_while_the_broker_is_down(
@@ -34,7 +22,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
     wait_for(lambda: len(subscriber.messages) >= 2, 10, "the events")
 
     def status() -> dict:
-        result = edge_agent("status", "-c", str(agent.config_path), "--json")
+        result = run_cli("status", "-c", str(agent.config_path), "--json")
         return json.loads(result.stdout)
 
     wait_for(lambda: status()["status"]["sinks"]["cloud"]["confirmed"] >= 2, 15, "a fresh status")
@@ -42,7 +30,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
     assert data["running"] is True
     assert data["status"]["sinks"]["cloud"]["connected"] is True
     assert data["status"]["sources"]["inbox"]["events"] >= 2
-    human = edge_agent("status", "-c", str(agent.config_path))
+    human = run_cli("status", "-c", str(agent.config_path))
     assert (
         human.returncode == 0
         and "cloud (127.0.0.1:" in human.stdout
@@ -62,7 +50,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
     )
     assert status()["status"]["sinks"]["cloud"]["last_error"]
     assert agent.terminate() == 0
-    stopped = edge_agent("status", "-c", str(agent.config_path))
+    stopped = run_cli("status", "-c", str(agent.config_path))
     running_broker.start()
     assert stopped.returncode in (0, 1)
 
@@ -70,7 +58,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
 def test_status_says_when_the_agent_is_not_running(tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text(mqtt_agent_config(tmp_path, free_port()))
-    result = edge_agent("status", "-c", str(config))
+    result = run_cli("status", "-c", str(config))
     assert result.returncode == 1
     assert "has not run with this config" in result.stderr
 
@@ -84,22 +72,22 @@ def test_queue_stats_peek_and_purge(tmp_path, agent_process):
     wait_for(lambda: agent.queued() == 6, 10, "6 events")
     config = str(agent.config_path)
 
-    stats = json.loads(edge_agent("queue", "stats", "-c", config, "--json").stdout)
+    stats = json.loads(run_cli("queue", "stats", "-c", config, "--json").stdout)
     assert stats["events"] == 6 and stats["sinks"] == {"cloud": 6}
-    peeked = edge_agent("queue", "peek", "-c", config, "-n", "2")
+    peeked = run_cli("queue", "peek", "-c", config, "-n", "2")
     assert peeked.returncode == 0 and peeked.stdout.count('"specversion": "1.0"') == 2
 
-    refused = edge_agent("queue", "purge", "-c", config, "--sink", "cloud", "--before", "0s")
+    refused = run_cli("queue", "purge", "-c", config, "--sink", "cloud", "--before", "0s")
     assert refused.returncode == 1 and "Refusing without --yes" in refused.stderr
-    wrong = edge_agent("queue", "purge", "-c", config, "--sink", "nope", "--before", "0s", "--yes")
+    wrong = run_cli("queue", "purge", "-c", config, "--sink", "nope", "--before", "0s", "--yes")
     assert wrong.returncode == 1 and "no sink named 'nope'" in wrong.stderr
 
     # Purge only what is older than the first two files' events: the third file stays.
     events = [
-        json.loads(e) for e in _split(edge_agent("queue", "peek", "-c", config, "-n", "6").stdout)
+        json.loads(e) for e in _split(run_cli("queue", "peek", "-c", config, "-n", "6").stdout)
     ]
     cut = events[4]["time"]
-    done = edge_agent("queue", "purge", "-c", config, "--sink", "cloud", "--before", cut, "--yes")
+    done = run_cli("queue", "purge", "-c", config, "--sink", "cloud", "--before", cut, "--yes")
     assert done.returncode == 0 and "purged 4 events" in done.stdout
     wait_for(lambda: agent.queued() == 2, 10, "the purged events to leave the queue")
     assert agent.terminate() == 0

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import run_cli
 
 from agent import Event, Sink, SinkUnavailable, Source, hookimpl, hookspecs, option
 from agent.config import parse_config
@@ -230,15 +229,9 @@ def broken_plugin_on_path(tmp_path):
     return env
 
 
-def edge_agent(*args, env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=env, timeout=30
-    )
-
-
 def test_a_plugin_that_fails_to_import_is_reported_everywhere(broken_plugin_on_path, tmp_path):
     env = broken_plugin_on_path
-    listed = edge_agent("plugins", env=env)
+    listed = run_cli("plugins", env=env)
     assert listed.returncode == 0
     assert "error: plugin broken failed to import 'broken_plugin' from broken-plugin" in (
         listed.stderr
@@ -247,18 +240,18 @@ def test_a_plugin_that_fails_to_import_is_reported_everywhere(broken_plugin_on_p
 
     config = tmp_path / "agent.toml"
     config.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\n[[sinks.stdout]]\n')
-    checked = edge_agent("check", "-c", str(config), env=env)
+    checked = run_cli("check", "-c", str(config), env=env)
     assert checked.returncode == 0 and "warning: plugin broken failed to import" in checked.stderr
 
     config.write_text(config.read_text() + "[[sources.broken]]\n")
-    checked = edge_agent("check", "-c", str(config), env=env)
+    checked = run_cli("check", "-c", str(config), env=env)
     assert checked.returncode == 78
     assert "sources.broken: plugin 'broken' is installed but failed to load" in checked.stderr
 
 
 def test_load_plugins_env_restricts_loading(broken_plugin_on_path):
     env = dict(broken_plugin_on_path, EDGE_AGENT_LOAD_PLUGINS="file,stdout")
-    listed = edge_agent("plugins", env=env)
+    listed = run_cli("plugins", env=env)
     names = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
     assert names == ["file", "stdout"] and listed.stderr == ""
 
