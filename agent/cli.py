@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 
 import click
 
@@ -33,13 +34,31 @@ config_option = click.option(
 )
 
 
-def setup_logging(level: str = "info") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", log_format: str = "text") -> None:
     """Log lines to stderr; without timestamps under journald, which adds its own."""
     handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    handler.setFormatter(logging.Formatter(fmt))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        if not os.environ.get("JOURNAL_STREAM"):
+            fmt = "%(asctime)s " + fmt
+        handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_quiet_watchdog_shutdown)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -94,7 +113,7 @@ def run(config_path: str | None) -> None:
     except ConfigError as error:
         _config_failed(error)
         return
-    setup_logging(config.agent.log_level)
+    setup_logging(config.agent.log_level, config.agent.log_format)
     for name, message in host.errors:
         log.error("plugin %s %s; running without it", name, message)
     agent = Agent(config, host)

@@ -45,6 +45,9 @@ class AgentSettings:
     log_level: Literal["debug", "info", "warning", "error"] = option(
         "info", doc="Least severe log level written to stderr."
     )
+    log_format: Literal["text", "json"] = option(
+        "text", doc='"text" for people, "json" (one object a line) for log shippers.'
+    )
     shutdown_grace: Duration = option(
         10.0, doc="On SIGTERM, how long sinks may keep sending the backlog before exit."
     )

@@ -25,6 +25,9 @@ log = logging.getLogger("edge_agent.forwarder")
 
 #: Confirmed positions are written to disk at most this often (seconds).
 CURSOR_FLUSH_EVERY = 0.2
+#: A backlog this large when a sink connects gets progress lines every DRAIN_REPORT_EVERY s.
+DRAIN_REPORT_MIN = 10_000
+DRAIN_REPORT_EVERY = 30.0
 #: While a sink stays unreachable, repeat the "offline" line this often.
 OFFLINE_REMINDER = 300.0
 
@@ -137,6 +140,7 @@ class Forwarder:
         sink = self.sink
         backoff = Backoff(sink.retry_min, sink.retry_max)
         outage = _Outage(sink, cursor)
+        report = _DrainReport(sink.name, cursor)
         confirmed_ahead: set[int] = set()
         unsent: collections.deque[QueuedEvent] = collections.deque()
         while not sink.stopping.is_set() and not self._draining_done():
@@ -155,6 +159,7 @@ class Forwarder:
                 self.reconnects += self._ever_connected
                 self._ever_connected = True
                 outage.connected()
+                report.start(cursor.backlog(), self.confirmed)
 
             self.wake.clear()
             # Read ahead only what is new: events already read and not yet
@@ -213,6 +218,44 @@ class Forwarder:
             elif positions:
                 backoff.reset()
                 outage.ended()
+                report.progress(self.confirmed)
+
+
+class _DrainReport:
+    """While a large backlog drains, say how it goes at a calm pace: left, rate, time to go."""
+
+    def __init__(self, sink_name: str, cursor: SinkCursor) -> None:
+        self.sink_name = sink_name
+        self.cursor = cursor
+        self.active = False
+        self.last_at = 0.0
+        self.last_confirmed = 0
+
+    def start(self, waiting: int, confirmed: int) -> None:
+        if waiting >= DRAIN_REPORT_MIN:
+            self.active = True
+            self.last_at = time.monotonic()
+            self.last_confirmed = confirmed
+
+    def progress(self, confirmed: int) -> None:
+        if not self.active or time.monotonic() - self.last_at < DRAIN_REPORT_EVERY:
+            return
+        now = time.monotonic()
+        rate = (confirmed - self.last_confirmed) / max(now - self.last_at, 1e-6)
+        left = self.cursor.backlog()
+        self.last_at, self.last_confirmed = now, confirmed
+        if left < DRAIN_REPORT_MIN:
+            self.active = False
+            log.info("sink %s: backlog sent (%d events left)", self.sink_name, left)
+            return
+        eta = f"about {left / rate / 60:.0f} min to go" if rate > 0 else "no progress"
+        log.info(
+            "sink %s: sending the backlog: %d events left, %.0f events/s, %s",
+            self.sink_name,
+            left,
+            rate,
+            eta,
+        )
 
 
 class _Outage:

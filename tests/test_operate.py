@@ -103,3 +103,46 @@ def _split(text: str) -> list[str]:
             chunks.append("\n".join(current))
             current = []
     return chunks
+
+
+def test_json_logs_for_shippers(tmp_path, agent_process):
+    config = mqtt_agent_config(tmp_path, free_port()).replace(
+        'id = "test-gw"', 'id = "test-gw"\n        log_format = "json"'
+    )
+    agent = agent_process(config).start()
+    agent.wait_log("Offline", timeout=15)
+    assert agent.terminate() == 0
+    entries = [json.loads(line) for line in agent.log().splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["level"] == "warning" and "Offline" in e["message"] for e in entries)
+
+
+def test_a_large_backlog_drains_with_calm_progress_lines(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from agent import Event, Sink
+    from agent import forwarder as forwarding
+    from agent.queue import QueueStore, QueueWriter
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(forwarding, "DRAIN_REPORT_MIN", 20)
+    monkeypatch.setattr(forwarding, "DRAIN_REPORT_EVERY", 0.0)
+
+    class Slow(Sink):
+        max_batch = 10
+
+        def publish(self, events):
+            return events
+
+    store = QueueStore(str(tmp_path / "state"))
+    store.open()
+    QueueWriter(store).append([(Event(type="a.b", source="s"), "{}") for _ in range(100)])
+    forwarder = forwarding.Forwarder(
+        Slow(name="slow", config=None, agent_id="gw"), store, on_confirmed=lambda: None
+    )
+    forwarder.start()
+    wait_for(lambda: forwarder.confirmed == 100, 10, "the backlog to drain")
+    forwarder.abort()
+    forwarder.join(5)
+    assert "sink slow: sending the backlog:" in caplog.text
+    assert "events/s" in caplog.text and "sink slow: backlog sent" in caplog.text
