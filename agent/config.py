@@ -86,6 +86,22 @@ class QueueSettings:
     )
 
 
+@dataclass(kw_only=True)
+class MetricsSettings:
+    """The ``[metrics]`` table."""
+
+    listen: str = option(
+        "",
+        doc='Serve Prometheus metrics on this address, e.g. "127.0.0.1:9108". Empty: off.',
+    )
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f'listen must be "host:port", got {self.listen!r}')
+
+
 @dataclass
 class InstanceConfig:
     """One ``[[sources.X]]`` or ``[[sinks.X]]`` table, validated."""
@@ -109,6 +125,7 @@ class Config:
     sources: list[InstanceConfig]
     sinks: list[InstanceConfig]
     processors: list[InstanceConfig] = field(default_factory=list)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 def default_config_path() -> str:
@@ -278,12 +295,16 @@ def parse_config(
     problems: list[tuple[str, str]] = []
     data = _interpolate(data, "", problems)
     for key in data:
-        if key not in ("agent", "queue", "sources", "processors", "sinks"):
+        if key not in ("agent", "queue", "metrics", "sources", "processors", "sinks"):
             problems.append(
-                (key, "unknown table (expected agent, queue, sources, processors or sinks)")
+                (
+                    key,
+                    "unknown table (expected agent, queue, metrics, sources, processors or sinks)",
+                )
             )
     agent = build(AgentSettings, data.get("agent", {}), "agent", problems)
     queue = build(QueueSettings, data.get("queue", {}), "queue", problems)
+    metrics = build(MetricsSettings, data.get("metrics", {}), "metrics", problems)
     if agent is not None and not _NAME.match(agent.id):
         problems.append(
             ("agent.id", f"expected letters, digits, '_', '.' or '-', got {agent.id!r}")
@@ -298,8 +319,8 @@ def parse_config(
         problems.append(("sinks", "no sink is configured; add one such as [[sinks.mqtt]]"))
     if problems:
         raise ConfigError([ConfigProblem(file, key, message) for key, message in problems])
-    assert agent is not None and queue is not None
-    return Config(file, agent, queue, sources, sinks, processors)
+    assert agent is not None and queue is not None and metrics is not None
+    return Config(file, agent, queue, sources, sinks, processors, metrics)
 
 
 def load_config(path: str, host: PluginHost) -> Config:

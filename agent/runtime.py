@@ -117,6 +117,7 @@ class Agent:
         host.slow = self.slow
         self._stop_requested = threading.Event()
         self.notifier = Notifier()
+        self.metrics_server: Any = None
         self.version = __version__
         self.started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.status_interval = STATUS_EVERY
@@ -252,6 +253,7 @@ class Agent:
             )
         for forwarder in self.forwarders:
             forwarder.start()
+        self._start_metrics()
         for instance in self.config.sources:
             try:
                 source = self._make(instance)
@@ -266,6 +268,22 @@ class Agent:
             runner = SourceRunner(source, instance.registration.plugin)
             self.sources.append(runner)
             runner.start()
+
+    def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        try:
+            from agent import metrics
+
+            self.metrics_server = metrics.serve(self, listen)
+        except ImportError:
+            log.error(
+                "[metrics] listen is set but prometheus-client is not installed:"
+                " pip install 'edge-event-agent[metrics]'; running without metrics"
+            )
+        except OSError as exc:
+            log.error("cannot serve metrics on %s: %s; running without them", listen, exc)
 
     def request_stop(self) -> None:
         """Ask :meth:`run_until_stopped` to return (signal-safe)."""
@@ -374,4 +392,6 @@ class Agent:
                 log.warning("sink %s did not stop within 5s; leaving it", forwarder.name)
         self.host.call_each("shutdown", agent=self)
         self.write_status()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         log.info("edge-agent %s stopped", self.id)

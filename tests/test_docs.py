@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentSettings, QueueSettings
+from agent.config import AgentSettings, MetricsSettings, QueueSettings
 from agent.plugins import load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_every_builtin_processor_and_option_is_documented():
 
 def test_every_core_option_is_in_the_configuration_reference():
     keys = documented_keys("docs/configuration.md")
-    for schema in (AgentSettings, QueueSettings):
+    for schema in (AgentSettings, QueueSettings, MetricsSettings):
         assert {f.name for f in dataclasses.fields(schema)} <= keys
 
 

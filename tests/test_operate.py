@@ -146,3 +146,47 @@ def test_a_large_backlog_drains_with_calm_progress_lines(tmp_path, monkeypatch, 
     forwarder.join(5)
     assert "sink slow: sending the backlog:" in caplog.text
     assert "events/s" in caplog.text and "sink slow: backlog sent" in caplog.text
+
+
+def test_prometheus_metrics_parse_with_prometheus_clients_parser(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    config = (
+        mqtt_agent_config(tmp_path, running_broker.port)
+        + f"""
+        [metrics]
+        listen = "127.0.0.1:{port}"
+        """
+    )
+    agent = agent_process(config).start()
+    agent.wait_log("serving Prometheus metrics")
+    agent.wait_log("connected to")
+    (tmp_path / "inbox" / "a.csv").write_text("1")
+    wait_for(lambda: len(subscriber.messages) >= 2, 10, "the events")
+
+    def samples() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    wait_for(
+        lambda: (
+            samples().get(("edge_agent_sink_confirmed_events_total", (("sink", "cloud"),)), 0) >= 2
+        ),
+        10,
+        "confirmed events in the metrics",
+    )
+    got = samples()
+    assert got[("edge_agent_sink_connected", (("sink", "cloud"),))] == 1
+    assert got[("edge_agent_source_events_total", (("source", "inbox"),))] >= 2
+    assert ("edge_agent_queue_events", ()) in got
+    assert agent.terminate() == 0

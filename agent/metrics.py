@@ -1,0 +1,105 @@
+"""The optional Prometheus endpoint: ``[metrics] listen = "127.0.0.1:9108"``.
+
+Off unless configured; it then serves the text exposition format on that
+address only. Values are read from the running agent at each scrape, from the
+same data as ``edge-agent status``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger("edge_agent.metrics")
+
+
+class AgentCollector:
+    """A prometheus-client collector reading the agent's status snapshot."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from agent import status
+
+        data = status.snapshot(self.agent)
+        queue = data["queue"]
+        events = GaugeMetricFamily("edge_agent_queue_events", "Events in the queue on disk.")
+        events.add_metric([], queue["events"])
+        yield events
+        size = GaugeMetricFamily("edge_agent_queue_bytes", "Size of the queue files on disk.")
+        size.add_metric([], queue["file_bytes"])
+        yield size
+        committed = CounterMetricFamily(
+            "edge_agent_queue_committed_events", "Events committed since start."
+        )
+        committed.add_metric([], queue["committed"])
+        yield committed
+        dropped = CounterMetricFamily(
+            "edge_agent_queue_dropped_events",
+            "Events dropped by the full-queue policy or max_age, per source.",
+            labels=["source"],
+        )
+        for source, count in queue["dropped"].items():
+            dropped.add_metric([source], count)
+        yield dropped
+
+        sink_metrics = {
+            "backlog": GaugeMetricFamily(
+                "edge_agent_sink_backlog_events",
+                "Events a sink has not confirmed.",
+                labels=["sink"],
+            ),
+            "connected": GaugeMetricFamily(
+                "edge_agent_sink_connected", "1 while the sink is connected.", labels=["sink"]
+            ),
+            "confirmed": CounterMetricFamily(
+                "edge_agent_sink_confirmed_events", "Events the sink confirmed.", labels=["sink"]
+            ),
+            "reconnects": CounterMetricFamily(
+                "edge_agent_sink_reconnects", "Connections after the first.", labels=["sink"]
+            ),
+            "refused": CounterMetricFamily(
+                "edge_agent_sink_refused_events", "Events the destination refused.", labels=["sink"]
+            ),
+        }
+        for name, sink in data["sinks"].items():
+            for key, family in sink_metrics.items():
+                family.add_metric([name], float(sink[key]))
+        yield from sink_metrics.values()
+
+        source_events = CounterMetricFamily(
+            "edge_agent_source_events", "Events committed per source.", labels=["source"]
+        )
+        restarts = CounterMetricFamily(
+            "edge_agent_source_restarts", "Times a source was restarted after failing.",
+            labels=["source"],
+        )  # fmt: skip
+        for name, source in data["sources"].items():
+            source_events.add_metric([name], source["events"])
+            restarts.add_metric([name], source["restarts"])
+        yield source_events
+        yield restarts
+        processor_dropped = CounterMetricFamily(
+            "edge_agent_processor_dropped_events", "Events a processor dropped.",
+            labels=["processor"],
+        )  # fmt: skip
+        for name, processor in data["processors"].items():
+            processor_dropped.add_metric([name], processor["dropped"])
+        yield processor_dropped
+
+
+def serve(agent: Any, listen: str) -> Any:
+    """Start the endpoint on ``host:port``; returns the server (``shutdown()`` stops it)."""
+    from prometheus_client import start_http_server
+    from prometheus_client.core import CollectorRegistry
+
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    log.info("serving Prometheus metrics on http://%s/metrics", listen)
+    return server
