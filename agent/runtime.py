@@ -116,6 +116,7 @@ class Agent:
         self.slow = SlowReporter()
         host.slow = self.slow
         self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
         self.notifier = Notifier()
         self.metrics_server: Any = None
         self.version = __version__
@@ -234,40 +235,49 @@ class Agent:
         )
         self.writer.start()
         for instance in self.config.sinks:
-            try:
-                sink = self._make(instance)
-            except Exception as exc:
-                # Its name stays among the sinks the writer waits for, so nothing
-                # is deleted that this sink never got.
-                log.exception(
-                    "sink %s (plugin %s) could not be created: %s; its events stay queued"
-                    " until it can be (restart after fixing it)",
-                    instance.name,
-                    instance.registration.plugin,
-                    exc,
-                )
-                continue
-            self.sinks.append(sink)
-            self.forwarders.append(
-                Forwarder(sink, self.store, on_confirmed=self.writer.request_cleanup)
-            )
-        for forwarder in self.forwarders:
-            forwarder.start()
+            self.start_sink(instance)
         self._start_metrics()
         for instance in self.config.sources:
-            try:
-                source = self._make(instance)
-            except Exception as exc:
-                log.exception(
-                    "source %s (plugin %s) could not be created: %s; the others run",
-                    instance.name,
-                    instance.plugin,
-                    exc,
-                )
-                continue
-            runner = SourceRunner(source, instance.registration.plugin)
-            self.sources.append(runner)
-            runner.start()
+            self.start_source(instance)
+
+    def start_sink(self, instance: InstanceConfig) -> Forwarder | None:
+        """Create a sink and start its forwarder; None (logged) if it cannot be created."""
+        assert self.writer is not None
+        try:
+            sink = self._make(instance)
+        except Exception as exc:
+            # Its name stays among the sinks the writer waits for, so nothing
+            # is deleted that this sink never got.
+            log.exception(
+                "sink %s (plugin %s) could not be created: %s; its events stay queued"
+                " until it can be (restart after fixing it)",
+                instance.name,
+                instance.registration.plugin,
+                exc,
+            )
+            return None
+        forwarder = Forwarder(sink, self.store, on_confirmed=self.writer.request_cleanup)
+        self.sinks = [*self.sinks, sink]  # replaced, never changed in place: other
+        self.forwarders = [*self.forwarders, forwarder]  # threads iterate these
+        forwarder.start()
+        return forwarder
+
+    def start_source(self, instance: InstanceConfig) -> SourceRunner | None:
+        """Create a source and start its thread; None (logged) if it cannot be created."""
+        try:
+            source = self._make(instance)
+        except Exception as exc:
+            log.exception(
+                "source %s (plugin %s) could not be created: %s; the others run",
+                instance.name,
+                instance.plugin,
+                exc,
+            )
+            return None
+        runner = SourceRunner(source, instance.registration.plugin)
+        self.sources = [*self.sources, runner]
+        runner.start()
+        return runner
 
     def _start_metrics(self) -> None:
         listen = self.config.metrics.listen
@@ -297,10 +307,8 @@ class Agent:
             self._stop_requested.set()
 
         def on_hup(_signum: int, _frame: Any) -> None:
-            log.warning(
-                "received SIGHUP; reloading the configuration is not supported in this version:"
-                " restart the agent to apply changes"
-            )
+            self._reload_requested.set()
+            self._stop_requested.set()  # wakes the loop below, which tells them apart
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
@@ -308,7 +316,14 @@ class Agent:
         last_reminder = last_status = time.monotonic()
         self.notifier.ready(self.summary())
         self.write_status()
-        while not self._stop_requested.wait(1.0):
+        while True:
+            if self._stop_requested.wait(1.0):
+                if not self._reload_requested.is_set():
+                    break
+                self._reload_requested.clear()
+                self._stop_requested.clear()
+                self.reload()
+                continue
             if self.writer is not None and not self.writer.is_alive():
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
                 raise QueueError("the queue writer stopped")
@@ -325,6 +340,14 @@ class Agent:
             if time.monotonic() - last_reminder >= DAMAGED_REMINDER:
                 last_reminder = time.monotonic()
                 self._remind_damaged()
+
+    def reload(self) -> None:
+        """SIGHUP: read the config file again and apply it (see :mod:`agent.reload`)."""
+        from agent.reload import reload
+
+        self.notifier.send("RELOADING=1", "STATUS=reloading the configuration")
+        reload(self)
+        self.notifier.ready(self.summary())
 
     def stuck(self) -> tuple[str, float] | None:
         """(what, seconds) for a writer or forwarder that is dead or made no progress lately."""
