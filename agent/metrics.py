@@ -33,6 +33,11 @@ class AgentCollector:
         size = GaugeMetricFamily("edge_agent_queue_bytes", "Size of the queue files on disk.")
         size.add_metric([], queue["file_bytes"])
         yield size
+        age = GaugeMetricFamily(
+            "edge_agent_queue_oldest_age_seconds", "Age of the oldest queued event (0: empty)."
+        )
+        age.add_metric([], _age(queue["oldest"]))
+        yield age
         committed = CounterMetricFamily(
             "edge_agent_queue_committed_events", "Events committed since start."
         )
@@ -90,6 +95,15 @@ class AgentCollector:
         for name, processor in data["processors"].items():
             processor_dropped.add_metric([name], processor["dropped"])
         yield processor_dropped
+
+
+def _age(time_text: str | None) -> float:
+    if not time_text:
+        return 0.0
+    from datetime import UTC, datetime
+
+    then = datetime.strptime(time_text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - then).total_seconds())
 
 
 def serve(agent: Any, listen: str) -> Any:

@@ -189,4 +189,5 @@ def test_prometheus_metrics_parse_with_prometheus_clients_parser(
     assert got[("edge_agent_sink_connected", (("sink", "cloud"),))] == 1
     assert got[("edge_agent_source_events_total", (("source", "inbox"),))] >= 2
     assert ("edge_agent_queue_events", ()) in got
+    assert got[("edge_agent_queue_oldest_age_seconds", ())] >= 0
     assert agent.terminate() == 0
