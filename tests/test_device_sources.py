@@ -194,7 +194,7 @@ def test_exec_invalid_json_is_sent_as_text_with_stderr_and_exit_code(tmp_path):
 
 def test_exec_a_hanging_command_is_killed_at_its_timeout(tmp_path):
     command = script(
-        tmp_path, "hang.py", "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
+        tmp_path, "hang.py", "import time\nprint('started', flush=True)\ntime.sleep(6 * 10)\n"
     )
     config = {"command": [command], "interval": "1h", "timeout": "0.5s"}
     with SourceHarness(ExecSource, config) as harness:
