@@ -118,6 +118,7 @@ def run(config_path: str | None) -> None:
         log.error("plugin %s %s; running without it", name, message)
     agent = Agent(config, host)
     try:
+        agent.install_signal_handlers()
         agent.start()
         agent.run_until_stopped()
     except AgentError as exc:

@@ -76,6 +76,25 @@ class Event:
     time: str = field(default_factory=utc_now)
 
 
+def canonical_time(value: object) -> str:
+    """``time`` as the queue stores it: RFC 3339, UTC, microseconds, ``Z``.
+
+    Times in one form compare as text (max_age, purge); a plugin may set any
+    RFC 3339 time. Raises ValueError for anything else.
+    """
+    if isinstance(value, str) and len(value) == 27 and value[10] == "T" and value[-1] == "Z":
+        return value  # already canonical (what utc_now() gives)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise ValueError(
+            f"event time must be an RFC 3339 time such as 2026-11-26T23:59:01Z, got {value!r}"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
@@ -89,10 +108,11 @@ def check_event(event: Event) -> None:
     ``type`` becomes part of MQTT topics, so it must be short, printable UTF-8
     without spaces, ``/``, ``+`` or ``#``; ``subject`` must be UTF-8 text.
     """
-    for name in ("id", "time", "source"):
+    for name in ("id", "source"):
         value = getattr(event, name)
         if not isinstance(value, str) or not value or not _is_utf8(value):
             raise ValueError(f"event {name} must be a non-empty UTF-8 string, got {value!r}")
+    event.time = canonical_time(event.time)
     if not isinstance(event.type, str) or not event.type or len(event.type) > 128:
         raise ValueError(
             f"event type must be a non-empty string of at most 128 characters, got {event.type!r}"

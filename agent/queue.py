@@ -464,25 +464,28 @@ def read_stats(store: QueueStore) -> QueueStats:
     """
     conn = store.connect()
     try:
-        low, high = conn.execute(
-            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
-        ).fetchone()
-        count = 0 if low is None else high - low + 1
-        oldest = newest = None
-        if low is not None:
-            oldest = conn.execute("SELECT time FROM events WHERE position = ?", (low,)).fetchone()[
-                0
-            ]
-            newest = conn.execute("SELECT time FROM events WHERE position = ?", (high,)).fetchone()[
-                0
-            ]
-        backlog = {
-            sink: 0 if low is None else max(0, high - max(position, low - 1))
-            for sink, position in conn.execute("SELECT sink, position FROM sink_cursors")
-        }
+        return _read_stats(conn)
+    except sqlite3.Error as exc:
+        raise QueueError(f"cannot read the queue {store.path}: {exc}") from exc
     finally:
         conn.close()
-    return QueueStats(count, oldest, newest, backlog)
+
+
+def _read_stats(conn: sqlite3.Connection) -> QueueStats:
+    low, high = conn.execute(
+        "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
+    ).fetchone()
+    if low is None:
+        backlog = {sink: 0 for (sink,) in conn.execute("SELECT sink FROM sink_cursors")}
+        return QueueStats(0, None, None, backlog)
+    time_at = "SELECT time FROM events WHERE position = ?"
+    oldest = conn.execute(time_at, (low,)).fetchone()[0]
+    newest = conn.execute(time_at, (high,)).fetchone()[0]
+    backlog = {
+        sink: max(0, high - max(position, low - 1))
+        for sink, position in conn.execute("SELECT sink, position FROM sink_cursors")
+    }
+    return QueueStats(high - low + 1, oldest, newest, backlog)
 
 
 def peek(store: QueueStore, count: int, agent_id: str) -> list[QueuedEvent]:

@@ -3,10 +3,12 @@
 The new file is read and validated first; if it is invalid, every problem is
 logged and the running configuration stays. Otherwise plugin instances are
 compared by kind and name: unchanged ones keep running, changed ones restart,
-removed ones stop, new ones start. Stopped sources commit what they hold; a
-stopped sink's unconfirmed events stay in the queue (a sink that comes back
-under the same name carries on from its cursor). Changes to ``[agent]``,
-``[queue]`` and ``[metrics]`` need a restart and are reported, not applied.
+removed ones stop, new ones start. Stopped sources commit what they hold. A
+restarted sink carries on from its cursor; a removed sink no longer holds the
+queue: its unconfirmed events are deleted once the remaining sinks confirm
+them. A plugin that does not stop within 10 s is left running and not
+replaced (restart the agent). Changes to ``[agent]``, ``[queue]`` and
+``[metrics]`` need a restart and are reported, not applied.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def reload(agent: Any) -> bool:
         if getattr(old, table) != getattr(new, table):
             log.warning("SIGHUP: changes to [%s] need a restart; they are not applied now", table)
     changes: list[str] = []
+    stuck: set[tuple[str, str]] = set()  # old instances still running: not replaced
 
     old_sources = {i.name: i for i in old.sources}
     new_sources = {i.name: i for i in new.sources}
@@ -52,8 +55,16 @@ def reload(agent: Any) -> bool:
         if name in new_sources and _same(old_sources[name], new_sources[name]):
             continue
         runner.stop()
+        agent.notifier.watchdog()  # stopping plugins one by one is progress too
         if not runner.join(STOP_TIMEOUT):
-            log.warning("source %s did not stop within %gs; leaving it", name, STOP_TIMEOUT)
+            log.error(
+                "source %s did not stop within %gs; it keeps running with its old settings"
+                " (restart the agent to apply the change)",
+                name,
+                STOP_TIMEOUT,
+            )
+            stuck.add(("source", name))
+            continue
         agent.sources = [r for r in agent.sources if r is not runner]
         changes.append(f"source {name} {'restarted' if name in new_sources else 'stopped'}")
 
@@ -64,8 +75,16 @@ def reload(agent: Any) -> bool:
         if name in new_sinks and _same(old_sinks[name], new_sinks[name]):
             continue
         forwarder.abort()  # unconfirmed events stay queued for whoever comes next
+        agent.notifier.watchdog()
         if not forwarder.join(STOP_TIMEOUT):
-            log.warning("sink %s did not stop within %gs; leaving it", name, STOP_TIMEOUT)
+            log.error(
+                "sink %s did not stop within %gs; it keeps running with its old settings"
+                " (restart the agent to apply the change)",
+                name,
+                STOP_TIMEOUT,
+            )
+            stuck.add(("sink", name))
+            continue
         agent.forwarders = [f for f in agent.forwarders if f is not forwarder]
         agent.sinks = [s for s in agent.sinks if s is not forwarder.sink]
         changes.append(f"sink {name} {'restarted' if name in new_sinks else 'stopped'}")
@@ -73,17 +92,16 @@ def reload(agent: Any) -> bool:
     agent.writer.sink_names = [i.name for i in new.sinks]
 
     agent.config = new
-    agent.processors = []
-    agent._make_processors()
+    agent.replace_processors()
     running_sinks = {f.name for f in agent.forwarders}
     for instance in new.sinks:
-        if instance.name not in running_sinks:
+        if instance.name not in running_sinks and ("sink", instance.name) not in stuck:
             agent.start_sink(instance)
             if instance.name not in old_sinks:
                 changes.append(f"sink {instance.name} started")
     running_sources = {r.source.name for r in agent.sources}
     for instance in new.sources:
-        if instance.name not in running_sources:
+        if instance.name not in running_sources and ("source", instance.name) not in stuck:
             agent.start_source(instance)
             if instance.name not in old_sources:
                 changes.append(f"source {instance.name} started")

@@ -117,6 +117,7 @@ class Agent:
         host.slow = self.slow
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
+        self._wake = threading.Event()  # a signal arrived
         self.notifier = Notifier()
         self.metrics_server: Any = None
         self.version = __version__
@@ -192,10 +193,13 @@ class Agent:
             return cls(name=name, config=instance.config, context=context)
         return cls(name=instance.name, config=instance.config, agent_id=self.id)
 
-    def _make_processors(self) -> None:
+    def replace_processors(self) -> None:
+        """Build the configured processors, then swap them in at once (sources may be
+        running: none may see a half-built list)."""
+        processors = []
         for instance in self.config.processors:
             try:
-                self.processors.append(self._make(instance))
+                processors.append(self._make(instance))
             except Exception as exc:
                 log.exception(
                     "processor %s (plugin %s) could not be created: %s; events pass without it",
@@ -203,6 +207,7 @@ class Agent:
                     instance.plugin,
                     exc,
                 )
+        self.processors = processors
 
     def start(self) -> None:
         """Open the queue and start writer, forwarders and sources. Raises QueueError."""
@@ -218,7 +223,7 @@ class Agent:
             len(self.config.sinks),
         )
         self.host.call_each("startup", agent=self)
-        self._make_processors()
+        self.replace_processors()
         self.writer = Writer(
             self.store,
             commit_max_events=self.config.queue.commit_max_events,
@@ -298,30 +303,37 @@ class Agent:
     def request_stop(self) -> None:
         """Ask :meth:`run_until_stopped` to return (signal-safe)."""
         self._stop_requested.set()
+        self._wake.set()
 
-    def run_until_stopped(self) -> None:
-        """Block the main thread until SIGTERM or SIGINT (or :meth:`request_stop`)."""
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads. Install before :meth:`start`, so a signal
+        during a long start-up is kept for the main loop instead of killing the process."""
 
         def on_stop(signum: int, _frame: Any) -> None:
             log.info("received %s; stopping", signal.Signals(signum).name)
             self._stop_requested.set()
+            self._wake.set()
 
         def on_hup(_signum: int, _frame: Any) -> None:
             self._reload_requested.set()
-            self._stop_requested.set()  # wakes the loop below, which tells them apart
+            self._wake.set()
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+
+    def run_until_stopped(self) -> None:
+        """Block the main thread until SIGTERM or SIGINT (or :meth:`request_stop`)."""
         last_reminder = last_status = time.monotonic()
         self.notifier.ready(self.summary())
         self.write_status()
-        while True:
-            if self._stop_requested.wait(1.0):
-                if not self._reload_requested.is_set():
-                    break
+        while not self._stop_requested.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stop_requested.is_set():
+                break
+            if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                self._stop_requested.clear()
                 self.reload()
                 continue
             if self.writer is not None and not self.writer.is_alive():
@@ -367,15 +379,15 @@ class Agent:
         """Refresh ``status.json`` in the state directory for ``edge-agent status``."""
         try:
             status.write(self.store.state_dir, status.snapshot(self))
-        except (OSError, QueueError) as exc:
-            log.debug("cannot write the status snapshot: %s", exc)
+        except Exception as exc:  # a status must never take the agent down
+            log.warning("cannot write the status snapshot: %s", exc)
 
     def summary(self) -> str:
         """One line for systemd's STATUS: each sink's state and the backlog."""
         try:
             stats = read_stats(self.store)
-        except QueueError:
-            return "queue unreadable"
+        except Exception as exc:  # a status must never take the agent down
+            return f"queue unreadable: {exc}"
         sinks = ", ".join(
             f"{f.name} {'connected' if f.connected else 'offline'}"
             f" ({stats.sink_backlog.get(f.name, 0)} waiting)"

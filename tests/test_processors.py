@@ -33,7 +33,7 @@ def agent_with(tmp_path, processors: str) -> Agent:
     )
     host = load_plugins()
     agent = Agent(load_config(str(path), host), host)
-    agent._make_processors()
+    agent.replace_processors()
     return agent
 
 

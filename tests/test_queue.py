@@ -138,3 +138,15 @@ def test_cloudevent_json_holds_the_stored_data_unchanged(tmp_path):
         "subject": "/x/ü.csv",
         "data": {"path": "/x/ü.csv"},
     }
+
+
+def test_event_times_are_kept_in_one_form():
+    from agent.event import canonical_time
+
+    assert canonical_time("2026-11-26T23:59:01.123456Z") == "2026-11-26T23:59:01.123456Z"
+    assert canonical_time("2026-11-26T23:59:01Z") == "2026-11-26T23:59:01.000000Z"
+    assert canonical_time("2026-11-27T01:59:01+02:00") == "2026-11-26T23:59:01.000000Z"
+    import pytest
+
+    with pytest.raises(ValueError, match="RFC 3339"):
+        canonical_time("yesterday")
