@@ -44,7 +44,6 @@ class Usage:
     events: int
     live_bytes: int
     wal_bytes: int
-    free_pages: int
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,7 @@ class QueueWriter:
             wal = os.stat(self.wal_path).st_size
         except OSError:
             wal = 0
-        return Usage(events, (pages - free) * page_size, wal, free)
+        return Usage(events, (pages - free) * page_size, wal)
 
     def drop_oldest(self, count: int) -> Counter[str]:
         """Delete the ``count`` oldest events; return how many per source."""

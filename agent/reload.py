@@ -14,6 +14,7 @@ replaced (restart the agent). Changes to ``[agent]``, ``[queue]`` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from agent.config import InstanceConfig, load_config
@@ -26,6 +27,31 @@ STOP_TIMEOUT = 10.0
 
 def _same(old: InstanceConfig, new: InstanceConfig) -> bool:
     return old.plugin == new.plugin and old.config == new.config
+
+
+def _stopped(
+    agent: Any,
+    kind: str,
+    name: str,
+    join: Callable[[float], bool],
+    stuck: set[tuple[str, str]],
+    changes: list[str],
+    restarting: bool,
+) -> bool:
+    """Wait for a stopped instance; a stuck one keeps running and is not replaced."""
+    agent.notifier.watchdog()  # stopping plugins one by one is progress too
+    if not join(STOP_TIMEOUT):
+        log.error(
+            "%s %s did not stop within %gs; it keeps running with its old settings"
+            " (restart the agent to apply the change)",
+            kind,
+            name,
+            STOP_TIMEOUT,
+        )
+        stuck.add((kind, name))
+        return False
+    changes.append(f"{kind} {name} {'restarted' if restarting else 'stopped'}")
+    return True
 
 
 def reload(agent: Any) -> bool:
@@ -55,18 +81,8 @@ def reload(agent: Any) -> bool:
         if name in new_sources and _same(old_sources[name], new_sources[name]):
             continue
         runner.stop()
-        agent.notifier.watchdog()  # stopping plugins one by one is progress too
-        if not runner.join(STOP_TIMEOUT):
-            log.error(
-                "source %s did not stop within %gs; it keeps running with its old settings"
-                " (restart the agent to apply the change)",
-                name,
-                STOP_TIMEOUT,
-            )
-            stuck.add(("source", name))
-            continue
-        agent.sources = [r for r in agent.sources if r is not runner]
-        changes.append(f"source {name} {'restarted' if name in new_sources else 'stopped'}")
+        if _stopped(agent, "source", name, runner.join, stuck, changes, name in new_sources):
+            agent.sources = [r for r in agent.sources if r is not runner]
 
     old_sinks = {i.name: i for i in old.sinks}
     new_sinks = {i.name: i for i in new.sinks}
@@ -75,19 +91,9 @@ def reload(agent: Any) -> bool:
         if name in new_sinks and _same(old_sinks[name], new_sinks[name]):
             continue
         forwarder.abort()  # unconfirmed events stay queued for whoever comes next
-        agent.notifier.watchdog()
-        if not forwarder.join(STOP_TIMEOUT):
-            log.error(
-                "sink %s did not stop within %gs; it keeps running with its old settings"
-                " (restart the agent to apply the change)",
-                name,
-                STOP_TIMEOUT,
-            )
-            stuck.add(("sink", name))
-            continue
-        agent.forwarders = [f for f in agent.forwarders if f is not forwarder]
-        agent.sinks = [s for s in agent.sinks if s is not forwarder.sink]
-        changes.append(f"sink {name} {'restarted' if name in new_sinks else 'stopped'}")
+        if _stopped(agent, "sink", name, forwarder.join, stuck, changes, name in new_sinks):
+            agent.forwarders = [f for f in agent.forwarders if f is not forwarder]
+            agent.sinks = [s for s in agent.sinks if s is not forwarder.sink]
     # The writer deletes only what every configured sink confirmed.
     agent.writer.sink_names = [i.name for i in new.sinks]
 

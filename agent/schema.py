@@ -280,18 +280,3 @@ def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem])
     except ValueError as exc:  # the schema's own checks, in __post_init__
         problems.append((path, str(exc)))
         return None
-
-
-def fields_of(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type description, default or MISSING, doc) for each option, for docs and --help."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        rows.append((f.name, describe(hints[f.name]), default, f.metadata.get("doc", "")))
-    return rows

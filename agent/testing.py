@@ -221,6 +221,19 @@ class Subscriber:
         self.stop()
 
 
+def plugin_config(plugin_class: type, config: dict[str, Any], name: str) -> Any:
+    """Validate ``config`` against the plugin's Config as ``check`` would; ValueError if bad."""
+    from agent.schema import build
+
+    if plugin_class.Config is None:
+        return None
+    problems: list[tuple[str, str]] = []
+    built = build(plugin_class.Config, config, name, problems)
+    if problems:
+        raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+    return built
+
+
 class SourceHarness:
     """Run one source plugin against a config and collect what it commits.
 
@@ -244,12 +257,8 @@ class SourceHarness:
         checkpoints: dict[str, str] | None = None,
     ) -> None:
         from agent.api import SourceContext
-        from agent.schema import build
 
-        problems: list[tuple[str, str]] = []
-        built = build(source_class.Config, config, name, problems) if source_class.Config else None
-        if problems:
-            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        built = plugin_config(source_class, config, name)
         self.events: list[Any] = []
         self.saved_checkpoints: dict[str, str] = dict(checkpoints or {})
         self._lock = threading.Lock()
@@ -370,12 +379,7 @@ class SinkHarness:
         name: str = "test",
         agent_id: str = "test-agent",
     ) -> None:
-        from agent.schema import build
-
-        problems: list[tuple[str, str]] = []
-        built = build(sink_class.Config, config, name, problems) if sink_class.Config else None
-        if problems:
-            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        built = plugin_config(sink_class, config, name)
         self.agent_id = agent_id
         self.sink = sink_class(name=name, config=built, agent_id=agent_id)
 

@@ -26,9 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
-from plugins.mqtt_messages import MqttConfig, TopicCache, build_messages, render_topic
-
-__all__ = ["MqttSink", "render_topic"]
+from plugins.mqtt_messages import MqttConfig, TopicCache, build_messages
 
 
 class MqttSink(Sink):

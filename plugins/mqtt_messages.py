@@ -6,7 +6,6 @@ templates, payload modes and batching can be read (and tested) on their own.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -291,8 +290,3 @@ def build_messages(
         )
         messages.append(Message(topic, b"[" + b",".join(bodies) + b"]", props, members))
     return messages
-
-
-def payload_json(message: Message) -> Any:
-    """The payload parsed (for tests and debugging)."""
-    return json.loads(message.payload)
