@@ -50,10 +50,12 @@ class SourceContext:
         agent_id: str,
         commit: Callable[[Sequence[Event], Mapping[str, str | None] | None], None],
         read_checkpoints: Callable[[], dict[str, str]],
+        status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.commit = commit
         self.read_checkpoints = read_checkpoints
+        self.status = status
 
 
 class Source:
@@ -161,6 +163,13 @@ class Source:
     def checkpoints(self) -> dict[str, str]:
         """This source instance's committed checkpoint values, as last saved."""
         return self.context.read_checkpoints()
+
+    def agent_status(self) -> dict[str, Any]:
+        """The running agent's status, as ``edge-agent status --json`` shows it under
+        "status": queue, sinks, sources and processors with their counters."""
+        if self.context.status is None:
+            raise RuntimeError("no agent status here (a source run outside the agent)")
+        return self.context.status()
 
 
 class Sink:

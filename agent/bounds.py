@@ -61,6 +61,8 @@ class Bounds:
         self.state_dir = state_dir
         #: Events dropped since start, per source, by the full-queue policy or max_age.
         self.dropped: Counter[str] = Counter()
+        #: The same, per (source, reason): reason "queue_full" or "max_age".
+        self.dropped_by_reason: Counter[tuple[str, str]] = Counter()
         self._unreported: Counter[str] = Counter()
         self._last_warning = 0.0
         self._last_expire = 0.0
@@ -89,7 +91,7 @@ class Bounds:
         average = (usage.live_bytes / usage.events) if usage.events else needed / max(count, 1)
         to_drop = max(excess_events, math.ceil(excess_bytes / max(average, 1.0)))
         dropped = self.queue.drop_oldest(to_drop)
-        self._count_drops(dropped, f"the queue is full ({reason})")
+        self._count_drops(dropped, f"the queue is full ({reason})", "queue_full")
         self._set_full(reason)
         # Nothing left to drop and the disk still full: the events must wait for space.
         return not (sum(dropped.values()) < to_drop and reason.startswith("disk"))
@@ -164,7 +166,7 @@ class Bounds:
             self._last_expire = now
             cutoff = datetime.now(UTC) - timedelta(seconds=self.limits.max_age)
             expired = self.queue.drop_older_than(cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-            self._count_drops(expired, f"older than max_age {self.limits.max_age:g}s")
+            self._count_drops(expired, f"older than max_age {self.limits.max_age:g}s", "max_age")
         # Free pages that new events will soon take again are left alone:
         # giving them back only for the file to grow again is wasted writes.
         horizon = now - VACUUM_HORIZON
@@ -174,10 +176,11 @@ class Bounds:
         self.queue.vacuum_step(VACUUM_MIN_FREE_PAGES, VACUUM_STEP_PAGES, keep_bytes=soon_needed)
         self._report()
 
-    def _count_drops(self, dropped: Counter[str], why: str) -> None:
+    def _count_drops(self, dropped: Counter[str], why: str, reason: str) -> None:
         if not dropped:
             return
         self.dropped.update(dropped)
+        self.dropped_by_reason.update({(s, reason): n for s, n in dropped.items()})
         self._unreported.update(dropped)
         self._why = why
         self._report()

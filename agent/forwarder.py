@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from agent.api import Sink
 from agent.backoff import Backoff
+from agent.counters import Latency
 from agent.errors import QueueError
 from agent.event import QueuedEvent
 from agent.queue import QueueStore, SinkCursor
@@ -50,6 +51,11 @@ class Forwarder:
         self.confirmed = 0
         #: Connections made after the first one.
         self.reconnects = 0
+        #: Failed attempts: to connect, to publish, batches of which nothing was confirmed.
+        self.errors = 0
+        #: From handing an event to the sink to its confirmation, one observation per
+        #: publish call that confirmed something (its oldest event's wait).
+        self.latency = Latency()
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
         self._drain_deadline: float | None = None
@@ -99,6 +105,7 @@ class Forwarder:
                 return
             except Exception as exc:
                 self.last_error = _reason(exc)
+                self.errors += 1
                 delay = restart.next()
                 log.exception(
                     "sink %s: forwarding failed: %s; events stay queued, starting over in %.1fs",
@@ -142,6 +149,7 @@ class Forwarder:
         outage = _Outage(sink, cursor)
         report = _DrainReport(sink.name, cursor)
         confirmed_ahead: set[int] = set()
+        sent_at: dict[int, float] = {}  # position → when first handed to the sink
         unsent: collections.deque[QueuedEvent] = collections.deque()
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
@@ -151,11 +159,13 @@ class Forwarder:
                     sink.open()
                 except Exception as exc:
                     self.last_error = _reason(exc)
+                    self.errors += 1
                     outage.failed(f"cannot reach {sink.target}: {self.last_error}")
                     self._close_sink()
                     self._pause(backoff.next())
                     continue
                 self.connected = True
+                sent_at.clear()  # a new connection: everything unconfirmed is sent again
                 self.reconnects += self._ever_connected
                 self._ever_connected = True
                 outage.connected()
@@ -183,17 +193,25 @@ class Forwarder:
                     backoff.reset()
                     self.wake.wait(1.0)
                     continue
+                now = time.monotonic()
+                for event in batch:
+                    sent_at.setdefault(event.position, now)
                 result = sink.publish(batch) if batch else []
                 sent = {e.position for e in batch}
                 positions = {event.position for event in result} & sent
             except Exception as exc:
                 self.last_error = _reason(exc)
+                self.errors += 1
                 outage.failed(f"lost {sink.target}: {self.last_error}")
                 self._close_sink()
                 self._pause(backoff.next())
                 continue
             self.confirmed += len(positions)
             confirmed_ahead |= positions
+            if positions:
+                handed = [sent_at.pop(p) for p in positions if p in sent_at]
+                if handed:
+                    self.latency.observe(time.monotonic() - min(handed))
             # The read events are consecutive in the queue: the cursor moves over
             # the confirmed prefix; confirmations after a gap wait in the set.
             prefix = []
@@ -214,6 +232,7 @@ class Forwarder:
                 # Nothing confirmed: the sink has said why (a refusal, say). Wait
                 # before sending again so a refusing destination is not hammered.
                 self.last_error = f"none of {len(batch)} events confirmed"
+                self.errors += 1
                 self._pause(backoff.next())
             elif positions:
                 backoff.reset()

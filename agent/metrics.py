@@ -21,7 +21,11 @@ class AgentCollector:
         self.agent = agent
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         from agent import status
 
@@ -45,11 +49,12 @@ class AgentCollector:
         yield committed
         dropped = CounterMetricFamily(
             "edge_agent_queue_dropped_events",
-            "Events dropped by the full-queue policy or max_age, per source.",
-            labels=["source"],
+            'Events dropped from the queue, per source and reason ("queue_full", "max_age").',
+            labels=["source", "reason"],
         )
-        for source, count in queue["dropped"].items():
-            dropped.add_metric([source], count)
+        for reason, counts in queue["dropped_by_reason"].items():
+            for source, count in counts.items():
+                dropped.add_metric([source, reason], count)
         yield dropped
 
         sink_metrics = {
@@ -70,11 +75,25 @@ class AgentCollector:
             "refused": CounterMetricFamily(
                 "edge_agent_sink_refused_events", "Events the destination refused.", labels=["sink"]
             ),
+            "errors": CounterMetricFamily(
+                "edge_agent_sink_errors",
+                "Failed connects and publishes, and problems the sink logged.",
+                labels=["sink"],
+            ),
         }
         for name, sink in data["sinks"].items():
             for key, family in sink_metrics.items():
                 family.add_metric([name], float(sink[key]))
         yield from sink_metrics.values()
+        latency = HistogramMetricFamily(
+            "edge_agent_sink_publish_latency_seconds",
+            "From handing events to the sink to their confirmation by the destination.",
+            labels=["sink"],
+        )
+        for forwarder in self.agent.forwarders:
+            histogram = forwarder.latency
+            latency.add_metric([forwarder.name], histogram.cumulative(), histogram.sum)
+        yield latency
 
         source_events = CounterMetricFamily(
             "edge_agent_source_events", "Events committed per source.", labels=["source"]
@@ -83,18 +102,31 @@ class AgentCollector:
             "edge_agent_source_restarts", "Times a source was restarted after failing.",
             labels=["source"],
         )  # fmt: skip
+        source_errors = CounterMetricFamily(
+            "edge_agent_source_errors",
+            "Failures and refused commits of a source, and problems it logged.",
+            labels=["source"],
+        )
         for name, source in data["sources"].items():
             source_events.add_metric([name], source["events"])
             restarts.add_metric([name], source["restarts"])
+            source_errors.add_metric([name], source["errors"])
         yield source_events
         yield restarts
+        yield source_errors
         processor_dropped = CounterMetricFamily(
             "edge_agent_processor_dropped_events", "Events a processor dropped.",
             labels=["processor"],
         )  # fmt: skip
+        processor_errors = CounterMetricFamily(
+            "edge_agent_processor_errors", "Exceptions a processor raised, and problems it logged.",
+            labels=["processor"],
+        )  # fmt: skip
         for name, processor in data["processors"].items():
             processor_dropped.add_metric([name], processor["dropped"])
+            processor_errors.add_metric([name], processor["errors"])
         yield processor_dropped
+        yield processor_errors
 
 
 def _age(time_text: str | None) -> float:

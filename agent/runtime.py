@@ -29,6 +29,7 @@ from agent.api import Processor, Sink, Source, SourceContext
 from agent.backoff import Backoff
 from agent.bounds import Limits
 from agent.config import Config, InstanceConfig
+from agent.counters import LoggedProblems
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
@@ -54,6 +55,8 @@ class SourceRunner:
         self.source = source
         self.plugin = plugin
         self.restarts = 0
+        #: Times run() raised, or a commit of its events was refused.
+        self.errors = 0
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"source:{source.name}", daemon=True)
 
@@ -82,6 +85,7 @@ class SourceRunner:
                 if source.stopping.is_set():
                     return
                 self.restarts += 1
+                self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() - started > SOURCE_RESTART_MAX:
                     backoff.reset()
@@ -125,6 +129,12 @@ class Agent:
         self.status_interval = STATUS_EVERY
         #: Events committed per source since start.
         self.events_in: collections.Counter[str] = collections.Counter()
+        #: Commits refused per source (an event that cannot be sent, a queue that cannot grow).
+        self.commit_errors: collections.Counter[str] = collections.Counter()
+        #: Exceptions raised by each processor's process().
+        self.processor_errors: collections.Counter[str] = collections.Counter()
+        #: Warnings and errors each plugin instance logged.
+        self.logged_problems = LoggedProblems()
 
     # -- events ------------------------------------------------------------
 
@@ -139,17 +149,21 @@ class Agent:
         Returns once they are on disk; raises ValueError for an event that
         cannot be sent and QueueError when the queue cannot take them.
         """
-        items = []
-        for event in events:
-            processed = self._process(event)
-            if processed is None:
-                continue
-            check_event(processed)
-            items.append((processed, encode_data(processed.data)))
-        if self.writer is None:
-            raise QueueError("the agent has not started its queue")
-        rows = [(source, key, value) for key, value in (checkpoint or {}).items()]
-        self.writer.submit(items, rows)
+        try:
+            items = []
+            for event in events:
+                processed = self._process(event)
+                if processed is None:
+                    continue
+                check_event(processed)
+                items.append((processed, encode_data(processed.data)))
+            if self.writer is None:
+                raise QueueError("the agent has not started its queue")
+            rows = [(source, key, value) for key, value in (checkpoint or {}).items()]
+            self.writer.submit(items, rows)
+        except (ValueError, QueueError):
+            self.commit_errors[source] += 1
+            raise
         self.events_in[source] += len(items)
 
     def _process(self, event: Event) -> Event | None:
@@ -162,6 +176,7 @@ class Agent:
                 with self.slow.timed(f"processor {processor.name}"):
                     result = processor.process(processed)
             except Exception as exc:
+                self.processor_errors[processor.name] += 1
                 log.error(
                     "processor %s raised for a %s event from %s: %s; the event goes on unchanged",
                     processor.name,
@@ -189,6 +204,7 @@ class Agent:
                 agent_id=self.id,
                 commit=lambda events, checkpoint: self.commit_events(name, events, checkpoint),
                 read_checkpoints=lambda: read_checkpoints(self.store, name),
+                status=lambda: status.snapshot(self),
             )
             return cls(name=name, config=instance.config, context=context)
         return cls(name=instance.name, config=instance.config, agent_id=self.id)
@@ -212,6 +228,7 @@ class Agent:
     def start(self) -> None:
         """Open the queue and start writer, forwarders and sources. Raises QueueError."""
         queue = self.config.queue
+        logging.getLogger("edge_agent").addHandler(self.logged_problems)
         self.store.open()
         self._remind_damaged()
         log.info(
@@ -430,3 +447,4 @@ class Agent:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         log.info("edge-agent %s stopped", self.id)
+        logging.getLogger("edge_agent").removeHandler(self.logged_problems)

@@ -29,6 +29,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
     stats = read_stats(agent.store)
     writer = agent.writer
     bounds = writer.bounds if writer is not None else None
+    problems = agent.logged_problems
     return {
         "agent": agent.id,
         "pid": os.getpid(),
@@ -44,6 +45,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
             "file_bytes": _size(agent.store.path) + _size(agent.store.path + "-wal"),
             "committed": writer.committed if writer is not None else 0,
             "dropped": dict(bounds.dropped) if bounds is not None else {},
+            "dropped_by_reason": _by_reason(bounds.dropped_by_reason) if bounds else {},
             "full": bounds.full_reason if bounds is not None else None,
             "damaged_copies": agent.store.damaged_copies(),
         },
@@ -55,6 +57,8 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "confirmed": f.confirmed,
                 "reconnects": f.reconnects,
                 "refused": getattr(f.sink, "refused", 0),
+                "errors": f.errors + problems.get("sink", f.name),
+                "latency": {"count": f.latency.count, **f.latency.percentiles()},
                 "last_error": f.last_error,
             }
             for f in agent.forwarders
@@ -64,12 +68,29 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "plugin": runner.plugin,
                 "events": agent.events_in.get(runner.source.name, 0),
                 "restarts": runner.restarts,
+                "errors": runner.errors
+                + agent.commit_errors.get(runner.source.name, 0)
+                + problems.get("source", runner.source.name),
                 "last_error": runner.last_error,
             }
             for runner in agent.sources
         },
-        "processors": {p.name: {"dropped": p.dropped} for p in agent.processors},
+        "processors": {
+            p.name: {
+                "dropped": p.dropped,
+                "errors": agent.processor_errors.get(p.name, 0) + problems.get("processor", p.name),
+            }
+            for p in agent.processors
+        },
     }
+
+
+def _by_reason(counts: Any) -> dict[str, dict[str, int]]:
+    """{reason: {source: count}} from a Counter of (source, reason)."""
+    result: dict[str, dict[str, int]] = {}
+    for (source, reason), count in dict(counts).items():  # a copy: the writer updates it
+        result.setdefault(reason, {})[source] = count
+    return result
 
 
 def _size(path: str) -> int:
@@ -115,12 +136,16 @@ def render(data: dict[str, Any]) -> str:
     ]
     if queue["full"]:
         lines.append(f"  cannot grow: {queue['full']}")
-    if queue["dropped"]:
-        dropped = ", ".join(f"{s}: {n}" for s, n in queue["dropped"].items())
-        lines.append(f"  dropped when full: {dropped}")
+    reasons = {"queue_full": "when full", "max_age": "older than max_age"}
+    for reason, counts in queue.get("dropped_by_reason", {}).items():
+        dropped = ", ".join(f"{s}: {n}" for s, n in counts.items())
+        lines.append(f"  dropped {reasons.get(reason, reason)}: {dropped}")
     for copy in queue["damaged_copies"]:
         lines.append(f"  WARNING: a damaged queue was moved aside to {copy}")
-    table = [("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "LAST ERROR")]
+    table = [
+        ("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "ERRORS",
+         "LATENCY p50/p99", "LAST ERROR"),
+    ]  # fmt: skip
     for name, sink in data["sinks"].items():
         state = "connected" if sink["connected"] else "offline"
         table.append(
@@ -131,11 +156,13 @@ def render(data: dict[str, Any]) -> str:
                 str(sink["confirmed"]),
                 str(sink["reconnects"]),
                 str(sink["refused"]),
+                str(sink["errors"]),
+                _latency(sink["latency"]),
                 sink["last_error"] or "-",
             )
         )
-    table.append(("", "", "", "", "", "", ""))
-    table.append(("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "", "", "LAST ERROR"))
+    table.append(("",) * 9)
+    table.append(("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "", "", "ERRORS", "", "LAST ERROR"))
     for name, source in data["sources"].items():
         table.append(
             (
@@ -145,6 +172,8 @@ def render(data: dict[str, Any]) -> str:
                 str(source["restarts"]),
                 "",
                 "",
+                str(source["errors"]),
+                "",
                 source["last_error"] or "-",
             )
         )
@@ -153,5 +182,17 @@ def render(data: dict[str, Any]) -> str:
     for row in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for name, processor in data["processors"].items():
-        lines.append(f"processor {name}: {processor['dropped']} dropped")
+        lines.append(
+            f"processor {name}: {processor['dropped']} dropped, {processor['errors']} errors"
+        )
     return "\n".join(lines)
+
+
+def _latency(latency: dict[str, Any]) -> str:
+    if latency["p50"] is None:
+        return "-"
+    return f"{_ms(latency['p50'])}/{_ms(latency['p99'])}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}ms" if seconds >= 0.01 else f"{seconds * 1000:.1f}ms"

@@ -239,7 +239,8 @@ class SourceHarness:
 
     Commits go to memory, events and checkpoints together, as the real queue
     does. ``fail_commits(n)`` makes the next ``n`` commits fail with
-    ``QueueError``, as a full disk would::
+    ``QueueError``, as a full disk would; ``status`` is what
+    ``Source.agent_status()`` returns::
 
         with SourceHarness(TailSource, {"paths": [str(log)]}) as harness:
             log.write_text("hello\\n")
@@ -255,6 +256,7 @@ class SourceHarness:
         name: str = "test",
         agent_id: str = "test-agent",
         checkpoints: dict[str, str] | None = None,
+        status: dict[str, Any] | None = None,
     ) -> None:
         from agent.api import SourceContext
 
@@ -264,7 +266,10 @@ class SourceHarness:
         self._lock = threading.Lock()
         self._failures = 0
         context = SourceContext(
-            agent_id=agent_id, commit=self._commit, read_checkpoints=self._read_checkpoints
+            agent_id=agent_id,
+            commit=self._commit,
+            read_checkpoints=self._read_checkpoints,
+            status=None if status is None else lambda: status,
         )
         self.source = source_class(name=name, config=built, context=context)
         self.error: BaseException | None = None

@@ -21,6 +21,7 @@ PAGES = {
     ("source", "udev"): "docs/sources/udev.md",
     ("source", "serial"): "docs/sources/serial.md",
     ("source", "exec"): "docs/sources/exec.md",
+    ("source", "status"): "docs/sources/status.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",

@@ -30,6 +30,9 @@ def test_status_while_connected_and_while_the_broker_is_down(
     assert data["running"] is True
     assert data["status"]["sinks"]["cloud"]["connected"] is True
     assert data["status"]["sources"]["inbox"]["events"] >= 2
+    cloud = data["status"]["sinks"]["cloud"]
+    assert cloud["errors"] == 0 and cloud["latency"]["count"] >= 1
+    assert 0 < cloud["latency"]["p50"] <= cloud["latency"]["p99"] < 5
     human = run_cli("status", "-c", str(agent.config_path))
     assert (
         human.returncode == 0
@@ -49,6 +52,8 @@ def test_status_while_connected_and_while_the_broker_is_down(
         "the status to show the outage",
     )
     assert status()["status"]["sinks"]["cloud"]["last_error"]
+    assert status()["status"]["sinks"]["cloud"]["errors"] >= 1
+    assert "ERRORS" in run_cli("status", "-c", str(agent.config_path)).stdout
     assert agent.terminate() == 0
     stopped = run_cli("status", "-c", str(agent.config_path))
     running_broker.start()
@@ -190,4 +195,35 @@ def test_prometheus_metrics_parse_with_prometheus_clients_parser(
     assert got[("edge_agent_source_events_total", (("source", "inbox"),))] >= 2
     assert ("edge_agent_queue_events", ()) in got
     assert got[("edge_agent_queue_oldest_age_seconds", ())] >= 0
+    assert got[("edge_agent_sink_publish_latency_seconds_count", (("sink", "cloud"),))] >= 1
+    assert got[("edge_agent_sink_errors_total", (("sink", "cloud"),))] == 0
+    assert got[("edge_agent_source_errors_total", (("source", "inbox"),))] == 0
+    assert agent.terminate() == 0
+
+
+def test_the_status_source_sends_the_agents_health_to_the_broker(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    config = mqtt_agent_config(tmp_path, running_broker.port) + (
+        '\n[[sources.status]]\ninterval = "1s"\n'
+    )
+    agent = agent_process(config).start()
+    agent.wait_log("connected to")
+    (tmp_path / "inbox" / "a.csv").write_text("1")
+
+    def statuses() -> list[dict]:
+        return [e["data"] for e in subscriber.events() if e["type"] == "agent.status"]
+
+    wait_for(
+        lambda: any(s["sources"]["inbox"]["events"] >= 2 for s in statuses()),
+        15,
+        "a status event that counts the file events",
+    )
+    latest = statuses()[-1]
+    assert latest["agent"] == "test-gw" and "pid" not in latest
+    assert latest["sinks"]["cloud"]["connected"] is True
+    assert latest["sinks"]["cloud"]["confirmed"] >= 1
+    assert latest["sources"]["status"]["plugin"] == "status"
+    topics = {m.topic for m in subscriber.messages}
+    assert "edge/test-gw/status/agent.status" in topics
     assert agent.terminate() == 0

@@ -145,3 +145,4 @@ def test_a_processor_that_raises_lets_the_event_through(tmp_path, caplog):
     agent.processors[0].process = broken
     assert agent._process(event()) is not None
     assert "processor enrich raised for a file.created event from inbox: boom" in caplog.text
+    assert agent.processor_errors == {"enrich": 1}
