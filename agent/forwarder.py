@@ -49,6 +49,8 @@ class Forwarder:
         self.wake = threading.Event()
         self.connected = False
         self.confirmed = 0
+        #: Size of the confirmed events' data (as stored: JSON), in bytes.
+        self.confirmed_bytes = 0
         #: Connections made after the first one.
         self.reconnects = 0
         #: Failed attempts: to connect, to publish, batches of which nothing was confirmed.
@@ -209,6 +211,9 @@ class Forwarder:
             self.confirmed += len(positions)
             confirmed_ahead |= positions
             if positions:
+                self.confirmed_bytes += sum(
+                    len(e.data_json) for e in batch if e.position in positions
+                )
                 handed = [sent_at.pop(p) for p in positions if p in sent_at]
                 if handed:
                     self.latency.observe(time.monotonic() - min(handed))

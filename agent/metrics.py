@@ -69,6 +69,11 @@ class AgentCollector:
             "confirmed": CounterMetricFamily(
                 "edge_agent_sink_confirmed_events", "Events the sink confirmed.", labels=["sink"]
             ),
+            "bytes": CounterMetricFamily(
+                "edge_agent_sink_confirmed_bytes",
+                "Data bytes (JSON, as queued) of the events the sink confirmed.",
+                labels=["sink"],
+            ),
             "reconnects": CounterMetricFamily(
                 "edge_agent_sink_reconnects", "Connections after the first.", labels=["sink"]
             ),
@@ -102,6 +107,10 @@ class AgentCollector:
             "edge_agent_source_restarts", "Times a source was restarted after failing.",
             labels=["source"],
         )  # fmt: skip
+        source_bytes = CounterMetricFamily(
+            "edge_agent_source_bytes", "Data bytes (JSON, as queued) committed per source.",
+            labels=["source"],
+        )  # fmt: skip
         source_errors = CounterMetricFamily(
             "edge_agent_source_errors",
             "Failures and refused commits of a source, and problems it logged.",
@@ -111,7 +120,9 @@ class AgentCollector:
             source_events.add_metric([name], source["events"])
             restarts.add_metric([name], source["restarts"])
             source_errors.add_metric([name], source["errors"])
+            source_bytes.add_metric([name], source["bytes"])
         yield source_events
+        yield source_bytes
         yield restarts
         yield source_errors
         processor_dropped = CounterMetricFamily(

@@ -129,6 +129,8 @@ class Agent:
         self.status_interval = STATUS_EVERY
         #: Events committed per source since start.
         self.events_in: collections.Counter[str] = collections.Counter()
+        #: Size of their data (as stored: JSON), in bytes.
+        self.bytes_in: collections.Counter[str] = collections.Counter()
         #: Commits refused per source (an event that cannot be sent, a queue that cannot grow).
         self.commit_errors: collections.Counter[str] = collections.Counter()
         #: Exceptions raised by each processor's process().
@@ -165,6 +167,7 @@ class Agent:
             self.commit_errors[source] += 1
             raise
         self.events_in[source] += len(items)
+        self.bytes_in[source] += sum(len(data) for _, data in items)
 
     def _process(self, event: Event) -> Event | None:
         """``process_event`` hooks, then the configured processors in file order."""

@@ -55,6 +55,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "connected": f.connected,
                 "backlog": stats.sink_backlog.get(f.name, 0),
                 "confirmed": f.confirmed,
+                "bytes": f.confirmed_bytes,
                 "reconnects": f.reconnects,
                 "refused": getattr(f.sink, "refused", 0),
                 "errors": f.errors + problems.get("sink", f.name),
@@ -67,6 +68,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
             runner.source.name: {
                 "plugin": runner.plugin,
                 "events": agent.events_in.get(runner.source.name, 0),
+                "bytes": agent.bytes_in.get(runner.source.name, 0),
                 "restarts": runner.restarts,
                 "errors": runner.errors
                 + agent.commit_errors.get(runner.source.name, 0)

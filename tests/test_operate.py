@@ -197,6 +197,8 @@ def test_prometheus_metrics_parse_with_prometheus_clients_parser(
     assert got[("edge_agent_queue_oldest_age_seconds", ())] >= 0
     assert got[("edge_agent_sink_publish_latency_seconds_count", (("sink", "cloud"),))] >= 1
     assert got[("edge_agent_sink_errors_total", (("sink", "cloud"),))] == 0
+    assert got[("edge_agent_sink_confirmed_bytes_total", (("sink", "cloud"),))] > 0
+    assert got[("edge_agent_source_bytes_total", (("source", "inbox"),))] > 0
     assert got[("edge_agent_source_errors_total", (("source", "inbox"),))] == 0
     assert agent.terminate() == 0
 
