@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.toml
 
-.PHONY: run test lint test-tools rabbitmq clean
+.PHONY: run test lint test-tools rabbitmq bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ lint: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test test-tools rabbitmq lint
 	$(BIN)/pytest
+
+# The benchmarks (not run by CI): every script in bench/, then one table. They start
+# their own brokers and agents on free loopback ports. BENCH_ARGS=--quick: small counts.
+BENCH_ARGS ?=
+bench: $(VENV)/.installed-test test-tools
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

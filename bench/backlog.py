@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 import sys
 
-# This folder holds queue.py, which would shadow the standard library's queue.
+# This folder holds queue.py, which would shadow the standard library's queue:
+# take the folder off sys.path, and put the checkout's root on it for bench.common.
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -33,6 +37,7 @@ from datetime import UTC, datetime  # noqa: E402
 from agent.event import Event  # noqa: E402
 from agent.queue import QueueStore, QueueWriter, count_events  # noqa: E402
 from agent.testing import Mosquitto, free_port  # noqa: E402
+from bench.common import Row, mosquitto_version, package_version, write_results  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -113,16 +118,48 @@ def settle_rss(pid: int, seconds: float) -> float:
     return statistics.median(samples[len(samples) // 2 :])
 
 
+def table_rows(
+    count: int, rss_empty: float, rss_backlog: float, drained: float, peak: float
+) -> list[Row]:
+    """The two rows bench/run_all.py shows: RSS with and without a backlog, and the drain."""
+    within = rss_backlog - rss_empty <= 10
+    return [
+        Row(
+            what=f"RSS with an empty queue / {count:,} events queued, broker away"
+            " (`bench/backlog.py`)",
+            agent=f"{rss_empty:.1f} / {rss_backlog:.1f} MiB",
+            target=f"within 10 MiB: {'MET' if within else 'MISSED'}",
+            met=within,
+            values={"rss_empty_mib": rss_empty, "rss_backlog_mib": rss_backlog},
+        ),
+        Row(
+            what=f"Draining {count:,} queued events to Mosquitto when it comes back,"
+            " QoS 1, one per message",
+            agent=f"{drained:.{0 if drained >= 100 else 1}f} s ({count / drained:,.0f} events/s),"
+            f" RSS at most {peak:.1f} MiB",
+            values={"seconds": drained, "events_per_s": count / drained, "rss_peak_mib": peak},
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1_000_000, help="events in the backlog")
     parser.add_argument("--dir", default=None, help="where to make the temporary folder")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the result rows here, for bench/run_all.py"
+    )
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix=".bench-backlog-", dir=args.dir or os.getcwd())
+    agent: subprocess.Popen | None = None
+    broker: Mosquitto | None = None
     try:
         print(f"machine:   {os.cpu_count()} cores, {platform.platform()}")
-        print(f"python:    {platform.python_version()}; sqlite {sqlite3.sqlite_version}")
+        print(
+            f"python:    {platform.python_version()}; sqlite {sqlite3.sqlite_version};"
+            f" paho-mqtt {package_version('paho-mqtt')}; mosquitto {mosquitto_version()}"
+        )
         print(f"date:      {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
         print(f"backlog:   {args.n:,} events of about 200 bytes of data")
 
@@ -175,7 +212,14 @@ def main() -> None:
         agent.terminate()
         agent.wait(30)
         broker.stop()
+        rows = table_rows(args.n, rss_empty, rss_backlog, drained, peak)
+        write_results(args.json, "backlog", rows)
     finally:
+        if agent is not None and agent.poll() is None:  # stopped early: by an error or Ctrl-C
+            agent.kill()
+            agent.wait()
+        if broker is not None:
+            broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -14,9 +14,13 @@ from __future__ import annotations
 import os
 import sys
 
-# This folder holds queue.py, which would shadow the standard library's queue.
+# This folder holds queue.py, which would shadow the standard library's queue:
+# take the folder off sys.path, and put the checkout's root on it for bench.common.
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -25,54 +29,20 @@ import shutil  # noqa: E402
 import sqlite3  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from importlib.metadata import version  # noqa: E402
-
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
 from agent.event import Event  # noqa: E402
 from agent.forwarder import Forwarder  # noqa: E402
 from agent.queue import QueueStore, QueueWriter  # noqa: E402
 from agent.schema import build  # noqa: E402
 from agent.testing import Mosquitto  # noqa: E402
+from bench.common import Row, mosquitto_version, raw_paho, verdict, write_results  # noqa: E402
 from plugins.mqtt import MqttSink  # noqa: E402
 
 DATA = '{"path":"/var/spool/inbox/' + "x" * 150 + '.csv","size":1432}'
 BROKER_CONFIG = "max_inflight_messages 100\nmax_queued_messages 0"
-
-
-def raw_paho(port: int, count: int, protocol: str, window: int) -> float:
-    done = threading.Event()
-    acked = [0]
-    v5 = protocol == "5"
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-    )
-    client.max_inflight_messages_set(window)
-    client.max_queued_messages_set(0)
-
-    def on_publish(*_args) -> None:
-        acked[0] += 1
-        if acked[0] == count:
-            done.set()
-
-    client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    payload = b"x" * 400  # about the size of a CloudEvents envelope here
-    started = time.perf_counter()
-    for _ in range(count):
-        client.publish("bench/raw", payload, qos=1)
-    if not done.wait(300):
-        raise SystemExit("raw paho: not every message was acknowledged")
-    elapsed = time.perf_counter() - started
-    client.disconnect()
-    client.loop_stop()
-    return count / elapsed
 
 
 def agent_forward(folder: str, port: int, count: int, options: dict) -> float:
@@ -105,10 +75,35 @@ def agent_forward(folder: str, port: int, count: int, options: dict) -> float:
     return count / elapsed
 
 
+def table_rows(one: float, raw: float, batched: float) -> list[Row]:
+    """The two rows bench/run_all.py shows: one event per message, and batched."""
+    return [
+        Row(
+            what="Forward the queue to Mosquitto, QoS 1, MQTT 5, one event per message"
+            " (`bench/forward.py`)",
+            agent=f"{one:,.0f} events/s",
+            beside=f"raw paho-mqtt, same payload size: {raw:,.0f}/s",
+            target=f">= 80% of raw: {one / raw:.0%}, {verdict(one >= 0.8 * raw)}",
+            met=one >= 0.8 * raw,
+            values={"events_per_s": one, "raw_per_s": raw},
+        ),
+        Row(
+            what="Forward, QoS 1, MQTT 5, batches of 100",
+            agent=f"{batched:,.0f} events/s",
+            target=f">= 30,000/s: {verdict(batched >= 30_000)}",
+            met=batched >= 30_000,
+            values={"events_per_s": batched},
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20_000, help="events per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; median")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the result rows here, for bench/run_all.py"
+    )
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix=".bench-forward-", dir=os.getcwd())
     broker = Mosquitto(os.path.join(workdir, "mosquitto"), extra_config=BROKER_CONFIG).start()
@@ -116,7 +111,8 @@ def main() -> None:
         print(f"machine:   {os.cpu_count()} cores, {platform.platform()}")
         print(
             f"python:    {platform.python_version()}; paho-mqtt {version('paho-mqtt')};"
-            f" sqlite {sqlite3.sqlite_version}; date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+            f" sqlite {sqlite3.sqlite_version}; mosquitto {mosquitto_version()};"
+            f" date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
         )
         print(f"workload:  {args.n:,} events, QoS 1, local Mosquitto (max_inflight_messages 100)")
         rows = []
@@ -157,6 +153,7 @@ def main() -> None:
             f"target: batched >= 30,000 events/s: {batched:,.0f}"
             f" -> {'MET' if batched >= 30_000 else 'MISSED'}"
         )
+        write_results(args.json, "forward", table_rows(rows[2][2], raw["5"], batched))
     finally:
         broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
