@@ -127,6 +127,7 @@ class Agent:
         self.version = __version__
         self.started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.status_interval = STATUS_EVERY
+        self._last_status: dict[str, Any] | None = None
         #: Events committed per source since start.
         self.events_in: collections.Counter[str] = collections.Counter()
         #: Size of their data (as stored: JSON), in bytes.
@@ -398,7 +399,9 @@ class Agent:
     def write_status(self) -> None:
         """Refresh ``status.json`` in the state directory for ``edge-agent status``."""
         try:
-            status.write(self.store.state_dir, status.snapshot(self))
+            snapshot = status.snapshot(self)
+            status.write(self.store.state_dir, snapshot, self._last_status)
+            self._last_status = snapshot
         except Exception as exc:  # a status must never take the agent down
             log.warning("cannot write the status snapshot: %s", exc)
 

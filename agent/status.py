@@ -102,9 +102,20 @@ def _size(path: str) -> int:
         return 0
 
 
-def write(state_dir: str, data: dict[str, Any]) -> None:
-    """Replace the snapshot atomically."""
+def write(state_dir: str, data: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
+    """Replace the snapshot atomically.
+
+    When nothing but the time changed since ``previous`` (an idle agent), only the
+    file's time is touched: readers judge freshness by it, and a device's flash
+    is spared a rewrite every few seconds.
+    """
     path = os.path.join(state_dir, STATUS_FILE)
+    if previous is not None and {**previous, "updated": None} == {**data, "updated": None}:
+        try:
+            os.utime(path)
+            return
+        except OSError:
+            pass  # gone: write it again
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1)
@@ -121,7 +132,10 @@ def read(state_dir: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"no status in {state_dir}: the agent has not run with this config"
     except (OSError, ValueError) as exc:
         return None, f"cannot read {path}: {exc}"
-    age = time.time() - os.path.getmtime(path)
+    modified = os.path.getmtime(path)
+    # An idle agent only touches the file (see write()): its time is the snapshot's.
+    data["updated"] = datetime.fromtimestamp(modified, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    age = time.time() - modified
     if age > STALE_AFTER * data.get("interval", 5):
         return data, f"the agent is not running: its last status is {age:.0f}s old"
     return data, None

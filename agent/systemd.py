@@ -43,7 +43,9 @@ class Notifier:
         if self._sock is None:
             return
         try:
-            self._sock.sendto("\n".join(fields).encode("utf-8"), self.address)
+            # Never block the main thread on a listener that stopped reading.
+            message = "\n".join(fields).encode("utf-8")
+            self._sock.sendto(message, socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             log.debug("sd_notify failed: %s", exc)
 

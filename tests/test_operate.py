@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import mqtt_agent_config, run_cli
@@ -229,3 +230,19 @@ def test_the_status_source_sends_the_agents_health_to_the_broker(
     topics = {m.topic for m in subscriber.messages}
     assert "edge/test-gw/status/agent.status" in topics
     assert agent.terminate() == 0
+
+
+def test_an_idle_agent_touches_its_status_instead_of_rewriting_it(tmp_path):
+    from agent import status
+
+    first = {"agent": "a", "updated": "2026-11-27T03:00:00Z", "queue": {"events": 0}}
+    status.write(str(tmp_path), first)
+    inode = (tmp_path / status.STATUS_FILE).stat().st_ino
+    os.utime(tmp_path / status.STATUS_FILE, (1, 1))  # as if written long ago
+    status.write(str(tmp_path), {**first, "updated": "2026-11-27T03:00:05Z"}, first)
+    data, problem = status.read(str(tmp_path))
+    assert problem is None, "the touched snapshot counts as fresh"
+    assert (tmp_path / status.STATUS_FILE).stat().st_ino == inode, "not rewritten"
+    assert data["updated"] > "2026-11-27T03:00:00Z"
+    status.write(str(tmp_path), {**first, "queue": {"events": 1}}, first)
+    assert (tmp_path / status.STATUS_FILE).stat().st_ino != inode, "a change is written"

@@ -99,3 +99,22 @@ def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path, agent_proce
         for key in ("READY=1", "WATCHDOG=1", "STOPPING=1")
     }
     assert first["READY=1"] < first["WATCHDOG=1"] < first["STOPPING=1"]
+
+
+@pytest.mark.timeout(10)
+def test_a_listener_that_stops_reading_never_blocks_the_agent(tmp_path):
+    from agent.systemd import Notifier
+
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        try:
+            for _ in range(500):  # far more than the socket's queue holds
+                notifier.status("still here")
+        finally:
+            notifier.close()
+        assert listener.recv(4096) == b"STATUS=still here"
+    finally:
+        listener.close()
