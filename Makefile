@@ -64,7 +64,11 @@ test: $(VENV)/.installed-test test-tools rabbitmq lint
 # The benchmarks (not run by CI): every script in bench/, then one table. They start
 # their own brokers and agents on free loopback ports. BENCH_ARGS=--quick: small counts.
 BENCH_ARGS ?=
-bench: $(VENV)/.installed-test test-tools
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
+bench: $(VENV)/.installed-bench test-tools
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:

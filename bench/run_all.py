@@ -5,7 +5,7 @@ for a smoke check), prints its own report as it goes, and writes its rows to a
 JSON file (``--json``); at the end comes the machine, the versions, and one
 Markdown table: what | edge-agent | beside it, same run | target.
 
-    .venv/bin/python bench/run_all.py                 # everything: about 15-20 minutes
+    .venv/bin/python bench/run_all.py                 # everything: about 10 minutes
     .venv/bin/python bench/run_all.py --quick         # small counts: about 2 minutes
     .venv/bin/python bench/run_all.py --only endtoend,footprint
     make bench                                        # the same; make bench BENCH_ARGS=--quick
