@@ -60,9 +60,12 @@ def setup_logging(level: str = "info", log_format: str = "text") -> None:
             fmt = "%(asctime)s " + fmt
         handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_quiet_watchdog_shutdown)
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # Warnings are always made, even when not printed: each plugin's are counted
+    # (agent.counters.LoggedProblems) whatever the log level.
+    root.setLevel(min(logging.getLevelName(level.upper()), logging.WARNING))
 
 
 def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:

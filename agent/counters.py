@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import threading
 
 #: Upper bounds, in seconds, of the latency histogram's buckets (Prometheus "le").
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -21,7 +20,7 @@ class Latency:
     """Durations in seconds: a cumulative histogram and the last :data:`RECENT` of them.
 
     Observed from one thread (the forwarder's), read from others; a reader
-    may see a count one observation ahead of the buckets, never a torn value.
+    may see the buckets one observation ahead of the count, never a torn value.
     """
 
     def __init__(self) -> None:
@@ -56,6 +55,11 @@ class Latency:
         }
 
 
+def utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (most events)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 class LoggedProblems(logging.Handler):
     """Counts WARNING and worse records from ``edge_agent.{source,sink,processor}.NAME``.
 
@@ -68,13 +72,11 @@ class LoggedProblems(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._counts_lock = threading.Lock()
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def emit(self, record: logging.LogRecord) -> None:  # called holding self.lock
         parts = record.name.split(".", 2)
         if len(parts) == 3 and parts[0] == "edge_agent" and parts[1] in self.KINDS:
-            with self._counts_lock:
-                self.counts[(parts[1], parts[2])] += 1
+            self.counts[(parts[1], parts[2])] += 1
 
     def get(self, kind: str, name: str) -> int:
         return self.counts.get((kind, name), 0)

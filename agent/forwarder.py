@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from agent.api import Sink
 from agent.backoff import Backoff
-from agent.counters import Latency
+from agent.counters import Latency, utf8_len
 from agent.errors import QueueError
 from agent.event import QueuedEvent
 from agent.queue import QueueStore, SinkCursor
@@ -70,6 +70,15 @@ class Forwarder:
 
     def start(self) -> None:
         self._thread.start()
+
+    def carry_over(self, old: Forwarder) -> None:
+        """Take the counters of the forwarder this one replaces (a reload): counters
+        never go back."""
+        self.confirmed = old.confirmed
+        self.confirmed_bytes = old.confirmed_bytes
+        self.reconnects = old.reconnects
+        self.errors = old.errors
+        self.latency = old.latency
 
     def drain(self, deadline: float) -> None:
         """Keep sending until the backlog is empty or ``deadline`` (monotonic), then end."""
@@ -212,7 +221,7 @@ class Forwarder:
             confirmed_ahead |= positions
             if positions:
                 self.confirmed_bytes += sum(
-                    len(e.data_json) for e in batch if e.position in positions
+                    utf8_len(e.data_json) for e in batch if e.position in positions
                 )
                 handed = [sent_at.pop(p) for p in positions if p in sent_at]
                 if handed:
@@ -238,6 +247,8 @@ class Forwarder:
                 # before sending again so a refusing destination is not hammered.
                 self.last_error = f"none of {len(batch)} events confirmed"
                 self.errors += 1
+                for event in batch:  # the wait below is not publish latency
+                    sent_at.pop(event.position, None)
                 self._pause(backoff.next())
             elif positions:
                 backoff.reset()

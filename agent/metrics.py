@@ -82,7 +82,12 @@ class AgentCollector:
             ),
             "errors": CounterMetricFamily(
                 "edge_agent_sink_errors",
-                "Failed connects and publishes, and problems the sink logged.",
+                "Failed connects and publishes, and rounds of which nothing was confirmed.",
+                labels=["sink"],
+            ),
+            "warnings": CounterMetricFamily(
+                "edge_agent_sink_warnings",
+                "Warnings and errors the sink plugin logged.",
                 labels=["sink"],
             ),
         }
@@ -112,32 +117,42 @@ class AgentCollector:
             labels=["source"],
         )  # fmt: skip
         source_errors = CounterMetricFamily(
-            "edge_agent_source_errors",
-            "Failures and refused commits of a source, and problems it logged.",
+            "edge_agent_source_errors", "Failures (run() raised) and refused commits of a source.",
             labels=["source"],
-        )
+        )  # fmt: skip
+        source_warnings = CounterMetricFamily(
+            "edge_agent_source_warnings", "Warnings and errors the source plugin logged.",
+            labels=["source"],
+        )  # fmt: skip
         for name, source in data["sources"].items():
             source_events.add_metric([name], source["events"])
             restarts.add_metric([name], source["restarts"])
             source_errors.add_metric([name], source["errors"])
+            source_warnings.add_metric([name], source["warnings"])
             source_bytes.add_metric([name], source["bytes"])
         yield source_events
         yield source_bytes
         yield restarts
         yield source_errors
+        yield source_warnings
         processor_dropped = CounterMetricFamily(
             "edge_agent_processor_dropped_events", "Events a processor dropped.",
             labels=["processor"],
         )  # fmt: skip
         processor_errors = CounterMetricFamily(
-            "edge_agent_processor_errors", "Exceptions a processor raised, and problems it logged.",
+            "edge_agent_processor_errors", "Exceptions a processor raised.", labels=["processor"]
+        )
+        processor_warnings = CounterMetricFamily(
+            "edge_agent_processor_warnings", "Warnings and errors the processor plugin logged.",
             labels=["processor"],
         )  # fmt: skip
         for name, processor in data["processors"].items():
             processor_dropped.add_metric([name], processor["dropped"])
             processor_errors.add_metric([name], processor["errors"])
+            processor_warnings.add_metric([name], processor["warnings"])
         yield processor_dropped
         yield processor_errors
+        yield processor_warnings
 
 
 def _age(time_text: str | None) -> float:

@@ -83,6 +83,7 @@ def reload(agent: Any) -> bool:
         runner.stop()
         if _stopped(agent, "source", name, runner.join, stuck, changes, name in new_sources):
             agent.sources = [r for r in agent.sources if r is not runner]
+            agent.retired[("source", name)] = runner
 
     old_sinks = {i.name: i for i in old.sinks}
     new_sinks = {i.name: i for i in new.sinks}
@@ -94,6 +95,7 @@ def reload(agent: Any) -> bool:
         if _stopped(agent, "sink", name, forwarder.join, stuck, changes, name in new_sinks):
             agent.forwarders = [f for f in agent.forwarders if f is not forwarder]
             agent.sinks = [s for s in agent.sinks if s is not forwarder.sink]
+            agent.retired[("sink", name)] = forwarder
     # The writer deletes only what every configured sink confirmed.
     agent.writer.sink_names = [i.name for i in new.sinks]
 

@@ -29,7 +29,7 @@ from agent.api import Processor, Sink, Source, SourceContext
 from agent.backoff import Backoff
 from agent.bounds import Limits
 from agent.config import Config, InstanceConfig
-from agent.counters import LoggedProblems
+from agent.counters import LoggedProblems, utf8_len
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
@@ -62,6 +62,11 @@ class SourceRunner:
 
     def start(self) -> None:
         self._thread.start()
+
+    def carry_over(self, old: SourceRunner) -> None:
+        """Take the counters of the runner this one replaces (a reload)."""
+        self.restarts = old.restarts
+        self.errors = old.errors
 
     def stop(self) -> None:
         try:
@@ -138,6 +143,9 @@ class Agent:
         self.processor_errors: collections.Counter[str] = collections.Counter()
         #: Warnings and errors each plugin instance logged.
         self.logged_problems = LoggedProblems()
+        #: Forwarders and source runners a reload stopped, by (kind, name): a
+        #: replacement takes their counters.
+        self.retired: dict[tuple[str, str], Any] = {}
 
     # -- events ------------------------------------------------------------
 
@@ -168,7 +176,7 @@ class Agent:
             self.commit_errors[source] += 1
             raise
         self.events_in[source] += len(items)
-        self.bytes_in[source] += sum(len(data) for _, data in items)
+        self.bytes_in[source] += sum(utf8_len(data) for _, data in items)
 
     def _process(self, event: Event) -> Event | None:
         """``process_event`` hooks, then the configured processors in file order."""
@@ -283,6 +291,9 @@ class Agent:
             )
             return None
         forwarder = Forwarder(sink, self.store, on_confirmed=self.writer.request_cleanup)
+        retired = self.retired.pop(("sink", instance.name), None)
+        if retired is not None:
+            forwarder.carry_over(retired)
         self.sinks = [*self.sinks, sink]  # replaced, never changed in place: other
         self.forwarders = [*self.forwarders, forwarder]  # threads iterate these
         forwarder.start()
@@ -301,6 +312,9 @@ class Agent:
             )
             return None
         runner = SourceRunner(source, instance.registration.plugin)
+        retired = self.retired.pop(("source", instance.name), None)
+        if retired is not None:
+            runner.carry_over(retired)
         self.sources = [*self.sources, runner]
         runner.start()
         return runner
@@ -448,9 +462,11 @@ class Agent:
         for forwarder in self.forwarders:
             if not forwarder.join(5.0):
                 log.warning("sink %s did not stop within 5s; leaving it", forwarder.name)
-        self.host.call_each("shutdown", agent=self)
-        self.write_status()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-        log.info("edge-agent %s stopped", self.id)
-        logging.getLogger("edge_agent").removeHandler(self.logged_problems)
+        try:
+            self.host.call_each("shutdown", agent=self)
+            self.write_status()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            log.info("edge-agent %s stopped", self.id)
+        finally:
+            logging.getLogger("edge_agent").removeHandler(self.logged_problems)

@@ -45,7 +45,9 @@ def snapshot(agent: Any) -> dict[str, Any]:
             "file_bytes": _size(agent.store.path) + _size(agent.store.path + "-wal"),
             "committed": writer.committed if writer is not None else 0,
             "dropped": dict(bounds.dropped) if bounds is not None else {},
-            "dropped_by_reason": _by_reason(bounds.dropped_by_reason) if bounds else {},
+            "dropped_by_reason": (
+                _by_reason(bounds.dropped_by_reason) if bounds is not None else {}
+            ),
             "full": bounds.full_reason if bounds is not None else None,
             "damaged_copies": agent.store.damaged_copies(),
         },
@@ -58,7 +60,8 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "bytes": f.confirmed_bytes,
                 "reconnects": f.reconnects,
                 "refused": getattr(f.sink, "refused", 0),
-                "errors": f.errors + problems.get("sink", f.name),
+                "errors": f.errors,
+                "warnings": problems.get("sink", f.name),
                 "latency": {"count": f.latency.count, **f.latency.percentiles()},
                 "last_error": f.last_error,
             }
@@ -70,9 +73,8 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "events": agent.events_in.get(runner.source.name, 0),
                 "bytes": agent.bytes_in.get(runner.source.name, 0),
                 "restarts": runner.restarts,
-                "errors": runner.errors
-                + agent.commit_errors.get(runner.source.name, 0)
-                + problems.get("source", runner.source.name),
+                "errors": runner.errors + agent.commit_errors.get(runner.source.name, 0),
+                "warnings": problems.get("source", runner.source.name),
                 "last_error": runner.last_error,
             }
             for runner in agent.sources
@@ -80,7 +82,8 @@ def snapshot(agent: Any) -> dict[str, Any]:
         "processors": {
             p.name: {
                 "dropped": p.dropped,
-                "errors": agent.processor_errors.get(p.name, 0) + problems.get("processor", p.name),
+                "errors": agent.processor_errors.get(p.name, 0),
+                "warnings": problems.get("processor", p.name),
             }
             for p in agent.processors
         },
@@ -153,13 +156,17 @@ def render(data: dict[str, Any]) -> str:
     if queue["full"]:
         lines.append(f"  cannot grow: {queue['full']}")
     reasons = {"queue_full": "when full", "max_age": "older than max_age"}
-    for reason, counts in queue.get("dropped_by_reason", {}).items():
+    # A snapshot of an older version has only "dropped" (when full or too old).
+    by_reason = queue.get("dropped_by_reason", {"queue_full or max_age": queue["dropped"]})
+    for reason, counts in by_reason.items():
+        if not counts:
+            continue
         dropped = ", ".join(f"{s}: {n}" for s, n in counts.items())
         lines.append(f"  dropped {reasons.get(reason, reason)}: {dropped}")
     for copy in queue["damaged_copies"]:
         lines.append(f"  WARNING: a damaged queue was moved aside to {copy}")
     table = [
-        ("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "ERRORS",
+        ("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "ERRORS/WARN",
          "LATENCY p50/p99", "LAST ERROR"),
     ]  # fmt: skip
     for name, sink in data["sinks"].items():
@@ -172,13 +179,15 @@ def render(data: dict[str, Any]) -> str:
                 str(sink["confirmed"]),
                 str(sink["reconnects"]),
                 str(sink["refused"]),
-                str(sink["errors"]),
-                _latency(sink["latency"]),
+                _problems(sink),
+                _latency(sink.get("latency")),
                 sink["last_error"] or "-",
             )
         )
     table.append(("",) * 9)
-    table.append(("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "", "", "ERRORS", "", "LAST ERROR"))
+    table.append(
+        ("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "", "", "ERRORS/WARN", "", "LAST ERROR")
+    )
     for name, source in data["sources"].items():
         table.append(
             (
@@ -188,7 +197,7 @@ def render(data: dict[str, Any]) -> str:
                 str(source["restarts"]),
                 "",
                 "",
-                str(source["errors"]),
+                _problems(source),
                 "",
                 source["last_error"] or "-",
             )
@@ -199,13 +208,19 @@ def render(data: dict[str, Any]) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for name, processor in data["processors"].items():
         lines.append(
-            f"processor {name}: {processor['dropped']} dropped, {processor['errors']} errors"
+            f"processor {name}: {processor['dropped']} dropped, {_problems(processor)}"
+            " errors/warnings"
         )
     return "\n".join(lines)
 
 
-def _latency(latency: dict[str, Any]) -> str:
-    if latency["p50"] is None:
+def _problems(counters: dict[str, Any]) -> str:
+    """errors/warnings; "-" for either one a snapshot of an older version lacks."""
+    return f"{counters.get('errors', '-')}/{counters.get('warnings', '-')}"
+
+
+def _latency(latency: dict[str, Any] | None) -> str:
+    if not latency or latency.get("p50") is None:
         return "-"
     return f"{_ms(latency['p50'])}/{_ms(latency['p99'])}"
 

@@ -47,7 +47,9 @@ class Notifier:
             message = "\n".join(fields).encode("utf-8")
             self._sock.sendto(message, socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
-            log.debug("sd_notify failed: %s", exc)
+            # A lost READY=1 fails a Type=notify start: worth a line in the journal.
+            important = any(f in ("READY=1", "STOPPING=1") for f in fields)
+            log.log(logging.WARNING if important else logging.DEBUG, "sd_notify failed: %s", exc)
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

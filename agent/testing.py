@@ -10,6 +10,7 @@ between a client and its server and can cut the line; ``SourceHarness`` and
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ class SourceHarness:
             agent_id=agent_id,
             commit=self._commit,
             read_checkpoints=self._read_checkpoints,
-            status=None if status is None else lambda: status,
+            status=None if status is None else lambda: copy.deepcopy(status),
         )
         self.source = source_class(name=name, config=built, context=context)
         self.error: BaseException | None = None

@@ -10,6 +10,7 @@ land on ``edge/{agent}/status/agent.status``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,22 +33,36 @@ class StatusSource(Source):
                 raise ValueError(f"interval must be at least 1s, got {self.interval:g}s")
 
     def run(self) -> None:
+        failing_since: float | None = None
         if not self.config.at_start:
             self.stopping.wait(self.config.interval)
         while not self.stopping.is_set():
-            events = [self.event("agent.status", self.status_data())]
-            # A status that cannot be queued now (a full disk) is simply skipped:
-            # the next one says the same, newer.
+            # A status that cannot be made or queued now (a full disk, a busy
+            # database) is skipped: the next one says the same, newer.
             try:
-                self.emit_many(events)
+                self.emit_many([self.event("agent.status", self.status_data())])
             except Exception as exc:
-                self.log.warning("could not queue the status event: %s; skipping this one", exc)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    self.log.warning(
+                        "could not queue the status event: %s; skipping status events"
+                        " until it works again",
+                        exc,
+                    )
+            else:
+                if failing_since is not None:
+                    self.log.info(
+                        "status events are queued again, after %.0fs without",
+                        time.monotonic() - failing_since,
+                    )
+                    failing_since = None
             self.stopping.wait(self.config.interval)
 
     def status_data(self) -> dict[str, Any]:
         data = self.agent_status()
         for key in LEFT_OUT:
             data.pop(key, None)
+        data.get("queue", {}).pop("path", None)  # a local path says nothing to the fleet
         return data
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import mqtt_agent_config, run_cli
@@ -32,7 +34,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
     assert data["status"]["sinks"]["cloud"]["connected"] is True
     assert data["status"]["sources"]["inbox"]["events"] >= 2
     cloud = data["status"]["sinks"]["cloud"]
-    assert cloud["errors"] == 0 and cloud["latency"]["count"] >= 1
+    assert cloud["errors"] == 0 and cloud["warnings"] == 0 and cloud["latency"]["count"] >= 1
     assert 0 < cloud["latency"]["p50"] <= cloud["latency"]["p99"] < 5
     human = run_cli("status", "-c", str(agent.config_path))
     assert (
@@ -198,6 +200,7 @@ def test_prometheus_metrics_parse_with_prometheus_clients_parser(
     assert got[("edge_agent_queue_oldest_age_seconds", ())] >= 0
     assert got[("edge_agent_sink_publish_latency_seconds_count", (("sink", "cloud"),))] >= 1
     assert got[("edge_agent_sink_errors_total", (("sink", "cloud"),))] == 0
+    assert got[("edge_agent_sink_warnings_total", (("sink", "cloud"),))] == 0
     assert got[("edge_agent_sink_confirmed_bytes_total", (("sink", "cloud"),))] > 0
     assert got[("edge_agent_source_bytes_total", (("source", "inbox"),))] > 0
     assert got[("edge_agent_source_errors_total", (("source", "inbox"),))] == 0
@@ -243,6 +246,62 @@ def test_an_idle_agent_touches_its_status_instead_of_rewriting_it(tmp_path):
     data, problem = status.read(str(tmp_path))
     assert problem is None, "the touched snapshot counts as fresh"
     assert (tmp_path / status.STATUS_FILE).stat().st_ino == inode, "not rewritten"
-    assert data["updated"] > "2026-11-27T03:00:00Z"
+    a_minute_ago = datetime.now(UTC) - timedelta(minutes=1)
+    assert data["updated"] > a_minute_ago.strftime("%Y-%m-%dT%H:%M:%SZ")
     status.write(str(tmp_path), {**first, "queue": {"events": 1}}, first)
     assert (tmp_path / status.STATUS_FILE).stat().st_ino != inode, "a change is written"
+
+
+def test_counters_survive_a_reload_that_restarts_the_sink(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    base = mqtt_agent_config(tmp_path, running_broker.port)
+    agent = agent_process(base).start()
+    agent.wait_log("connected to")
+    (tmp_path / "inbox" / "a.csv").write_text("1")
+
+    def cloud() -> dict:
+        result = run_cli("status", "-c", str(agent.config_path), "--json")
+        return json.loads(result.stdout)["status"]["sinks"]["cloud"]
+
+    wait_for(lambda: cloud()["confirmed"] >= 2, 15, "the file's events confirmed")
+    before = cloud()
+    agent.config_path.write_text(base.replace('connect_timeout = "2s"', 'connect_timeout = "3s"'))
+    os.kill(agent.pid, signal.SIGHUP)
+    agent.wait_log("sink cloud restarted")
+    (tmp_path / "inbox" / "b.csv").write_text("2")
+    wait_for(lambda: cloud()["confirmed"] >= before["confirmed"] + 2, 15, "counted on, not anew")
+    assert cloud()["latency"]["count"] >= before["latency"]["count"]
+    assert agent.terminate() == 0
+
+
+def test_plugin_warnings_are_counted_even_when_the_log_level_hides_them(capsys):
+    import logging
+
+    from agent.cli import setup_logging
+    from agent.counters import LoggedProblems
+
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    problems = LoggedProblems()
+    logging.getLogger("edge_agent").addHandler(problems)
+    try:
+        setup_logging("error")
+        logging.getLogger("edge_agent.source.inbox").warning("a folder is missing")
+        logging.getLogger("edge_agent.sink.cloud").error("a real error")
+        logging.getLogger("edge_agent.source.inbox").info("not a problem")
+    finally:
+        logging.getLogger("edge_agent").removeHandler(problems)
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    assert problems.get("source", "inbox") == 1 and problems.get("sink", "cloud") == 1
+    printed = capsys.readouterr().err
+    assert "a real error" in printed and "a folder is missing" not in printed
+
+
+def test_bytes_are_counted_in_utf8():
+    from agent.counters import utf8_len
+
+    assert utf8_len('{"path": "/data/x.csv"}') == 23
+    text = '{"path": "/data/Übersicht-日本.csv"}'
+    assert utf8_len(text) == len(text.encode("utf-8")) == 39 > len(text)
