@@ -25,6 +25,10 @@ log = logging.getLogger("edge_agent.writer")
 CLEANUP_INTERVAL = 0.5
 #: Delete confirmed events at least this often, even when no forwarder asked.
 UNASKED_CLEANUP = 5.0
+#: Under concurrent load, how long the writer may wait for the callers it just
+#: served to hand over their next events, so that they share one commit (one
+#: fsync) instead of each taking its own (PostgreSQL's commit_delay, in spirit).
+GROUP_COMMIT_DELAY = 0.001
 #: While the queue is full and sources must wait, look for room this often.
 BLOCKED_RETRY = 0.2
 
@@ -61,6 +65,7 @@ class Writer:
         self.on_commit = on_commit
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._waiting_events = 0
+        self._last_group = 0  # callers served by the last commit
         self._cond = threading.Condition()
         self._stopping = False
         self._cleanup_wanted = threading.Event()
@@ -119,6 +124,16 @@ class Writer:
             while not self._waiting and not self._stopping:
                 if not self._cond.wait(CLEANUP_INTERVAL):
                     break
+            group = self._last_group
+            if group > 1 and len(self._waiting) < group and not self._stopping:
+                self._cond.wait_for(
+                    lambda: (
+                        len(self._waiting) >= group
+                        or self._waiting_events >= self.commit_max_events
+                        or self._stopping
+                    ),
+                    GROUP_COMMIT_DELAY,
+                )
             batch: list[_Pending] = []
             count = 0
             while self._waiting and (
@@ -128,6 +143,7 @@ class Writer:
                 batch.append(pending)
                 count += len(pending.events)
             self._waiting_events -= count
+            self._last_group = len(batch)
             self._cond.notify_all()
             return batch
 
