@@ -160,7 +160,8 @@ class Forwarder:
         outage = _Outage(sink, cursor)
         report = _DrainReport(sink.name, cursor)
         confirmed_ahead: set[int] = set()
-        sent_at: dict[int, float] = {}  # position → when first handed to the sink
+        # position → when handed to the sink (read, and handed over the same round)
+        sent_at: dict[int, float] = {}
         unsent: collections.deque[QueuedEvent] = collections.deque()
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
@@ -176,7 +177,8 @@ class Forwarder:
                     self._pause(backoff.next())
                     continue
                 self.connected = True
-                sent_at.clear()  # a new connection: everything unconfirmed is sent again
+                now = time.monotonic()  # a new connection: all unconfirmed goes again
+                sent_at = {event.position: now for event in unsent}
                 self.reconnects += self._ever_connected
                 self._ever_connected = True
                 outage.connected()
@@ -189,7 +191,11 @@ class Forwarder:
                 unsent.popleft()
             if len(unsent) < sink.max_batch:
                 after = unsent[-1].position if unsent else cursor.position
-                unsent.extend(cursor.read(after, sink.max_batch - len(unsent)))
+                fresh = cursor.read(after, sink.max_batch - len(unsent))
+                now = time.monotonic()
+                for event in fresh:
+                    sent_at[event.position] = now
+                unsent.extend(fresh)
             events = list(unsent)
             self.last_progress = time.monotonic()
             if not events and self._drain_deadline is not None:
@@ -204,9 +210,6 @@ class Forwarder:
                     backoff.reset()
                     self.wake.wait(1.0)
                     continue
-                now = time.monotonic()
-                for event in batch:
-                    sent_at.setdefault(event.position, now)
                 result = sink.publish(batch) if batch else []
                 sent = {e.position for e in batch}
                 positions = {event.position for event in result} & sent
@@ -221,7 +224,7 @@ class Forwarder:
             confirmed_ahead |= positions
             if positions:
                 self.confirmed_bytes += sum(
-                    utf8_len(e.data_json) for e in batch if e.position in positions
+                    utf8_len(e.data_json) for e in result if e.position in positions
                 )
                 handed = [sent_at.pop(p) for p in positions if p in sent_at]
                 if handed:
@@ -247,9 +250,10 @@ class Forwarder:
                 # before sending again so a refusing destination is not hammered.
                 self.last_error = f"none of {len(batch)} events confirmed"
                 self.errors += 1
-                for event in batch:  # the wait below is not publish latency
-                    sent_at.pop(event.position, None)
                 self._pause(backoff.next())
+                now = time.monotonic()  # the wait was not publish latency
+                for event in batch:
+                    sent_at[event.position] = now
             elif positions:
                 backoff.reset()
                 outage.ended()
