@@ -57,44 +57,7 @@ class AgentCollector:
                 dropped.add_metric([source, reason], count)
         yield dropped
 
-        sink_metrics = {
-            "backlog": GaugeMetricFamily(
-                "edge_agent_sink_backlog_events",
-                "Events a sink has not confirmed.",
-                labels=["sink"],
-            ),
-            "connected": GaugeMetricFamily(
-                "edge_agent_sink_connected", "1 while the sink is connected.", labels=["sink"]
-            ),
-            "confirmed": CounterMetricFamily(
-                "edge_agent_sink_confirmed_events", "Events the sink confirmed.", labels=["sink"]
-            ),
-            "bytes": CounterMetricFamily(
-                "edge_agent_sink_confirmed_bytes",
-                "Data bytes (JSON, as queued) of the events the sink confirmed.",
-                labels=["sink"],
-            ),
-            "reconnects": CounterMetricFamily(
-                "edge_agent_sink_reconnects", "Connections after the first.", labels=["sink"]
-            ),
-            "refused": CounterMetricFamily(
-                "edge_agent_sink_refused_events", "Events the destination refused.", labels=["sink"]
-            ),
-            "errors": CounterMetricFamily(
-                "edge_agent_sink_errors",
-                "Failed connects and publishes, and rounds of which nothing was confirmed.",
-                labels=["sink"],
-            ),
-            "warnings": CounterMetricFamily(
-                "edge_agent_sink_warnings",
-                "Warnings and errors the sink plugin logged.",
-                labels=["sink"],
-            ),
-        }
-        for name, sink in data["sinks"].items():
-            for key, family in sink_metrics.items():
-                family.add_metric([name], float(sink[key]))
-        yield from sink_metrics.values()
+        yield from _per_instance("sink", data["sinks"], SINK_METRICS)
         latency = HistogramMetricFamily(
             "edge_agent_sink_publish_latency_seconds",
             "From handing events to the sink to their confirmation by the destination.",
@@ -104,55 +67,83 @@ class AgentCollector:
             histogram = forwarder.latency
             latency.add_metric([forwarder.name], histogram.cumulative(), histogram.sum)
         yield latency
+        yield from _per_instance("source", data["sources"], SOURCE_METRICS)
+        yield from _per_instance("processor", data["processors"], PROCESSOR_METRICS)
 
-        source_events = CounterMetricFamily(
-            "edge_agent_source_events", "Events committed per source.", labels=["source"]
+
+#: Per-instance metrics: status key → (metric name, help, counter or gauge).
+SINK_METRICS = {
+    "backlog": ("edge_agent_sink_backlog_events", "Events a sink has not confirmed.", "gauge"),
+    "connected": ("edge_agent_sink_connected", "1 while the sink is connected.", "gauge"),
+    "confirmed": ("edge_agent_sink_confirmed_events", "Events the sink confirmed.", "counter"),
+    "bytes": (
+        "edge_agent_sink_confirmed_bytes",
+        "Data bytes (JSON, as queued) of the events the sink confirmed.",
+        "counter",
+    ),
+    "reconnects": ("edge_agent_sink_reconnects", "Connections after the first.", "counter"),
+    "refused": ("edge_agent_sink_refused_events", "Events the destination refused.", "counter"),
+    "errors": (
+        "edge_agent_sink_errors",
+        "Failed connects and publishes, and rounds of which nothing was confirmed.",
+        "counter",
+    ),
+    "warnings": (
+        "edge_agent_sink_warnings",
+        "Warnings and errors the sink plugin logged.",
+        "counter",
+    ),
+}
+SOURCE_METRICS = {
+    "events": ("edge_agent_source_events", "Events committed per source.", "counter"),
+    "bytes": (
+        "edge_agent_source_bytes",
+        "Data bytes (JSON, as queued) committed per source.",
+        "counter",
+    ),
+    "restarts": (
+        "edge_agent_source_restarts",
+        "Times a source was restarted after failing.",
+        "counter",
+    ),
+    "errors": (
+        "edge_agent_source_errors",
+        "Failures (run() raised) and refused commits of a source.",
+        "counter",
+    ),
+    "warnings": (
+        "edge_agent_source_warnings",
+        "Warnings and errors the source plugin logged.",
+        "counter",
+    ),
+}
+PROCESSOR_METRICS = {
+    "dropped": ("edge_agent_processor_dropped_events", "Events a processor dropped.", "counter"),
+    "errors": ("edge_agent_processor_errors", "Exceptions a processor raised.", "counter"),
+    "warnings": (
+        "edge_agent_processor_warnings",
+        "Warnings and errors the processor plugin logged.",
+        "counter",
+    ),
+}
+
+
+def _per_instance(
+    kind: str, instances: dict[str, dict[str, Any]], described: dict[str, tuple[str, str, str]]
+) -> Iterator[Any]:
+    """One metric family per key of ``described``, a sample per instance, labelled ``kind``."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    families = {
+        key: (GaugeMetricFamily if form == "gauge" else CounterMetricFamily)(
+            name, help_text, labels=[kind]
         )
-        restarts = CounterMetricFamily(
-            "edge_agent_source_restarts", "Times a source was restarted after failing.",
-            labels=["source"],
-        )  # fmt: skip
-        source_bytes = CounterMetricFamily(
-            "edge_agent_source_bytes", "Data bytes (JSON, as queued) committed per source.",
-            labels=["source"],
-        )  # fmt: skip
-        source_errors = CounterMetricFamily(
-            "edge_agent_source_errors", "Failures (run() raised) and refused commits of a source.",
-            labels=["source"],
-        )  # fmt: skip
-        source_warnings = CounterMetricFamily(
-            "edge_agent_source_warnings", "Warnings and errors the source plugin logged.",
-            labels=["source"],
-        )  # fmt: skip
-        for name, source in data["sources"].items():
-            source_events.add_metric([name], source["events"])
-            restarts.add_metric([name], source["restarts"])
-            source_errors.add_metric([name], source["errors"])
-            source_warnings.add_metric([name], source["warnings"])
-            source_bytes.add_metric([name], source["bytes"])
-        yield source_events
-        yield source_bytes
-        yield restarts
-        yield source_errors
-        yield source_warnings
-        processor_dropped = CounterMetricFamily(
-            "edge_agent_processor_dropped_events", "Events a processor dropped.",
-            labels=["processor"],
-        )  # fmt: skip
-        processor_errors = CounterMetricFamily(
-            "edge_agent_processor_errors", "Exceptions a processor raised.", labels=["processor"]
-        )
-        processor_warnings = CounterMetricFamily(
-            "edge_agent_processor_warnings", "Warnings and errors the processor plugin logged.",
-            labels=["processor"],
-        )  # fmt: skip
-        for name, processor in data["processors"].items():
-            processor_dropped.add_metric([name], processor["dropped"])
-            processor_errors.add_metric([name], processor["errors"])
-            processor_warnings.add_metric([name], processor["warnings"])
-        yield processor_dropped
-        yield processor_errors
-        yield processor_warnings
+        for key, (name, help_text, form) in described.items()
+    }
+    for instance, values in instances.items():
+        for key, family in families.items():
+            family.add_metric([instance], float(values[key]))
+    yield from families.values()
 
 
 def _age(time_text: str | None) -> float:

@@ -53,7 +53,7 @@ from agent.event import Event, encode_data  # noqa: E402
 from agent.forwarder import CURSOR_FLUSH_EVERY  # noqa: E402
 from agent.queue import QueueStore, SinkCursor  # noqa: E402
 from agent.writer import Writer  # noqa: E402
-from bench.common import Row, write_results  # noqa: E402
+from bench.common import Row, cpu_model, write_results  # noqa: E402
 from bench.common import verdict as met_or_missed  # noqa: E402
 
 SYNCS = ("full", "normal")
@@ -221,11 +221,17 @@ def run_sources(writer: Writer, workload: Workload, chunk: int) -> Callable[[], 
 # -- the measurements ------------------------------------------------------------------
 
 
-def bench_raw(folder: str, sync: str, workload: Workload, batch: int | None) -> Result:
+def raw_table(folder: str, sync: str) -> sqlite3.Connection:
+    """A fresh database with an ``events`` table like the agent's (WAL, incremental vacuum)."""
     conn = raw_connect(os.path.join(folder, "raw.db"), sync)
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("VACUUM")
     conn.execute(EVENTS_DDL)
+    return conn
+
+
+def bench_raw(folder: str, sync: str, workload: Workload, batch: int | None) -> Result:
+    conn = raw_table(folder, sync)
     sql = (
         "INSERT INTO events (id, source, type, time, subject, sequence, data)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -245,10 +251,7 @@ def bench_raw(folder: str, sync: str, workload: Workload, batch: int | None) -> 
 def bench_raw_cycle(folder: str, sync: str, workload: Workload) -> Result:
     """The ceiling of a full cycle: one thread, no Python per event. Each round inserts
     1,000 rows (a transaction), reads them back, and deletes them (a transaction)."""
-    conn = raw_connect(os.path.join(folder, "raw.db"), sync)
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    conn.execute("VACUUM")
-    conn.execute(EVENTS_DDL)
+    conn = raw_table(folder, sync)
     insert = (
         "INSERT INTO events (id, source, type, time, subject, sequence, data)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -470,17 +473,6 @@ def bench_pq(folder: str, sync: str, workload: Workload, args: argparse.Namespac
 
 
 # -- the report ------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def filesystem(path: str) -> str:
