@@ -23,6 +23,9 @@ from agent.queue import Checkpoint, QueueStore, QueueWriter
 log = logging.getLogger("edge_agent.writer")
 
 CLEANUP_INTERVAL = 0.5
+#: Once no events came for this long, confirmed events are deleted as soon as a
+#: sink asks, instead of at the next CLEANUP_INTERVAL.
+IDLE_CLEANUP = 0.05
 #: Delete confirmed events at least this often, even when no forwarder asked.
 UNASKED_CLEANUP = 5.0
 #: Under concurrent load, how long the writer may wait for the callers it just
@@ -75,6 +78,8 @@ class Writer:
         self.bounds: Bounds | None = None
         self.committed = 0
         self._last_delete = 0.0
+        self._last_housekeeping = 0.0
+        self._last_commit = 0.0
         self.last_progress = time.monotonic()
 
     def start(self) -> None:
@@ -108,6 +113,8 @@ class Writer:
     def request_cleanup(self) -> None:
         """A sink confirmed something: delete what every sink has confirmed, soon."""
         self._cleanup_wanted.set()
+        with self._cond:
+            self._cond.notify_all()  # an idle writer deletes now rather than later
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new events, commit what was handed over, and end the thread."""
@@ -122,10 +129,12 @@ class Writer:
     def _take(self) -> list[_Pending]:
         with self._cond:
             while not self._waiting and not self._stopping:
-                if not self._cond.wait(CLEANUP_INTERVAL):
+                left = self._housekeeping_due() - time.monotonic()
+                if left <= 0:
                     break
+                self._cond.wait(left)
             group = self._last_group
-            if group > 1 and len(self._waiting) < group and not self._stopping:
+            if group > 1 and 0 < len(self._waiting) < group and not self._stopping:
                 self._cond.wait_for(
                     lambda: (
                         len(self._waiting) >= group
@@ -147,9 +156,15 @@ class Writer:
             self._cond.notify_all()
             return batch
 
+    def _housekeeping_due(self) -> float:
+        """When housekeeping is next due: every interval, or soon once idle if a sink asked."""
+        due = self._last_housekeeping + CLEANUP_INTERVAL
+        if self._cleanup_wanted.is_set():
+            due = min(due, max(self._last_housekeeping, self._last_commit) + IDLE_CLEANUP)
+        return due
+
     def _run(self) -> None:
         assert self._queue is not None and self.bounds is not None
-        last_cleanup = 0.0
         held: list[_Pending] = []  # a batch waiting for room (when_full = "block")
         try:
             while True:
@@ -161,10 +176,13 @@ class Writer:
                         self._cond.wait(BLOCKED_RETRY)
                 elif batch:
                     self._commit(batch)
+                    self._last_commit = time.monotonic()
                 now = time.monotonic()
                 self.last_progress = now
-                if now - last_cleanup >= CLEANUP_INTERVAL:
-                    last_cleanup = now
+                # Under load, every CLEANUP_INTERVAL (deletes in bulk); idle, soon after asked.
+                due = now - self._last_housekeeping >= CLEANUP_INTERVAL
+                if due or (not batch and now >= self._housekeeping_due()):
+                    self._last_housekeeping = now
                     self._housekeeping()
                 with self._cond:
                     if self._stopping and not self._waiting and not held:

@@ -170,9 +170,12 @@ def test_a_failed_write_or_fsync_rolls_the_batch_back_and_loses_nothing(
     agent = agent_process(tail_config(tmp_path, tmp_path / "state", running_broker.port))
     agent.start(wrapper=["strace", "-f", "-qq", "-o", "/dev/null", "-e", fault])
     agent.wait_log("connected to", timeout=30)
-    for burst in range(30):  # one commit or so per burst, so the fault meets a batch
-        write_lines(log, burst * 100, 100, width=50)
-        time.sleep(0.05)  # ok: spacing the bursts is the fault timing
+    # One commit or so per burst, so that the writer thread's 14th to 16th fdatasync
+    # (strace counts per thread; the main thread makes 12 opening the queue) or
+    # its 100th pwrite64 falls on a commit of lines.
+    for burst in range(60):
+        write_lines(log, burst * 50, 50, width=50)
+        time.sleep(0.1)  # ok: spacing the bursts is the fault timing
     wait_for(lambda: len(set(line_numbers(subscriber))) == 3000, 60, "all 3000 lines")
     lines = line_numbers(subscriber)
     assert sorted(set(lines)) == list(range(3000))

@@ -63,6 +63,9 @@ def test_confirmed_events_are_deleted_only_when_every_sink_confirmed(tmp_path):
     assert stats.sink_backlog == {"one": 0, "two": 6}
     # The deletion really committed: another connection sees it.
     assert count_events(store.path) == 6
+    # Deletes skip the fsync (a lost one only means a resend); commits of events
+    # on the same connection are back to synchronous=FULL (2) afterwards.
+    assert writer.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
 def test_a_partly_confirmed_commit_loses_exactly_its_confirmed_part(tmp_path):
