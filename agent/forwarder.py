@@ -133,7 +133,8 @@ class Forwarder:
 
     def _flush(self, cursor: SinkCursor) -> None:
         try:
-            cursor.flush()
+            if cursor.flush():
+                self.on_confirmed()  # the writer deletes by positions on disk
         except QueueError as exc:
             log.warning("sink %s: %s; those events will be sent again", self.sink.name, exc)
 

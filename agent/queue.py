@@ -11,6 +11,7 @@ transaction by accident.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -175,6 +176,7 @@ class QueueWriter:
     def __init__(self, store: QueueStore) -> None:
         self.conn = store.connect()
         self.sync = store.sync
+        self._relaxed = False  # synchronous is NORMAL for a delete and not yet restored
         self.wal_path = store.path + "-wal"
         self._sequences: dict[str, int] = dict(
             self.conn.execute("SELECT source, last FROM source_sequences").fetchall()
@@ -188,6 +190,8 @@ class QueueWriter:
         Gives each event the next ``sequence`` of its source. On failure
         nothing of the batch is kept and QueueError is raised.
         """
+        if self._relaxed:
+            self._restore_sync()  # QueueError: this batch is not accepted
         sequences = dict(self._sequences)
         rows = []
         for event, data_json in events:
@@ -222,7 +226,7 @@ class QueueWriter:
                 [row[:2] for row in checkpoints if row[2] is None],
             )
             self.conn.execute("COMMIT")
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+        except Exception as exc:
             self._rollback()
             raise QueueError(f"cannot commit {len(rows)} events to the queue: {exc}") from exc
         self._sequences = sequences
@@ -234,9 +238,10 @@ class QueueWriter:
         marks = ",".join("?" * len(sinks))
         # A delete lost to a power cut only means those events are sent again (at
         # least once), so it skips the fsync: the next commit of events (FULL)
-        # makes it durable with them.
-        self.conn.execute("PRAGMA synchronous = NORMAL")
+        # makes it durable with them. append() restores FULL first, whatever happens here.
         try:
+            self._relaxed = True
+            self.conn.execute("PRAGMA synchronous = NORMAL")
             self.conn.execute("BEGIN IMMEDIATE")
             row = self.conn.execute(
                 f"SELECT MIN(position), COUNT(*) FROM sink_cursors WHERE sink IN ({marks})",
@@ -253,14 +258,21 @@ class QueueWriter:
             self._rollback()
             raise QueueError(f"cannot delete confirmed events: {exc}") from exc
         finally:
-            self._restore_sync()
+            with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
+                self._restore_sync()
         return deleted
 
     def _restore_sync(self) -> None:
-        try:  # an in-memory setting: no I/O, so this does not fail in practice
+        """Back to the configured synchronous level after a delete; QueueError if not."""
+        try:
+            self._rollback()  # the level cannot change inside a transaction
             self.conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+            level = self.conn.execute("PRAGMA synchronous").fetchone()[0]
         except sqlite3.Error as exc:
             raise QueueError(f"cannot restore synchronous={self.sync}: {exc}") from exc
+        if level != {"full": 2, "normal": 1}[self.sync]:
+            raise QueueError(f"the queue refused synchronous={self.sync}")
+        self._relaxed = False
 
     def usage(self) -> Usage:
         """Cheap to ask before every commit: page counts and one stat."""
@@ -421,15 +433,16 @@ class SinkCursor:
         if time.monotonic() - self._flushed_at >= flush_after:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Write the confirmed position to disk if it moved; take a purge made meanwhile.
 
         ``edge-agent queue purge`` moves a cursor forward in the database; the
         position never moves back, and the forwarder skips what was purged.
-        Raises QueueError.
+        Returns whether a new position was written. Raises QueueError.
         """
         if self.position == self._saved and time.monotonic() - self._flushed_at < 1.0:
-            return
+            return False
+        moved = self.position != self._saved
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute(
@@ -446,6 +459,7 @@ class SinkCursor:
             raise QueueError(f"cannot record confirmations of sink {self.sink}: {exc}") from exc
         self.position = self._saved = max(self.position, stored)
         self._flushed_at = time.monotonic()
+        return moved
 
     def backlog(self) -> int:
         """Events this sink has not confirmed yet (index look-ups only)."""

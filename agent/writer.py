@@ -172,16 +172,19 @@ class Writer:
                 held = []
                 if batch and not self._admit(batch):
                     held = batch
+                    # Room comes from deletes: look again when they are due, or after
+                    # BLOCKED_RETRY; a sink's notify alone does not make room.
                     with self._cond:
-                        self._cond.wait(BLOCKED_RETRY)
+                        wait = min(BLOCKED_RETRY, self._housekeeping_due() - time.monotonic())
+                        self._cond.wait_for(lambda: self._stopping, max(0.0, wait))
                 elif batch:
                     self._commit(batch)
                     self._last_commit = time.monotonic()
                 now = time.monotonic()
                 self.last_progress = now
-                # Under load, every CLEANUP_INTERVAL (deletes in bulk); idle, soon after asked.
-                due = now - self._last_housekeeping >= CLEANUP_INTERVAL
-                if due or (not batch and now >= self._housekeeping_due()):
+                # Under load every CLEANUP_INTERVAL (deletes in bulk); once no commit came
+                # for IDLE_CLEANUP (idle, or blocked for room), as soon as a sink asks.
+                if now >= self._housekeeping_due():
                     self._last_housekeeping = now
                     self._housekeeping()
                 with self._cond:

@@ -153,3 +153,18 @@ def test_event_times_are_kept_in_one_form():
 
     with pytest.raises(ValueError, match="RFC 3339"):
         canonical_time("yesterday")
+
+
+def test_a_commit_of_events_is_never_left_at_synchronous_normal(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    writer.append(events("a", 2))
+    assert writer.delete_confirmed(["nobody"]) == 0  # the early way out restores it too
+    assert writer.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    # As if restoring after a delete had failed: the next commit puts FULL back first.
+    writer.conn.execute("PRAGMA synchronous = NORMAL")
+    writer._relaxed = True
+    writer.append(events("a", 1))
+    assert writer.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert count_events(store.path) == 3
