@@ -55,7 +55,7 @@ class SourceRunner:
         self.source = source
         self.plugin = plugin
         self.restarts = 0
-        #: Times run() raised, or a commit of its events was refused.
+        #: Times run() raised (refused commits: Agent.commit_errors, kept per name).
         self.errors = 0
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"source:{source.name}", daemon=True)
