@@ -2,7 +2,7 @@
 
 Not a test and not run by CI. It prints, in one run on one disk, events/s for
 
-1. raw ``sqlite3``: ``executemany`` of N rows into a table like ``events``, in one
+1. raw ``sqlite3``: ``executemany`` of N rows into the agent's ``events`` table, in one
    transaction, and in transactions of 1,000 (the ceilings);
 2. the project's queue, enqueue only: ``agent.writer.Writer`` fed by several
    source threads that each ``submit`` lists of events (group commit);
@@ -47,10 +47,13 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from sqlite_utils import Database  # noqa: E402
+
 from agent.bounds import Limits  # noqa: E402
 from agent.config import QueueSettings  # noqa: E402
 from agent.event import Event, encode_data  # noqa: E402
 from agent.forwarder import CURSOR_FLUSH_EVERY  # noqa: E402
+from agent.migrations import m001_queue  # noqa: E402
 from agent.queue import QueueStore, SinkCursor  # noqa: E402
 from agent.writer import Writer  # noqa: E402
 from bench.common import Row, cpu_model, write_results  # noqa: E402
@@ -61,20 +64,6 @@ METHODS = ("raw", "enqueue", "cycle", "pq")
 RAW_BATCH = 1000
 #: Longest any single measurement may take before the bench gives up on it.
 MEASUREMENT_TIMEOUT = 300.0
-
-EVENTS_DDL = """
-CREATE TABLE events (
-    position INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL,
-    source TEXT NOT NULL,
-    type TEXT NOT NULL,
-    time TEXT NOT NULL,
-    subject TEXT,
-    sequence INTEGER NOT NULL,
-    data TEXT NOT NULL
-)
-"""
-
 
 # -- the workload ------------------------------------------------------------------
 
@@ -222,11 +211,12 @@ def run_sources(writer: Writer, workload: Workload, chunk: int) -> Callable[[], 
 
 
 def raw_table(folder: str, sync: str) -> sqlite3.Connection:
-    """A fresh database with an ``events`` table like the agent's (WAL, incremental vacuum)."""
+    """A fresh database with the agent's own tables (its first migration; WAL,
+    incremental vacuum), written to without the agent's code."""
     conn = raw_connect(os.path.join(folder, "raw.db"), sync)
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("VACUUM")
-    conn.execute(EVENTS_DDL)
+    m001_queue(Database(conn))
     return conn
 
 
