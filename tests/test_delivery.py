@@ -15,7 +15,13 @@ pytestmark = pytest.mark.timeout(90)
 def test_an_event_leaves_the_queue_only_when_every_sink_confirmed(
     tmp_path, running_broker, agent_process
 ):
-    second = Mosquitto(str(tmp_path / "second-broker"))  # not started yet
+    # The backup broker's subscriber is in place before the agent can reach it:
+    # its persistent session is saved when the broker stops and restored when it
+    # starts again, so a publish in the first moments after the start is kept
+    # for it instead of racing its subscription.
+    second = Mosquitto(str(tmp_path / "second-broker")).start()
+    second_sub = Subscriber(second.port, "edge/#").start()
+    second.stop()
     config = (
         mqtt_agent_config(tmp_path, running_broker.port)
         + f"""
@@ -35,10 +41,10 @@ def test_an_event_leaves_the_queue_only_when_every_sink_confirmed(
 
         second.start()
         try:
-            with Subscriber(second.port, "edge/#") as second_sub:
-                wait_for(lambda: created_paths(second_sub.events()), 15, "delivery to backup")
-                wait_for(lambda: agent.queued() == 0, 10, "the queue to empty")
+            wait_for(lambda: created_paths(second_sub.events()), 15, "delivery to backup")
+            wait_for(lambda: agent.queued() == 0, 10, "the queue to empty")
         finally:
+            second_sub.stop()
             second.stop()
     assert agent.terminate() == 0
 
