@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _encode_basestring
 from typing import Any
 
 SEQUENCE_DIGITS = 20
@@ -96,7 +97,8 @@ def canonical_time(value: object) -> str:
 
 
 def _string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+    """``json.dumps(text, ensure_ascii=False)``, without building an encoder on each call."""
+    return _encode_basestring(text)
 
 
 _BAD_TYPE_CHARS = re.compile(r"[\x00-\x1f\x7f+#/\s]")
