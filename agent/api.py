@@ -232,8 +232,10 @@ class Sink:
     def check_connection(self) -> None:
         """Raise :class:`agent.errors.SinkUnavailable` if the connection is known to be lost.
 
-        Called about once a second while there is nothing to send, so that an
-        outage is noticed (and logged) before the next event arrives. The
+        Called about once a second while there is nothing to send, and while
+        the forwarder waits after a round that confirmed nothing, so that an
+        outage is noticed (and logged) before the next event arrives. A sink
+        whose client has no thread of its own answers heartbeats here. The
         default does nothing.
         """
 

@@ -10,6 +10,7 @@ in order, after a reconnect or a restart.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -146,13 +147,20 @@ class Forwarder:
         self.connected = False
 
     def _pause(self, seconds: float) -> None:
-        """Wait before a retry, ending early when the agent stops."""
+        """Wait before a retry, ending early when the agent stops.
+
+        A connection still open (after a refusal, say) is looked after meanwhile,
+        so its keepalive goes on; if it is lost, the next publish finds out.
+        """
         end = time.monotonic() + seconds
         while not self.sink.stopping.is_set() and self._drain_deadline is None:
             self.last_progress = time.monotonic()  # waiting by design is not being stuck
             left = end - time.monotonic()
             if left <= 0:
                 return
+            if self.connected:
+                with contextlib.suppress(Exception):
+                    self.sink.check_connection()
             self.sink.stopping.wait(min(left, 0.5))
 
     def _forward(self, cursor: SinkCursor) -> None:

@@ -7,13 +7,20 @@ across reconnects. Each connection uses a fresh paho client with automatic
 reconnect off, so paho never re-sends on its own; the forwarder re-sends
 unconfirmed events from disk, in order, after it reconnects.
 
+paho runs without a thread of its own: the forwarder's thread drives the
+socket (paho's ``loop_read``/``loop_write``/``loop_misc`` after a ``select``)
+while it waits for acknowledgements, and about once a second while idle
+(:meth:`MqttSink.check_connection`), which keeps the keepalive. Publishing
+from one thread while paho's thread reads the acknowledgements took twice
+the CPU per message: every message and every acknowledgement crossed threads.
+
 The options and how events become messages are in :mod:`plugins.mqtt_messages`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
+import select
 import socket
 import ssl
 import threading
@@ -49,8 +56,8 @@ class MqttSink(Sink):
         self._topics = TopicCache(config.topic)
         self._client: mqtt.Client | None = None
         self._broker = config.brokers()[0]
-        self._connack: queue.SimpleQueue = queue.SimpleQueue()
-        self._acks: queue.SimpleQueue = queue.SimpleQueue()
+        self._connack: list[tuple[Any, Any] | None] = []
+        self._acks: list[tuple[int, Any]] = []
         self._connected = threading.Event()
         self._disconnect_reason: str | None = None
         self._inflight: dict[int, QueuedEvent] = {}  # queue position -> event, this connection
@@ -63,23 +70,59 @@ class MqttSink(Sink):
         host, port = self._broker
         return f"{host}:{port}"
 
-    # -- paho callbacks: network thread; no I/O, no exceptions -------------
+    # -- paho callbacks: run inside _service(); no I/O, no exceptions ------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        # Set here, in the network thread, so a disconnect right after CONNACK
-        # (handled after this in the same thread) always leaves it cleared.
         if not reason_code.is_failure:
             self._connected.set()
-        self._connack.put((reason_code, properties))
+        self._connack.append((reason_code, properties))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._disconnect_reason = str(reason_code)
         self._connected.clear()
-        self._acks.put(None)  # wake a waiting publish()
-        self._connack.put(None)  # and a waiting open()
+        self._connack.append(None)  # ends a wait in open()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._acks.put((mid, reason_code))
+        self._acks.append((mid, reason_code))
+
+    def _service(self, timeout: float) -> bool:
+        """Move bytes both ways for up to ``timeout`` seconds; False once the connection is gone.
+
+        What paho's ``loop()`` does, without its wake-up socket pair: paho
+        writes a byte to that pair on every publish, for a thread that is not
+        there.
+        """
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if sock is None:
+            return False
+        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
+        if pending is not None and pending() > 0:
+            timeout = 0.0
+        try:
+            readable, writable, _ = select.select(
+                [sock], [sock] if client.want_write() else [], [], timeout
+            )
+        except (OSError, ValueError, TypeError):  # closed under us
+            return self._lost(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        ok = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if readable or (pending is not None and pending() > 0):
+            rc = client.loop_read()
+            if rc != ok or client.socket() is None:
+                return self._lost(rc)
+        if writable:
+            rc = client.loop_write()
+            if rc != ok or client.socket() is None:
+                return self._lost(rc)
+        rc = client.loop_misc()
+        return rc == ok or self._lost(rc)
+
+    def _lost(self, rc: MQTTErrorCode) -> bool:
+        """The connection is unusable (paho said why in ``rc``): always False."""
+        if self._disconnect_reason is None or self._connected.is_set():
+            self._disconnect_reason = mqtt.error_string(rc)
+        self._connected.clear()
+        return False
 
     # -- connecting ----------------------------------------------------------
 
@@ -141,8 +184,8 @@ class MqttSink(Sink):
         config = self.config
         v5 = config.protocol == "5"
         client = self._client_for()
-        self._connack = queue.SimpleQueue()
-        self._acks = queue.SimpleQueue()
+        self._connack = []
+        self._acks = []
         self._connected.clear()
         self._disconnect_reason = None
         self._inflight = {}
@@ -169,7 +212,6 @@ class MqttSink(Sink):
             # Small PUBLISH packets must not wait for Nagle's algorithm; paho leaves it on.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.loop_start()
         reason_code, connack_properties = self._await_connack()
         if reason_code.is_failure:
             raise SinkUnavailable(f"the broker refused the connection: {reason_code}")
@@ -196,10 +238,11 @@ class MqttSink(Sink):
                     "the broker accepted the TCP connection but sent no CONNACK within"
                     f" {timeout:g}s"
                 )
-            try:
-                answer = self._connack.get(timeout=min(left, 0.5))
-            except queue.Empty:
+            if not self._connack:
+                if not self._service(min(left, 0.5)) and not self._connack:
+                    self._connack.append(None)  # closed without a word
                 continue
+            answer = self._connack.pop(0)
             if answer is None:
                 raise SinkUnavailable(
                     "the broker closed the connection before answering"
@@ -234,7 +277,8 @@ class MqttSink(Sink):
                 retain=config.retain,
                 properties=message.properties,
             )
-            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
+                self._lost(info.rc)
                 if not self._inflight:
                     raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
                 break  # nothing more can go out; what went out may still be acked
@@ -250,31 +294,21 @@ class MqttSink(Sink):
         confirmed: list[QueuedEvent] = []
         refused: list[str] = []
         deadline = time.monotonic() + self.config.ack_timeout
-        block = True
-        while self._mids and not self.stopping.is_set():
-            try:
-                if block:
-                    item = self._acks.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.5)))
-                else:
-                    item = self._acks.get_nowait()
-            except queue.Empty:
-                if not block or time.monotonic() >= deadline:
-                    break
-                continue
-            if item is None:
-                if not self._connected.is_set():
-                    break
-                continue
-            mid, reason_code = item
+        acks = self._acks
+        while self._mids and not acks and not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._service(min(left, 0.5)):
+                break
+        for mid, reason_code in acks:
             positions = self._mids.pop(mid, None)
             if positions is None:
                 continue
-            block = False  # got one: now take whatever else is already there
             events = [self._inflight.pop(p) for p in positions if p in self._inflight]
             if reason_code.is_failure:
                 refused += [f"{event.id}: {reason_code}" for event in events]
             else:
                 confirmed += events
+        acks.clear()
         if refused:
             self.refused += len(refused)
             self.log.warning(
@@ -292,6 +326,9 @@ class MqttSink(Sink):
         return confirmed
 
     def check_connection(self) -> None:
+        """Answer pings and send the keepalive; raise if the connection is gone."""
+        if self._connected.is_set():
+            self._service(0.0)
         if not self._connected.is_set():
             raise SinkUnavailable(
                 f"connection lost ({self._disconnect_reason or 'unknown reason'})"
@@ -309,10 +346,15 @@ class MqttSink(Sink):
                 info = client.publish(
                     self._status_topic(), self.config.status_offline, qos=1, retain=True
                 )
-                info.wait_for_publish(1.0)
+                deadline = time.monotonic() + 1.0
+                while not info.is_published() and time.monotonic() < deadline:
+                    if not self._service(0.1):
+                        break
         with contextlib.suppress(Exception):
-            client.disconnect()
-        client.loop_stop()
+            client.disconnect()  # written at once; paho closes the socket after it
+        with contextlib.suppress(Exception):
+            if client.socket() is not None:
+                client.socket().close()
 
 
 @hookimpl
