@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import created_paths, mqtt_agent_config
 
 from agent import Event
 from agent.testing import Mosquitto, SinkHarness, Subscriber, free_port, wait_for
@@ -301,5 +302,31 @@ def test_retain_message_expiry_and_a_persistent_session(tmp_path):
         assert 0 < sub.messages[0].properties.MessageExpiryInterval <= 3600
         log = Path(broker.log_path).read_text()
         assert "as gw-01-session (p5, c0" in log, "connected without a clean start"
+    finally:
+        broker.stop()
+
+
+def test_an_idle_connection_keeps_alive_and_still_delivers(tmp_path, agent_process):
+    """paho has no thread of its own in the sink: the idle forwarder must keep the
+    keepalive, or the broker drops the client after 1.5 keepalive periods of silence."""
+    broker = Mosquitto(str(tmp_path / "b"), extra_config="log_type all").start()
+    try:
+        config = mqtt_agent_config(tmp_path, broker.port, sink="keepalive = 2")
+        agent = agent_process(config).start()
+        agent.wait_log("connected to")
+        broker_log = Path(broker.log_path)
+        wait_for(
+            lambda: broker_log.read_text().count("Received PINGREQ from edge-agent-") >= 3,
+            15,
+            "three keepalive pings from the idle agent",
+        )
+        text = broker_log.read_text()
+        assert "exceeded timeout" not in text
+        assert text.count("New client connected") == 1, "one connection, never dropped"
+        with Subscriber(broker.port, "edge/#") as sub:
+            (tmp_path / "inbox" / "late.csv").write_text("1")
+            wait_for(lambda: created_paths(sub.events()), 10, "an event after the idle time")
+        assert "reconnect" not in agent.log().lower()
+        assert agent.terminate() == 0
     finally:
         broker.stop()
