@@ -146,6 +146,9 @@ class FileSource(Source):
             if reason is None:
                 if path in problems:
                     self.log.info("watching %s now (it was: %s)", path, problems.pop(path))
+                else:
+                    below = " and its subfolders" if self.config.recursive else ""
+                    self.log.info("watching %s%s", path, below)
                 continue
             if problems.get(path) != reason:
                 problems[path] = reason
