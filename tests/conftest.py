@@ -84,6 +84,15 @@ class AgentProcess:
     def wait_log(self, text: str, timeout: float = 10.0) -> None:
         wait_for(lambda: text in self.log(), timeout, f"{text!r} in the agent's log:\n{self.log()}")
 
+    def wait_started(self, timeout: float = 10.0) -> None:
+        """Wait until the sink is connected and the file source watches its folder.
+
+        A file made before the watch exists is never reported, and the sink can
+        connect before the source's thread has set its watch up.
+        """
+        self.wait_log("connected to", timeout)
+        self.wait_log("watching ", timeout)
+
     @property
     def pid(self) -> int:
         """The agent's own process id, also when it runs under a wrapper."""

@@ -59,7 +59,7 @@ def test_a_broker_refusal_keeps_the_event_queued(tmp_path, agent_process):
     try:
         config = mqtt_agent_config(tmp_path, broker.port, sink='protocol = "5"')
         agent = agent_process(config).start()
-        agent.wait_log("connected to")
+        agent.wait_started()
         (tmp_path / "inbox" / "a.csv").write_text("1")
         agent.wait_log("Not authorized", timeout=15)
         assert agent.queued() == 2, "the refused event and the one after it stay queued"

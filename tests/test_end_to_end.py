@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_created_files_arrive_as_cloudevents(tmp_path, subscriber, running_broker, agent_process):
     agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port)).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     paths = make_files(tmp_path / "inbox", 3)
 
     wait_for(lambda: len(created_paths(subscriber.events())) == 3, 15, "3 file.created events")
@@ -46,7 +46,7 @@ def test_backlog_while_broker_is_down_arrives_in_order(
     tmp_path, subscriber, running_broker, agent_process
 ):
     agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port)).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
 
@@ -66,7 +66,7 @@ def test_backlog_while_broker_is_down_arrives_in_order(
 
 def test_sigkill_with_backlog_loses_nothing(tmp_path, subscriber, running_broker, agent_process):
     agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port)).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
     paths = make_files(tmp_path / "inbox", 300)
@@ -102,7 +102,7 @@ def test_offline_at_start_says_so_once_and_buffers(tmp_path, agent_process):
 
 def test_sigterm_commits_and_exits_zero_within_grace(tmp_path, running_broker, agent_process):
     agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port, grace="2s")).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
     make_files(tmp_path / "inbox", 50)
@@ -127,7 +127,7 @@ def test_bad_inputs_are_reported_and_the_rest_keeps_running(
     )
     agent = agent_process(config).start()
     agent.wait_log(f"cannot watch {missing}: no such file or folder")
-    agent.wait_log("connected to")
+    agent.wait_started()
 
     # A name that is not UTF-8 is sent with replacement characters and the raw bytes.
     raw_name = os.fsencode(str(tmp_path / "inbox")) + b"/bad-\xff-name.txt"

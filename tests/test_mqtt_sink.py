@@ -159,7 +159,7 @@ def test_passwords_and_a_wrong_one(tmp_path, agent_process):
         (tmp_path / "inbox").mkdir()
         with Subscriber(broker.port, "edge/#", username="gw-01", password="right") as sub:
             agent.start()
-            agent.wait_log("connected to")
+            agent.wait_started()
             (tmp_path / "inbox" / "a.csv").write_text("1")
             wait_for(lambda: sub.messages, 10, "an event through the password-protected broker")
         assert "right" not in agent.log()
@@ -313,7 +313,7 @@ def test_an_idle_connection_keeps_alive_and_still_delivers(tmp_path, agent_proce
     try:
         config = mqtt_agent_config(tmp_path, broker.port, sink="keepalive = 2")
         agent = agent_process(config).start()
-        agent.wait_log("connected to")
+        agent.wait_started()
         broker_log = Path(broker.log_path)
         wait_for(
             lambda: broker_log.read_text().count("Received PINGREQ from edge-agent-") >= 3,

@@ -164,7 +164,7 @@ def test_broker_that_never_acks_costs_reconnects_not_events(tmp_path, agent_proc
         agent = agent_process(config).start()
         assert agent.process is not None
         pid = agent.process.pid
-        agent.wait_log("connected to")
+        agent.wait_started()
         paths = make_files(tmp_path / "inbox", files)
         wait_for(lambda: agent.queued() == events, 15, f"{events} events queued")
         agent.wait_log("no acknowledgement within 1s", timeout=15)
@@ -255,7 +255,7 @@ def test_flapping_broker_loses_nothing_and_backs_off(
         agent = agent_process(config).start()
         assert agent.process is not None
         pid = agent.process.pid
-        agent.wait_log("connected to")
+        agent.wait_started()
         writing.start()
 
         cpu_start, wall_start = cpu_seconds(pid), time.monotonic()

@@ -20,7 +20,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
 ):
     agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port))
     agent.start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     (tmp_path / "inbox" / "a.csv").write_text("1")
     wait_for(lambda: len(subscriber.messages) >= 2, 10, "the events")
 
@@ -173,7 +173,7 @@ def test_prometheus_metrics_parse_with_prometheus_clients_parser(
     )
     agent = agent_process(config).start()
     agent.wait_log("serving Prometheus metrics")
-    agent.wait_log("connected to")
+    agent.wait_started()
     (tmp_path / "inbox" / "a.csv").write_text("1")
     wait_for(lambda: len(subscriber.messages) >= 2, 10, "the events")
 
@@ -214,7 +214,7 @@ def test_the_status_source_sends_the_agents_health_to_the_broker(
         '\n[[sources.status]]\ninterval = "1s"\n'
     )
     agent = agent_process(config).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     (tmp_path / "inbox" / "a.csv").write_text("1")
 
     def statuses() -> list[dict]:
@@ -257,7 +257,7 @@ def test_counters_survive_a_reload_that_restarts_the_sink(
 ):
     base = mqtt_agent_config(tmp_path, running_broker.port)
     agent = agent_process(base).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     (tmp_path / "inbox" / "a.csv").write_text("1")
 
     def cloud() -> dict:

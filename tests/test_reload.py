@@ -20,7 +20,7 @@ def test_reload_under_load_loses_nothing_and_refuses_a_bad_file(
 ):
     base = mqtt_agent_config(tmp_path, running_broker.port)
     agent = agent_process(base).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     (tmp_path / "app.log").write_text("")
 
     written: list[str] = []
@@ -73,7 +73,7 @@ def test_reload_under_load_loses_nothing_and_refuses_a_bad_file(
 def test_a_removed_source_stops(tmp_path, subscriber, running_broker, agent_process):
     base = mqtt_agent_config(tmp_path, running_broker.port)
     agent = agent_process(base).start()
-    agent.wait_log("connected to")
+    agent.wait_started()
     agent.config_path.write_text(
         base.split("[[sources.file]]")[0] + "[[sinks.mqtt]]" + base.split("[[sinks.mqtt]]")[1]
     )
