@@ -12,6 +12,7 @@ transaction by accident.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -36,6 +37,11 @@ Checkpoint = tuple[str, str, str | None]
 BUSY_TIMEOUT_MS = 10_000
 #: After a checkpoint, the WAL file is cut back to this size.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
+#: Events per INSERT statement. One statement of many rows is one sqlite3_step,
+#: so Python's sqlite3 lets go of the interpreter lock and takes it back once,
+#: where executemany does so for every row; under load another thread holds the
+#: lock by then, and each row waited for it.
+INSERT_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,17 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(exc)
 
 
+_COLUMNS = 7  # of an event row, as _insert_sql lists them
+
+
+@functools.lru_cache(maxsize=INSERT_ROWS)
+def _insert_sql(rows: int) -> str:
+    """INSERT of ``rows`` events in one statement."""
+    return "INSERT INTO events (id, source, type, time, subject, sequence, data) VALUES " + (
+        ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
+    )
+
+
 class QueueWriter:
     """Inserts events and deletes confirmed ones. Owned by the writer thread."""
 
@@ -193,20 +210,25 @@ class QueueWriter:
         if self._relaxed:
             self._restore_sync()  # QueueError: this batch is not accepted
         sequences = dict(self._sequences)
-        rows = []
+        values: list = []  # the rows' columns, one after the other
         for event, data_json in events:
             sequence = sequences.get(event.source, 0) + 1
             sequences[event.source] = sequence
-            rows.append(
-                (event.id, event.source, event.type, event.time, event.subject, sequence, data_json)
+            values += (
+                event.id,
+                event.source,
+                event.type,
+                event.time,
+                event.subject,
+                sequence,
+                data_json,
             )
+        step = INSERT_ROWS * _COLUMNS
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                "INSERT INTO events (id, source, type, time, subject, sequence, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            for start in range(0, len(values), step):
+                part = values[start : start + step]
+                self.conn.execute(_insert_sql(len(part) // _COLUMNS), part)
             self.conn.executemany(
                 "INSERT INTO source_sequences (source, last) VALUES (?, ?)"
                 " ON CONFLICT (source) DO UPDATE SET last = excluded.last",
@@ -228,7 +250,7 @@ class QueueWriter:
             self.conn.execute("COMMIT")
         except Exception as exc:
             self._rollback()
-            raise QueueError(f"cannot commit {len(rows)} events to the queue: {exc}") from exc
+            raise QueueError(f"cannot commit {len(events)} events to the queue: {exc}") from exc
         self._sequences = sequences
 
     def delete_confirmed(self, sinks: Sequence[str]) -> int:
