@@ -295,7 +295,9 @@ class MqttSink(Sink):
         refused: list[str] = []
         deadline = time.monotonic() + self.config.ack_timeout
         acks = self._acks
-        while self._mids and not acks and not self.stopping.is_set():
+        mids = self._mids
+        # Acks of other messages (the status topic's) do not end the wait.
+        while mids and not any(mid in mids for mid, _ in acks) and not self.stopping.is_set():
             left = deadline - time.monotonic()
             if left <= 0 or not self._service(min(left, 0.5)):
                 break
@@ -335,13 +337,13 @@ class MqttSink(Sink):
             )
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        connected = self._connected.is_set()
-        self._connected.clear()
+        client = self._client
         if client is None:
             return
-        if connected and self.config.status_topic:
+        clean = True
+        if self._connected.is_set() and self.config.status_topic:
             # A clean disconnect: say so, since the broker does not send the will then.
+            clean = False
             with contextlib.suppress(Exception):
                 info = client.publish(
                     self._status_topic(), self.config.status_offline, qos=1, retain=True
@@ -350,8 +352,12 @@ class MqttSink(Sink):
                 while not info.is_published() and time.monotonic() < deadline:
                     if not self._service(0.1):
                         break
-        with contextlib.suppress(Exception):
-            client.disconnect()  # written at once; paho closes the socket after it
+                clean = info.is_published()
+        self._client = None
+        self._connected.clear()
+        if clean:  # else no DISCONNECT: the broker then sends the will ("offline") itself
+            with contextlib.suppress(Exception):
+                client.disconnect()  # written at once; paho closes the socket after it
         with contextlib.suppress(Exception):
             if client.socket() is not None:
                 client.socket().close()
