@@ -334,17 +334,19 @@ def test_an_idle_connection_keeps_alive_and_still_delivers(tmp_path, agent_proce
 
 @pytest.mark.parametrize("qos", [1, 2])
 def test_the_status_topics_own_ack_does_not_end_the_wait_for_events(
-    tmp_path, subscriber, running_broker, agent_process, qos
+    tmp_path, running_broker, agent_process, qos
 ):
     """The PUBACK of the "online" status message is not an event's: a round that read
     it must go on waiting for the events' acks (at QoS 2 it always comes first)."""
     sink = f'status_topic = "status/{{agent}}"\n        qos = {qos}'
-    agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port, sink=sink)).start()
-    agent.wait_started()
-    paths = make_files(tmp_path / "inbox", 3)
-    wait_for(lambda: len(created_paths(subscriber.events())) >= 3, 15, "three events")
-    wait_for(lambda: agent.queued() == 0, 10, "the queue to empty")
-    assert sorted(created_paths(subscriber.events())) == paths, "each event once"
+    agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port, sink=sink))
+    with Subscriber(running_broker.port, "edge/test-gw/#") as subscriber:
+        agent.start()
+        agent.wait_started()
+        paths = make_files(tmp_path / "inbox", 3)
+        wait_for(lambda: len(created_paths(subscriber.events())) >= 3, 15, "three events")
+        wait_for(lambda: agent.queued() == 0, 10, "the queue to empty")
+        assert sorted(created_paths(subscriber.events())) == paths, "each event once"
     log = agent.log()
     assert "no acknowledgement" not in log
     assert log.count("connected to") == 1, "never reconnected"
