@@ -35,6 +35,9 @@ from paho.mqtt.properties import Properties
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
 from plugins.mqtt_messages import MqttConfig, TopicCache, build_messages
 
+#: poll() events that send the sink to loop_read: data, or a hang-up or error it reports.
+_READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
 
 class MqttSink(Sink):
     """Publishes events to MQTT: CloudEvents JSON by default, batched if asked."""
@@ -99,12 +102,20 @@ class MqttSink(Sink):
         pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
         if pending is not None and pending() > 0:
             timeout = 0.0
+        # poll(), not select(): select() cannot watch a descriptor of 1024 or more,
+        # which an agent tailing many files may well hand out to this socket.
+        poller = select.poll()
         try:
-            readable, writable, _ = select.select(
-                [sock], [sock] if client.want_write() else [], [], timeout
-            )
+            poller.register(sock, _READ | (select.POLLOUT if client.want_write() else 0))
+            happened = 0
+            for _fd, mask in poller.poll(int(timeout * 1000)):
+                happened |= mask
         except (OSError, ValueError, TypeError):  # closed under us
             return self._lost(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if happened & select.POLLNVAL:
+            return self._lost(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        readable = happened & _READ  # a hang-up or an error too: loop_read finds out
+        writable = happened & select.POLLOUT
         ok = MQTTErrorCode.MQTT_ERR_SUCCESS
         if readable or (pending is not None and pending() > 0):
             rc = client.loop_read()

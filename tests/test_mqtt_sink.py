@@ -4,6 +4,7 @@ failover, and the status topic with a broker-side last will."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from pathlib import Path
 
@@ -351,3 +352,24 @@ def test_the_status_topics_own_ack_does_not_end_the_wait_for_events(
     assert "no acknowledgement" not in log
     assert log.count("connected to") == 1, "never reconnected"
     assert agent.terminate() == 0
+
+
+def test_a_socket_numbered_1024_or_above_still_works(broker):
+    """select() cannot watch a descriptor of 1024 or more, and an agent tailing many
+    files hands those out; the sink waits with poll()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held: list[int] = []
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        held.append(null)
+        while held[-1] < 1100:  # the sink's socket gets the next free number, above these
+            held.append(os.dup(null))
+        confirmed = deliver({"port": broker.port})
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(confirmed) == 3
