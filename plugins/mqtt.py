@@ -23,7 +23,6 @@ import contextlib
 import select
 import socket
 import ssl
-import threading
 import time
 from typing import Any
 
@@ -61,7 +60,7 @@ class MqttSink(Sink):
         self._broker = config.brokers()[0]
         self._connack: list[tuple[Any, Any] | None] = []
         self._acks: list[tuple[int, Any]] = []
-        self._connected = threading.Event()
+        self._connected = False  # only the forwarder's thread reads or sets it
         self._disconnect_reason: str | None = None
         self._inflight: dict[int, QueuedEvent] = {}  # queue position -> event, this connection
         self._mids: dict[int, list[int]] = {}  # paho message id -> positions it carries
@@ -77,12 +76,12 @@ class MqttSink(Sink):
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if not reason_code.is_failure:
-            self._connected.set()
+            self._connected = True
         self._connack.append((reason_code, properties))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._disconnect_reason = str(reason_code)
-        self._connected.clear()
+        self._connected = False
         self._connack.append(None)  # ends a wait in open()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -130,9 +129,9 @@ class MqttSink(Sink):
 
     def _lost(self, rc: MQTTErrorCode) -> bool:
         """The connection is unusable (paho said why in ``rc``): always False."""
-        if self._disconnect_reason is None or self._connected.is_set():
+        if self._disconnect_reason is None or self._connected:
             self._disconnect_reason = mqtt.error_string(rc)
-        self._connected.clear()
+        self._connected = False
         return False
 
     # -- connecting ----------------------------------------------------------
@@ -197,7 +196,7 @@ class MqttSink(Sink):
         client = self._client_for()
         self._connack = []
         self._acks = []
-        self._connected.clear()
+        self._connected = False
         self._disconnect_reason = None
         self._inflight = {}
         self._mids = {}
@@ -232,7 +231,7 @@ class MqttSink(Sink):
             window = min(window, receive_maximum)  # paho ignores the broker's limit
         self.window = max(1, window)
         self.max_batch = self.window * config.batch_max_events
-        if not self._connected.is_set():
+        if not self._connected:
             raise SinkUnavailable(
                 f"connection lost right after CONNACK ({self._disconnect_reason})"
             )
@@ -274,7 +273,7 @@ class MqttSink(Sink):
         while the last acknowledgements trickle in.
         """
         client = self._client
-        if client is None or not self._connected.is_set():
+        if client is None or not self._connected:
             raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
         config = self.config
         fresh = [e for e in events if e.position not in self._inflight]
@@ -332,7 +331,7 @@ class MqttSink(Sink):
                 "; ".join(refused[:3]),
             )
         if self._mids and not confirmed and not refused and not self.stopping.is_set():
-            if not self._connected.is_set():
+            if not self._connected:
                 raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
             raise SinkUnavailable(f"no acknowledgement within {self.config.ack_timeout:g}s")
         confirmed.sort(key=lambda e: e.position)
@@ -340,9 +339,9 @@ class MqttSink(Sink):
 
     def check_connection(self) -> None:
         """Answer pings and send the keepalive; raise if the connection is gone."""
-        if self._connected.is_set():
+        if self._connected:
             self._service(0.0)
-        if not self._connected.is_set():
+        if not self._connected:
             raise SinkUnavailable(
                 f"connection lost ({self._disconnect_reason or 'unknown reason'})"
             )
@@ -352,7 +351,7 @@ class MqttSink(Sink):
         if client is None:
             return
         clean = True
-        if self._connected.is_set() and self.config.status_topic:
+        if self._connected and self.config.status_topic:
             # A clean disconnect: say so, since the broker does not send the will then.
             clean = False
             with contextlib.suppress(Exception):
@@ -365,7 +364,7 @@ class MqttSink(Sink):
                         break
                 clean = info.is_published()
         self._client = None
-        self._connected.clear()
+        self._connected = False
         if clean:  # else no DISCONNECT: the broker then sends the will ("offline") itself
             with contextlib.suppress(Exception):
                 client.disconnect()  # written at once; paho closes the socket after it
