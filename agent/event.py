@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from json.encoder import encode_basestring as _encode_basestring
+from json.encoder import encode_basestring
 from typing import Any
 
 SEQUENCE_DIGITS = 20
@@ -96,9 +96,8 @@ def canonical_time(value: object) -> str:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _string(text: str) -> str:
-    """``json.dumps(text, ensure_ascii=False)``, without building an encoder on each call."""
-    return _encode_basestring(text)
+#: ``json.dumps(text, ensure_ascii=False)`` for a str, without building an encoder per call.
+_string = encode_basestring
 
 
 _BAD_TYPE_CHARS = re.compile(r"[\x00-\x1f\x7f+#/\s]")
