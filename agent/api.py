@@ -28,6 +28,7 @@ A **sink** is driven by a forwarder thread that owns it: ``open()``, then
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -68,12 +69,24 @@ class Source:
 
     Attributes set for you: ``name`` (instance name), ``config`` (an instance
     of :attr:`Config`), ``agent_id``, ``log`` (a logger named after the
-    instance) and ``stopping`` (a ``threading.Event``).
+    instance), ``stopping`` (a ``threading.Event``) and ``counters`` (see
+    :meth:`count`).
+
+    **Listening.** The agent tells systemd it is ready (READY=1) only once
+    every source listens, so that nothing that happens after
+    ``systemctl start`` returns is missed. A source whose ``run`` sets
+    something up first (a watch, an open file, a socket) sets
+    :attr:`announces_listening` and calls :meth:`listening` once it is set
+    up; any other source counts as listening as soon as ``run`` is called.
     """
 
     #: The config schema: a dataclass (see :mod:`agent.schema`), or None for
     #: a source that takes no options besides ``name``.
     Config: ClassVar[type | None] = None
+
+    #: True if :meth:`run` calls :meth:`listening` once it has set up what it
+    #: listens on. False: the source listens as soon as ``run`` is called.
+    announces_listening: ClassVar[bool] = False
 
     def __init__(self, *, name: str, config: Any, context: SourceContext) -> None:
         self.name = name
@@ -82,10 +95,54 @@ class Source:
         self.agent_id = context.agent_id
         self.log = logging.getLogger(f"edge_agent.source.{name}")
         self.stopping = threading.Event()
+        #: Set once the source listens (see :meth:`listening`).
+        self.is_listening = threading.Event()
+        #: Counts of this source's own (overflows, bytes dropped...), shown by
+        #: ``edge-agent status`` and the metrics. Change them with :meth:`count`.
+        self.counters: collections.Counter[str] = collections.Counter()
 
     def run(self) -> None:
         """Produce events until :attr:`stopping` is set. Runs in its own thread."""
         raise NotImplementedError
+
+    def listening(self) -> None:
+        """Say that the source has set up what it listens on (see the class docstring).
+
+        Call it once every watch is set, every file opened at its offset, every
+        socket bound, or tried (a path that does not exist yet counts as tried:
+        it is looked for again later). Calling it again does nothing.
+        """
+        self.is_listening.set()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to this source's counter ``name`` (for example "overflows").
+
+        Counters are shown per source by ``edge-agent status`` and as the
+        metric ``edge_agent_source_counter_total{source=..., counter=name}``;
+        they never go back, also across a reload. Call it from the source's
+        own threads.
+        """
+        self.counters[name] += amount
+
+    def report_gap(self, type: str, data: dict[str, Any], *, subject: str | None = None) -> bool:
+        """Report a loss that is certain and cannot be undone, as an event of its own.
+
+        ``type`` is ``"<kind>.gap"`` (``file.gap``, ``log.gap``...); ``data``
+        names what was lost as precisely as the source knows: a path, a byte
+        range, a count, a time window, and a ``reason``. The event is
+        committed like any other (retried while the queue cannot take it), a
+        warning is logged, and the source's ``gaps`` counter goes up.
+        Consumers alert on ``*.gap``; docs/events.md lists them. Returns False
+        if the source was told to stop before the event could be committed.
+        """
+        if not type.endswith(".gap"):
+            raise ValueError(f"a gap event's type ends in '.gap', not {type!r}")
+        self.log.warning(
+            "reporting a %s event: %s",
+            type,
+            ", ".join(f"{key}={value}" for key, value in data.items()),
+        )
+        return self.emit_until_accepted([self.event(type, data, subject=subject)])
 
     def stop(self) -> None:
         """Ask :meth:`run` to return. Override to wake a blocking call; call super()."""

@@ -68,6 +68,15 @@ class AgentCollector:
             latency.add_metric([forwarder.name], histogram.cumulative(), histogram.sum)
         yield latency
         yield from _per_instance("source", data["sources"], SOURCE_METRICS)
+        counters = CounterMetricFamily(
+            "edge_agent_source_counter",
+            "A source's own counts (inotify overflows, bytes dropped...), by name.",
+            labels=["source", "counter"],
+        )
+        for source, values in data["sources"].items():
+            for counter, count in values["counters"].items():
+                counters.add_metric([source, counter], count)
+        yield counters
         yield from _per_instance("processor", data["processors"], PROCESSOR_METRICS)
 
 
@@ -109,6 +118,11 @@ SOURCE_METRICS = {
     "errors": (
         "edge_agent_source_errors",
         "Failures (run() raised) and refused commits of a source.",
+        "counter",
+    ),
+    "gaps": (
+        "edge_agent_source_gaps",
+        "Gap events (a known loss, type <kind>.gap) a source committed.",
         "counter",
     ),
     "warnings": (

@@ -108,11 +108,13 @@ def reload(agent: Any) -> bool:
             if instance.name not in old_sinks:
                 changes.append(f"sink {instance.name} started")
     running_sources = {r.source.name for r in agent.sources}
+    started = []
     for instance in new.sources:
         if instance.name not in running_sources and ("source", instance.name) not in stuck:
-            agent.start_source(instance)
+            started.append(agent.start_source(instance))
             if instance.name not in old_sources:
                 changes.append(f"source {instance.name} started")
+    agent.wait_until_listening([r for r in started if r is not None])
     log.info(
         "SIGHUP: configuration reloaded from %s: %s",
         path,

@@ -46,6 +46,8 @@ DAMAGED_REMINDER = 3600.0
 #: A writer or forwarder whose loop has not turned for this long is stuck.
 STUCK_AFTER = 120.0
 STATUS_EVERY = 5.0
+#: How long start-up (and a reload) waits for sources to listen before READY=1.
+LISTEN_TIMEOUT = 30.0
 
 
 class SourceRunner:
@@ -67,6 +69,7 @@ class SourceRunner:
         """Take the counters of the runner this one replaces (a reload)."""
         self.restarts = old.restarts
         self.errors = old.errors
+        self.source.counters.update(old.source.counters)
 
     def stop(self) -> None:
         try:
@@ -84,6 +87,8 @@ class SourceRunner:
         source = self.source
         while not source.stopping.is_set():
             started = time.monotonic()
+            if not source.announces_listening:
+                source.listening()
             try:
                 source.run()
             except Exception as exc:
@@ -139,6 +144,8 @@ class Agent:
         self.bytes_in: collections.Counter[str] = collections.Counter()
         #: Commits refused per source (an event that cannot be sent, a queue that cannot grow).
         self.commit_errors: collections.Counter[str] = collections.Counter()
+        #: Gap events (type "<kind>.gap": a known loss) committed per source.
+        self.gaps: collections.Counter[str] = collections.Counter()
         #: Exceptions raised by each processor's process().
         self.processor_errors: collections.Counter[str] = collections.Counter()
         #: Warnings and errors each plugin instance logged.
@@ -176,6 +183,9 @@ class Agent:
             self.commit_errors[source] += 1
             raise
         self.events_in[source] += len(items)
+        gaps = sum(event.type.endswith(".gap") for event, _ in items)
+        if gaps:
+            self.gaps[source] += gaps
         self.bytes_in[source] += sum(utf8_len(data) for _, data in items)
 
     def _process(self, event: Event) -> Event | None:
@@ -271,8 +281,31 @@ class Agent:
         for instance in self.config.sinks:
             self.start_sink(instance)
         self._start_metrics()
-        for instance in self.config.sources:
-            self.start_source(instance)
+        started = [self.start_source(instance) for instance in self.config.sources]
+        self.wait_until_listening([r for r in started if r is not None])
+
+    def wait_until_listening(
+        self, runners: Sequence[SourceRunner], timeout: float = LISTEN_TIMEOUT
+    ) -> None:
+        """Wait (at most ``timeout``) until ``runners``' sources listen; name the late ones.
+
+        READY=1 follows this, so that what happens after ``systemctl start``
+        returns is seen. A source that is still not listening is named in a
+        warning, and start-up goes on: READY is never held forever.
+        """
+        deadline = time.monotonic() + timeout
+        for runner in runners:
+            runner.source.is_listening.wait(max(0.0, deadline - time.monotonic()))
+        late = [r for r in runners if not r.source.is_listening.is_set()]
+        for runner in late:
+            log.warning(
+                "source %s (plugin %s) is not listening yet after %.0fs%s; going on without"
+                " waiting for it: what it would see until then may be missed",
+                runner.source.name,
+                runner.plugin,
+                timeout,
+                f" (it failed: {runner.last_error})" if runner.last_error else "",
+            )
 
     def start_sink(self, instance: InstanceConfig) -> Forwarder | None:
         """Create a sink and start its forwarder; None (logged) if it cannot be created."""
@@ -361,6 +394,7 @@ class Agent:
         """Block the main thread until SIGTERM or SIGINT (or :meth:`request_stop`)."""
         last_reminder = last_status = time.monotonic()
         self.notifier.ready(self.summary())
+        log.info("edge-agent %s ready: every source listens", self.id)
         self.write_status()
         while not self._stop_requested.is_set():
             self._wake.wait(1.0)

@@ -75,6 +75,9 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "restarts": runner.restarts,
                 "errors": runner.errors + agent.commit_errors.get(runner.source.name, 0),
                 "warnings": problems.get("source", runner.source.name),
+                "gaps": agent.gaps.get(runner.source.name, 0),
+                "counters": dict(runner.source.counters),
+                "listening": runner.source.is_listening.is_set(),
                 "last_error": runner.last_error,
             }
             for runner in agent.sources
@@ -186,7 +189,7 @@ def render(data: dict[str, Any]) -> str:
         )
     table.append(("",) * 9)
     table.append(
-        ("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "", "", "ERRORS/WARN", "", "LAST ERROR")
+        ("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "GAPS", "", "ERRORS/WARN", "", "LAST ERROR")
     )
     for name, source in data["sources"].items():
         table.append(
@@ -195,7 +198,7 @@ def render(data: dict[str, Any]) -> str:
                 source["plugin"],
                 str(source["events"]),
                 str(source["restarts"]),
-                "",
+                str(source.get("gaps", "-")),
                 "",
                 _problems(source),
                 "",
@@ -206,6 +209,11 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
     for row in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for name, source in data["sources"].items():
+        if source.get("counters"):
+            counters = sorted(source["counters"].items())
+            counts = ", ".join(f"{key} {value}" for key, value in counters)
+            lines.append(f"source {name}: {counts}")
     for name, processor in data["processors"].items():
         lines.append(
             f"processor {name}: {processor['dropped']} dropped, {_problems(processor)}"

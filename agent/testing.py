@@ -299,6 +299,8 @@ class SourceHarness:
             return dict(self.saved_checkpoints)
 
     def _run(self) -> None:
+        if not self.source.announces_listening:
+            self.source.listening()
         try:
             self.source.run()
         except BaseException as exc:  # reported by stop() and wait_for_events()
@@ -320,6 +322,16 @@ class SourceHarness:
             raise AssertionError(f"source {self.source.name} did not stop within {timeout}s")
         if self.error is not None:
             raise self.error
+
+    def wait_listening(self, timeout: float = 10.0) -> None:
+        """Wait until the source listens (see :meth:`agent.Source.listening`)."""
+
+        def listening() -> bool:
+            if self.error is not None:
+                raise self.error
+            return self.source.is_listening.is_set()
+
+        wait_for(listening, timeout, f"source {self.source.name} to listen")
 
     def wait_for_events(self, count: int, timeout: float = 10.0) -> list[Any]:
         """Wait until at least ``count`` events were committed; return them all."""

@@ -64,6 +64,8 @@ class _Collector(FileSystemEventHandler):
 class FileSource(Source):
     """Emits ``file.created|modified|closed|deleted|moved`` for files under ``paths``."""
 
+    announces_listening = True
+
     @dataclass(kw_only=True)
     class Config:
         paths: list[str] = option(doc="Folders (or single files) to watch.")
@@ -117,6 +119,7 @@ class FileSource(Source):
             while not self.stopping.is_set():
                 if time.monotonic() >= next_check:
                     self._check_paths(observer, watches, problems)
+                    self.listening()
                     next_check = time.monotonic() + self.config.retry_missing
                 self._emit_pending(timeout=min(1.0, self.config.retry_missing))
             self._emit_pending(timeout=0)  # commit what was collected before stopping

@@ -28,6 +28,8 @@ def _unescape(text: str) -> bytes:
 class SerialSource(Source):
     """Emits ``serial.line`` for each line (or frame) read from ``port``."""
 
+    announces_listening = True
+
     @dataclass(kw_only=True)
     class Config:
         port: str = option(doc='The device, e.g. "/dev/ttyUSB0" or "/dev/serial/by-id/...".')
@@ -78,6 +80,7 @@ class SerialSource(Source):
             try:
                 port = self._open()
             except (serial.SerialException, OSError) as exc:
+                self.listening()  # tried: it is looked for again
                 if gone_since is None:
                     gone_since = time.monotonic()
                     self.log.warning(
@@ -89,6 +92,7 @@ class SerialSource(Source):
                 self.stopping.wait(self.config.reopen_interval)
                 continue
             self.log.debug("reading %s", self.config.port)
+            self.listening()
             if gone_since is not None:
                 self.log.info(
                     "%s is back after %.0fs", self.config.port, time.monotonic() - gone_since

@@ -69,6 +69,8 @@ def _identity(stat: os.stat_result) -> str:
 class TailSource(Source):
     """Emits ``log.line`` for every line appended to the files under ``paths``."""
 
+    announces_listening = True
+
     @dataclass(kw_only=True)
     class Config:
         paths: list[str] = option(doc='Files to follow; globs allowed ("/var/log/app/*.log").')
@@ -129,6 +131,7 @@ class TailSource(Source):
                     self._wake.clear()
                     self._scan(tailed, start_at_end=first_run and self.config.start_at == "end")
                     first_run = False
+                    self.listening()
                     next_scan = now + self.config.poll_interval
                 busy = False
                 for item in list(tailed.values()):

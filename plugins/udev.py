@@ -39,6 +39,8 @@ BATCH_MAX = 200
 class UdevSource(Source):
     """Emits ``device.added|removed|changed|bound|unbound|moved`` (and ``device.present``)."""
 
+    announces_listening = True
+
     @dataclass(kw_only=True)
     class Config:
         subsystems: list[str] = option([], doc='Only these subsystems, e.g. ["usb", "tty"].')
@@ -112,6 +114,7 @@ class UdevSource(Source):
         try:
             context, monitor = self._monitor()
         except (OSError, ImportError) as exc:
+            self.listening()  # tried: READY is not held while netlink is refused
             self.log.warning(
                 "cannot listen to device events: %s. Is AF_NETLINK allowed (systemd"
                 " RestrictAddressFamilies)? Trying again every %gs; the rest of the agent runs.",
@@ -126,6 +129,7 @@ class UdevSource(Source):
                     continue
             else:
                 return
+        self.listening()
         if self.config.enumerate_on_start:
             self._emit_present(context)
         try:

@@ -68,6 +68,7 @@ class AgentProcess:
     def start(self, wrapper: list[str] | None = None, env: dict | None = None) -> AgentProcess:
         """Start it; ``wrapper`` runs it under a command (strace …); ``env`` adds variables."""
         self._log = open(self.log_path, "a")  # noqa: SIM115 (closed in _close)
+        self._started_at = self.log_path.stat().st_size  # this run's lines come after it
         self.wrapped = bool(wrapper)
         self.process = subprocess.Popen(
             [*(wrapper or []), sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
@@ -84,14 +85,18 @@ class AgentProcess:
     def wait_log(self, text: str, timeout: float = 10.0) -> None:
         wait_for(lambda: text in self.log(), timeout, f"{text!r} in the agent's log:\n{self.log()}")
 
-    def wait_started(self, timeout: float = 10.0) -> None:
-        """Wait until the sink is connected and the file source watches its folder.
+    def run_log(self) -> str:
+        """What the agent logged since its last start."""
+        return self.log()[getattr(self, "_started_at", 0) :]
 
-        A file made before the watch exists is never reported, and the sink can
-        connect before the source's thread has set its watch up.
-        """
-        self.wait_log("connected to", timeout)
-        self.wait_log("watching ", timeout)
+    def wait_started(self, timeout: float = 10.0) -> None:
+        """Wait until this run is ready (every source listens) and a sink is connected."""
+        for text in ("ready: every source listens", "connected to"):
+            wait_for(
+                lambda text=text: text in self.run_log(),
+                timeout,
+                f"{text!r} in the agent's log:\n{self.run_log()}",
+            )
 
     @property
     def pid(self) -> int:
