@@ -46,3 +46,18 @@ def m001_queue(db: Database) -> None:
         )
         """
     )
+
+
+@migrations()
+def m002_source_instances(db: Database) -> None:
+    # Which plugin and settings each source name last ran with, so that the
+    # checkpoints of a source renamed while the agent was stopped can be found.
+    db.execute(
+        """
+        CREATE TABLE source_instances (
+            source TEXT PRIMARY KEY,
+            plugin TEXT NOT NULL,
+            settings TEXT NOT NULL
+        )
+        """
+    )

@@ -504,6 +504,72 @@ def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
         conn.close()
 
 
+def _write(store: QueueStore, what: str, statements: Sequence[tuple[str, tuple]]) -> list[int]:
+    """Run write ``statements`` in one BEGIN IMMEDIATE transaction on a connection of
+    its own; their row counts. For rows the writer thread does not touch meanwhile."""
+    conn = store.connect()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        counts = [conn.execute(sql, args).rowcount for sql, args in statements]
+        conn.execute("COMMIT")
+        return counts
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise QueueError(f"cannot {what} in the queue {store.path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def move_checkpoints(store: QueueStore, old: str, new: str) -> tuple[int, int]:
+    """Give source ``new`` the checkpoints of source ``old``, in one transaction.
+
+    Call it only while neither instance runs. Checkpoints ``new`` already had
+    are replaced. Returns (moved, replaced).
+    """
+    replaced, moved, _ = _write(
+        store,
+        f"move the checkpoints of source {old} to {new}",
+        [
+            ("DELETE FROM checkpoints WHERE source = ?", (new,)),
+            ("UPDATE checkpoints SET source = ? WHERE source = ?", (new, old)),
+            ("DELETE FROM source_instances WHERE source = ?", (old,)),
+        ],
+    )
+    return moved, replaced
+
+
+def record_source_instance(store: QueueStore, source: str, plugin: str, settings: str) -> None:
+    """Remember which plugin and settings (a digest) source ``source`` runs with."""
+    _write(
+        store,
+        f"record source {source}",
+        [
+            (
+                "INSERT INTO source_instances (source, plugin, settings) VALUES (?, ?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET plugin = excluded.plugin,"
+                " settings = excluded.settings",
+                (source, plugin, settings),
+            )
+        ],
+    )
+
+
+def checkpoint_owners(store: QueueStore) -> dict[str, tuple[int, str | None, str | None]]:
+    """Every source name that has checkpoints: (how many, plugin, settings) as last recorded."""
+    conn = store.connect()
+    try:
+        rows = conn.execute(
+            "SELECT c.source, COUNT(*), i.plugin, i.settings FROM checkpoints c"
+            " LEFT JOIN source_instances i ON i.source = c.source GROUP BY c.source"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise QueueError(f"cannot read the checkpoints in {store.path}: {exc}") from exc
+    finally:
+        conn.close()
+    return {source: (count, plugin, settings) for source, count, plugin, settings in rows}
+
+
 def read_stats(store: QueueStore) -> QueueStats:
     """Counts for ``queue stats`` and ``status``; opens and closes its own connection.
 
