@@ -333,10 +333,9 @@ class ExecSource(Source):
             self.count("dropped_bytes", length - len(raw))
             data.update(truncated=True, output_bytes=length)
         event = self.event("exec.output", data, subject=self.command_text)
-        if not self.stopping.is_set():
-            self.emit_until_accepted([event])
+        if self.emit_until_accepted([event]):
             return
-        try:  # stopping: one try, the writer still takes events while sources stop
+        try:  # stopping: one more try, the writer still takes events while sources stop
             self.emit_many([event])
         except QueueError as exc:
             self.log.warning("the last line of %s was not committed: %s", self.command_text, exc)
@@ -548,7 +547,7 @@ class _Cgroups:
 
     def __init__(self, base: str | None, source: str, log: Any) -> None:
         self.base = base
-        self.prefix = "exec-" + re.sub(r"[^A-Za-z0-9_.]", "_", source) + "-"
+        self.prefix = f"exec-{source}-"  # names are [A-Za-z0-9_.-]: safe in a path
         self.log = log
         self.runs = 0
 
@@ -603,11 +602,12 @@ class _Cgroups:
         """Kill what runs of an earlier agent (killed, or crashed) left behind."""
         if self.base is None:
             return
-        mine = f"{self.prefix}{os.getpid()}-"
+        pattern = re.compile(re.escape(self.prefix) + r"(\d+)-\d+")
         with contextlib.suppress(OSError), os.scandir(self.base) as entries:
             for entry in entries:
-                if not entry.name.startswith(self.prefix) or entry.name.startswith(mine):
-                    continue
+                match = pattern.fullmatch(entry.name)
+                if match is None or _exists(int(match[1])):
+                    continue  # not this source's, or its agent still runs
                 pids = _cgroup_pids(entry.path)
                 if pids:
                     self.log.warning(
@@ -618,6 +618,16 @@ class _Cgroups:
                     with contextlib.suppress(OSError), open(f"{entry.path}/cgroup.kill", "w") as f:
                         f.write("1")
                 self.remove(entry.path)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _own_cgroup() -> str | None:

@@ -127,3 +127,39 @@ def test_a_command_that_cannot_start_is_counted_and_said_once(tmp_path, caplog):
     with SourceHarness(ExecSource, config) as harness:
         wait_for(lambda: harness.source.counters["start_failures"] >= 3, 10, "3 failed starts")
     assert caplog.text.count(f"cannot start {command}: {command} does not exist") == 1
+
+
+def test_what_a_command_started_ends_with_the_agent_even_after_a_crash(
+    tmp_path, running_broker, agent_process
+):
+    if plugins.exec._own_cgroup() is None:
+        pytest.skip("no cgroup v2 here: an escaped child of a killed agent is out of reach")
+    pidfile = tmp_path / "child.pid"
+    command = script(tmp_path, "escape.py", ESCAPING.format(parent="time.sleep(60)"))
+    agent = agent_process(
+        f"""
+        [agent]
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.exec]]
+        name = "probe"
+        command = ["{command}", "{pidfile}"]
+        interval = "1h"
+        timeout = "1h"
+
+        [[sinks.mqtt]]
+        port = {running_broker.port}
+        """
+    )
+    agent.start().wait_started()
+    first = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, "a child"))
+    pidfile.unlink()
+    agent.kill()  # a crash: nobody ends the run
+    assert not gone(first)
+    agent.start().wait_started()
+    agent.wait_log("left running by an earlier agent")  # the 2nd agent ends what the 1st left
+    assert f"{first} of {command}" in agent.run_log()
+    wait_for(lambda: gone(first), 5, "the first agent's child to be gone")
+    second = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, "a child"))
+    assert agent.terminate() == 0
+    assert gone(second)
