@@ -100,7 +100,8 @@ def test_a_stream_s_last_line_without_newline_is_sent_when_the_command_exits(tmp
 def test_output_over_the_limit_says_it_was_cut(tmp_path):
     command = script(tmp_path, "big.py", "print('x' * 2999)\n")
     for mode in ("interval", "stream"):
-        config = {"command": [command], "mode": mode, "max_output_bytes": 1000, "interval": "1h"}
+        config = {"command": [command], "mode": mode, "max_output_bytes": 1000}
+        config.update(interval="1h", restart_min="1h")  # one run
         with SourceHarness(ExecSource, config) as harness:
             data = harness.wait_for_events(1)[0].data
             counters = dict(harness.source.counters)
