@@ -449,7 +449,7 @@ class _Run:
         return "stopped"
 
     def end(self, grace: float) -> list[int]:
-        """Kill every process of the run (SIGTERM, SIGKILL after ``grace``), close its pipes.
+        """Kill every process of the run: SIGTERM, then SIGKILL after ``grace``.
 
         Returns the processes left holding its output (only without a cgroup).
         """
