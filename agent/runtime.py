@@ -285,7 +285,7 @@ class Agent:
         self.wait_until_listening([r for r in started if r is not None])
 
     def wait_until_listening(
-        self, runners: Sequence[SourceRunner], timeout: float = LISTEN_TIMEOUT
+        self, runners: Sequence[SourceRunner], timeout: float | None = None
     ) -> None:
         """Wait (at most ``timeout``) until ``runners``' sources listen; name the late ones.
 
@@ -293,13 +293,14 @@ class Agent:
         returns is seen. A source that is still not listening is named in a
         warning, and start-up goes on: READY is never held forever.
         """
+        timeout = LISTEN_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + timeout
         for runner in runners:
             runner.source.is_listening.wait(max(0.0, deadline - time.monotonic()))
         late = [r for r in runners if not r.source.is_listening.is_set()]
         for runner in late:
             log.warning(
-                "source %s (plugin %s) is not listening yet after %.0fs%s; going on without"
+                "source %s (plugin %s) is not listening yet after %gs%s; going on without"
                 " waiting for it: what it would see until then may be missed",
                 runner.source.name,
                 runner.plugin,
