@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -70,6 +71,8 @@ class QueueStore:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, QUEUE_FILE)
         self.sync = sync
+        #: Set by :meth:`open` when it moved a damaged queue aside.
+        self.moved_aside: dict[str, Any] | None = None
 
     def connect(self, *, sync: str | None = None) -> sqlite3.Connection:
         """A new connection for the calling thread, with the durability settings checked.
@@ -106,7 +109,8 @@ class QueueStore:
 
         A damaged file is moved aside (with its -wal and -shm files) as
         ``queue.db.corrupt-<timestamp>`` and a fresh queue is started; the
-        path it was moved to is returned, else None.
+        path it was moved to is returned, else None. What could be read of it
+        is then in :attr:`moved_aside` (for the ``queue.gap`` event).
         """
         try:
             os.makedirs(self.state_dir, exist_ok=True)
@@ -129,7 +133,27 @@ class QueueStore:
                 aside,
             )
             self._open_checked()
+            self.moved_aside = {"moved_to": aside, **salvage_stats(aside)}
+            self._carry_sequences(self.moved_aside.pop("sequences", {}))
             return aside
+
+    def _carry_sequences(self, sequences: dict[str, int]) -> None:
+        """Go on with each source's numbering after a damaged queue (readable part of it),
+        so consumers see the loss as a jump in ``sequence``, not a restart at 1."""
+        if not sequences:
+            return
+        conn = self.connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT OR REPLACE INTO source_sequences (source, last) VALUES (?, ?)",
+                sequences.items(),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("could not carry the sources' sequence numbers over: %s", exc)
+        finally:
+            conn.close()
 
     def _open_checked(self) -> None:
         conn = self.connect()
@@ -502,6 +526,28 @@ def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
         return dict(rows.fetchall())
     finally:
         conn.close()
+
+
+def salvage_stats(path: str) -> dict[str, Any]:
+    """What can still be read of a damaged queue file: events, oldest, newest.
+
+    For the ``queue.gap`` event that reports it. Reads the file read-only and
+    gives up quietly on what it cannot read (the file is damaged).
+    """
+    found: dict[str, Any] = {}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return found
+    try:
+        with contextlib.suppress(sqlite3.Error):
+            found["sequences"] = dict(conn.execute("SELECT source, last FROM source_sequences"))
+        with contextlib.suppress(sqlite3.Error):
+            stats = _read_stats(conn)
+            found.update(events=stats.events, oldest=stats.oldest_time, newest=stats.newest_time)
+    finally:
+        conn.close()
+    return found
 
 
 def read_stats(store: QueueStore) -> QueueStats:

@@ -46,6 +46,8 @@ DAMAGED_REMINDER = 3600.0
 #: A writer or forwarder whose loop has not turned for this long is stuck.
 STUCK_AFTER = 120.0
 STATUS_EVERY = 5.0
+#: The source name of events the agent makes itself (queue.gap).
+AGENT_SOURCE = "agent"
 #: How long start-up (and a reload) waits for sources to listen before READY=1.
 LISTEN_TIMEOUT = 30.0
 
@@ -278,6 +280,7 @@ class Agent:
             ),
         )
         self.writer.start()
+        self._report_lost_queue()
         for instance in self.config.sinks:
             self.start_sink(instance)
         self._start_metrics()
@@ -307,6 +310,28 @@ class Agent:
                 timeout,
                 f" (it failed: {runner.last_error})" if runner.last_error else "",
             )
+
+    def _report_lost_queue(self) -> None:
+        """A damaged queue moved aside at start is a certain loss: say so in the stream.
+
+        A ``queue.gap`` event of the agent's own source ``agent`` names the file
+        it was moved to and what could still be read of it (events, oldest,
+        newest). Sources go on numbering where the damaged queue stopped (as far
+        as it could be read), so the loss also shows as a jump in ``sequence``.
+        """
+        lost = self.store.moved_aside
+        if lost is None:
+            return
+        self.store.moved_aside = None
+        data = {"reason": "the queue file was damaged and moved aside; its events were not sent"}
+        data.update(lost)
+        event = Event(type="queue.gap", source=AGENT_SOURCE, data=data)
+        try:
+            self.commit_events(AGENT_SOURCE, [event])
+        except (ValueError, QueueError) as exc:
+            log.error("could not report the damaged queue in a queue.gap event: %s", exc)
+            return
+        log.warning("reported the damaged queue as a queue.gap event: %s", data)
 
     def start_sink(self, instance: InstanceConfig) -> Forwarder | None:
         """Create a sink and start its forwarder; None (logged) if it cannot be created."""
