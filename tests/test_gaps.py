@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 import pytest
-from conftest import mqtt_agent_config
+from conftest import created_paths, mqtt_agent_config
 from test_bounds import batch
 
 from agent.queue import QueueStore, QueueWriter
@@ -42,4 +43,53 @@ def test_a_damaged_queue_is_reported_as_a_queue_gap_event(
     assert os.path.exists(gap["data"]["moved_to"])
     assert gap["data"]["events"] == 2000  # what could still be read of it
     assert "were not sent" in gap["data"]["reason"]
+    assert agent.terminate() == 0
+
+
+FAKETIME = next(iter(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")), "")
+
+
+@pytest.mark.skipif(not FAKETIME, reason="libfaketime is not installed (make test installs it)")
+def test_a_clock_step_of_30_days_expires_nothing(tmp_path, broker, subscriber, agent_process):
+    """NTP fixing a device without a real-time clock: the wall clock jumps 30 days ahead
+    while 5 events wait for the broker, with max_age = 7d. None of them may be dropped."""
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    agent = agent_process(
+        mqtt_agent_config(tmp_path, broker.port, source='events = ["created"]').replace(
+            'shutdown_grace = "3s"', 'shutdown_grace = "3s"\nlog_level = "debug"'
+        )
+        + '\n[queue]\nmax_age = "7d"\n'
+    )
+    broker.stop()
+    agent.start(
+        env={
+            "LD_PRELOAD": FAKETIME,
+            "FAKETIME_TIMESTAMP_FILE": str(clock),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # the real clock still ticks since boot
+        }
+    )
+    wait_for(lambda: "every source listens" in agent.run_log(), 15, "the agent to be ready")
+    for i in range(5):
+        (tmp_path / "inbox" / f"before-{i}").write_text("x")
+    wait_for(lambda: agent.queued() == 5, 10, "5 events queued")
+
+    clock.write_text("+30d\n")  # the step
+    stepped_at = len(agent.run_log())
+    (tmp_path / "inbox" / "after").write_text("x")
+    wait_for(lambda: agent.queued() == 6, 10, "the 6th event queued")
+    wait_for(
+        lambda: agent.run_log()[stepped_at:].count("max_age checked") >= 2,
+        20,
+        "two max_age checks after the step",
+    )
+    assert agent.queued() == 6
+    assert "events expired" in agent.run_log() and "0 events expired" in agent.run_log()
+    assert " 1 events expired" not in agent.run_log()
+
+    broker.start()
+    wait_for(lambda: len(set(created_paths(subscriber.events()))) == 6, 20, "6 events delivered")
+    times = sorted(e["time"] for e in subscriber.events())
+    assert times[-1][:10] > times[0][:10]  # the step shows in the events' own times
     assert agent.terminate() == 0
