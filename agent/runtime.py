@@ -492,6 +492,20 @@ class Agent:
         )
         return f"{stats.events} events queued; {sinks or 'no sinks'}"
 
+    def _left_behind(self) -> str:
+        """For the last line at a stop: what each sink leaves queued for the next start."""
+        try:
+            backlog = read_stats(self.store).sink_backlog
+        except QueueError as exc:
+            return f"the queue cannot be read: {exc}"
+        parts = [
+            f"sink {f.name}: {backlog.get(f.name, 0)} events left queued"
+            f"{'' if backlog.get(f.name, 0) == 0 else ' for the next start'}"
+            f"{f' (last error: {f.last_error})' if f.last_error and backlog.get(f.name) else ''}"
+            for f in self.forwarders
+        ]
+        return "; ".join(parts) or "no sinks"
+
     def _remind_damaged(self) -> None:
         """Keep saying that a damaged queue was moved aside, until an operator deletes it."""
         for path in self.store.damaged_copies():
@@ -527,6 +541,6 @@ class Agent:
             self.write_status()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
-            log.info("edge-agent %s stopped", self.id)
+            log.info("edge-agent %s stopped; %s", self.id, self._left_behind())
         finally:
             logging.getLogger("edge_agent").removeHandler(self.logged_problems)
