@@ -33,6 +33,7 @@ from agent.counters import LoggedProblems, utf8_len
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
+from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
 from agent.queue import QueueStore, read_checkpoints, read_stats
 from agent.systemd import Notifier
@@ -435,6 +436,7 @@ class Agent:
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
                 raise QueueError("the queue writer stopped")
             self.slow.report_stuck()
+            flush_folded()
             stuck = self.stuck()
             if not stuck:
                 self.notifier.watchdog()
