@@ -24,7 +24,8 @@ run: $(VENV)/.installed
 	$(BIN)/edge-agent run -c $(CONFIG)
 
 # The tests start their own brokers and need the mosquitto binary; the disk
-# fault tests use strace to make a write or an fsync fail.
+# fault tests use strace to make a write or an fsync fail, the clock-step test
+# libfaketime to move the agent's wall clock.
 test-tools:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
 		: ; \
@@ -43,6 +44,15 @@ test-tools:
 				|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q strace); \
 		else \
 			echo "note: strace is not installed; the injected-fault tests will be skipped."; \
+		fi; \
+	fi
+	@if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "libfaketime is missing; installing it for the clock-step test"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime \
+				|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime); \
+		else \
+			echo "note: libfaketime is not installed; the clock-step test will be skipped."; \
 		fi; \
 	fi
 

@@ -24,7 +24,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from agent.queue import QueueWriter, Usage
 
@@ -162,11 +161,15 @@ class Bounds:
     def housekeeping(self) -> None:
         """Expire old events, return free pages to the filesystem, report drops."""
         now = time.monotonic()
-        if self.limits.max_age and now - self._last_expire >= EXPIRE_EVERY:
+        if now - self._last_expire >= EXPIRE_EVERY:
             self._last_expire = now
-            cutoff = datetime.now(UTC) - timedelta(seconds=self.limits.max_age)
-            expired = self.queue.drop_older_than(cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-            self._count_drops(expired, f"older than max_age {self.limits.max_age:g}s", "max_age")
+            self.queue.mark_age()
+            if self.limits.max_age:
+                expired = self.queue.drop_older_than(self.limits.max_age)
+                reason = f"older than max_age {self.limits.max_age:g}s"
+                self._count_drops(expired, reason, "max_age")
+                log.debug("max_age checked: %d events expired", sum(expired.values()))
+            self.queue.forget_age_marks()
         # Free pages that new events will soon take again are left alone:
         # giving them back only for the file to grow again is wasted writes.
         horizon = now - VACUUM_HORIZON

@@ -18,6 +18,7 @@ import click
 from agent import __version__
 from agent.config import Config, default_config_path, load_config
 from agent.errors import AgentError, ConfigError
+from agent.logfold import RepeatFolder
 from agent.plugins import PluginHost, load_plugins
 
 EX_CONFIG = 78
@@ -60,6 +61,7 @@ def setup_logging(level: str = "info", log_format: str = "text") -> None:
             fmt = "%(asctime)s " + fmt
         handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_quiet_watchdog_shutdown)
+    handler.addFilter(RepeatFolder(handler))
     handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -153,9 +153,12 @@ class Forwarder:
         so its keepalive goes on; if it is lost, the next publish finds out.
         """
         end = time.monotonic() + seconds
-        while not self.sink.stopping.is_set() and self._drain_deadline is None:
+        while not self.sink.stopping.is_set():
             self.last_progress = time.monotonic()  # waiting by design is not being stuck
-            left = end - time.monotonic()
+            # While draining at a stop too: a refusing destination is not hammered
+            # for the whole grace period. The wait ends with the grace.
+            deadline = end if self._drain_deadline is None else min(end, self._drain_deadline)
+            left = deadline - time.monotonic()
             if left <= 0:
                 return
             if self.connected:

@@ -49,7 +49,25 @@ def m001_queue(db: Database) -> None:
 
 
 @migrations()
-def m002_source_instances(db: Database) -> None:
+def m002_age_clock(db: Database) -> None:
+    # max_age is measured on a clock that never steps (agent/clock.py): its
+    # offset for this boot, and marks "event at position P was accepted at
+    # clock C", written about once a minute, that expiry compares against.
+    db.execute(
+        """
+        CREATE TABLE age_clock (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            boot_id TEXT NOT NULL,
+            offset REAL NOT NULL,
+            last REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE TABLE age_marks (position INTEGER PRIMARY KEY, clock REAL NOT NULL)")
+
+
+@migrations()
+def m003_source_instances(db: Database) -> None:
     # Which plugin and settings each source name last ran with, so that the
     # checkpoints of a source renamed while the agent was stopped can be found.
     db.execute(

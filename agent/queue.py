@@ -21,9 +21,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlite_utils import Database
 
+from agent.clock import AgeClock
 from agent.errors import QueueCorrupt, QueueError
 from agent.event import Event, QueuedEvent
 from agent.migrations import migrations
@@ -42,6 +44,8 @@ WAL_SIZE_LIMIT = 8 * 1024 * 1024
 #: where executemany does so for every row; under load another thread holds the
 #: lock by then, and each row waited for it.
 INSERT_ROWS = 64
+#: How often (on the age clock) the writer notes which event was accepted when.
+AGE_MARK_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class QueueStore:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, QUEUE_FILE)
         self.sync = sync
+        #: Set by :meth:`open` when it moved a damaged queue aside.
+        self.moved_aside: dict[str, Any] | None = None
 
     def connect(self, *, sync: str | None = None) -> sqlite3.Connection:
         """A new connection for the calling thread, with the durability settings checked.
@@ -106,7 +112,8 @@ class QueueStore:
 
         A damaged file is moved aside (with its -wal and -shm files) as
         ``queue.db.corrupt-<timestamp>`` and a fresh queue is started; the
-        path it was moved to is returned, else None.
+        path it was moved to is returned, else None. What could be read of it
+        is then in :attr:`moved_aside` (for the ``queue.gap`` event).
         """
         try:
             os.makedirs(self.state_dir, exist_ok=True)
@@ -129,7 +136,27 @@ class QueueStore:
                 aside,
             )
             self._open_checked()
+            self.moved_aside = {"moved_to": aside, **salvage_stats(aside)}
+            self._carry_sequences(self.moved_aside.pop("sequences", {}))
             return aside
+
+    def _carry_sequences(self, sequences: dict[str, int]) -> None:
+        """Go on with each source's numbering after a damaged queue (readable part of it),
+        so consumers see the loss as a jump in ``sequence``, not a restart at 1."""
+        if not sequences:
+            return
+        conn = self.connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT OR REPLACE INTO source_sequences (source, last) VALUES (?, ?)",
+                sequences.items(),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("could not carry the sources' sequence numbers over: %s", exc)
+        finally:
+            conn.close()
 
     def _open_checked(self) -> None:
         conn = self.connect()
@@ -190,7 +217,7 @@ def _insert_sql(rows: int) -> str:
 class QueueWriter:
     """Inserts events and deletes confirmed ones. Owned by the writer thread."""
 
-    def __init__(self, store: QueueStore) -> None:
+    def __init__(self, store: QueueStore, *, clock: AgeClock | None = None) -> None:
         self.conn = store.connect()
         self.sync = store.sync
         self._relaxed = False  # synchronous is NORMAL for a delete and not yet restored
@@ -198,6 +225,60 @@ class QueueWriter:
         self._sequences: dict[str, int] = dict(
             self.conn.execute("SELECT source, last FROM source_sequences").fetchall()
         )
+        saved = self.conn.execute("SELECT boot_id, offset, last FROM age_clock").fetchone()
+        #: What max_age is measured on (agent/clock.py); injectable for tests.
+        self.clock = clock or AgeClock.resume(saved)
+        self._next_mark = 0.0  # on self.clock
+        self._unmarked = False  # events committed after the last age mark
+        self._start_clock()
+
+    def _start_clock(self) -> None:
+        """Save this boot's clock; give events queued before age marks existed one."""
+        now = self.clock.now()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "INSERT OR REPLACE INTO age_clock (id, boot_id, offset, last) VALUES (1, ?, ?, ?)",
+                (self.clock.boot, self.clock.offset, now),
+            )
+            # Events of an older version, or after the last mark: accepted by now.
+            self.conn.execute(
+                "INSERT OR REPLACE INTO age_marks (position, clock)"
+                " SELECT MAX(position), ? FROM events HAVING COUNT(*) > 0",
+                (now,),
+            )
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise QueueError(f"cannot start the queue's age clock: {exc}") from exc
+
+    def _mark_age(self) -> None:
+        """Inside append's transaction: every event so far was accepted by now, on the age
+        clock. About once a minute; mark_age() notes the rest when no more events come."""
+        now = self.clock.now()
+        if now < self._next_mark:
+            self._unmarked = True
+            return
+        self.conn.execute(
+            "INSERT OR REPLACE INTO age_marks (position, clock)"
+            " VALUES ((SELECT MAX(position) FROM events), ?)",
+            (now,),
+        )
+        self.conn.execute("UPDATE age_clock SET last = ? WHERE id = 1", (now,))
+        self._next_mark = now + AGE_MARK_EVERY
+        self._unmarked = False
+
+    def mark_age(self) -> None:
+        """Between commits: note events committed since the last age mark, once it is due."""
+        if not self._unmarked or self.clock.now() < self._next_mark:
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._mark_age()
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.debug("age mark not written: %s", exc)
 
     def append(
         self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint] = ()
@@ -229,6 +310,8 @@ class QueueWriter:
             for start in range(0, len(values), step):
                 part = values[start : start + step]
                 self.conn.execute(_insert_sql(len(part) // _COLUMNS), part)
+            if events:
+                self._mark_age()
             self.conn.executemany(
                 "INSERT INTO source_sequences (source, last) VALUES (?, ?)"
                 " ON CONFLICT (source) DO UPDATE SET last = excluded.last",
@@ -323,28 +406,32 @@ class QueueWriter:
             "SELECT position FROM events ORDER BY position LIMIT 1 OFFSET ?", (count - 1,)
         ) or self._drop_through("SELECT MAX(position) FROM events", ())
 
-    def drop_older_than(self, time_text: str) -> Counter[str]:
-        """Delete the oldest events while their ``time`` is before ``time_text`` (RFC 3339).
+    def drop_older_than(self, max_age: float) -> Counter[str]:
+        """Delete the events accepted more than ``max_age`` seconds ago on the age clock.
 
-        Only a prefix is ever deleted: the first event that is young enough
-        stops it, so a clock that jumped (a device without a real-time clock)
-        never costs young events.
+        Ages are measured on a clock the wall clock's steps do not move
+        (agent/clock.py), so NTP fixing a device's time never expires a
+        backlog. A mark (P, C) says every event up to position P was accepted
+        by clock C; one is written about once a minute, so an event may live
+        up to about a minute past ``max_age``, never less than it.
         """
-        dropped: Counter[str] = Counter()
-        while True:
-            rows = self.conn.execute(
-                "SELECT position, time FROM events ORDER BY position LIMIT 1000"
-            ).fetchall()
-            cut = None
-            for position, event_time in rows:
-                if event_time >= time_text:
-                    break
-                cut = position
-            if cut is None:
-                return dropped
-            dropped += self._drop_through("SELECT ?", (cut,))
-            if cut != rows[-1][0]:
-                return dropped
+        cutoff = self.clock.now() - max_age
+        row = self.conn.execute(
+            "SELECT MAX(position) FROM age_marks WHERE clock <= ?", (cutoff,)
+        ).fetchone()
+        if row[0] is None:
+            return Counter()
+        return self._drop_through("SELECT ?", (row[0],))
+
+    def forget_age_marks(self) -> None:
+        """Delete the age marks that cover only events already gone."""
+        try:
+            self.conn.execute(
+                "DELETE FROM age_marks"
+                " WHERE position < (SELECT COALESCE(MIN(position), 1e18) FROM events)"
+            )
+        except sqlite3.Error as exc:
+            log.debug("old age marks not deleted: %s", exc)
 
     def checkpoint_wal(self) -> None:
         """Copy the WAL into the database and cut it to zero bytes, if no reader is in the way."""
@@ -568,6 +655,28 @@ def checkpoint_owners(store: QueueStore) -> dict[str, tuple[int, str | None, str
     finally:
         conn.close()
     return {source: (count, plugin, settings) for source, count, plugin, settings in rows}
+
+
+def salvage_stats(path: str) -> dict[str, Any]:
+    """What can still be read of a damaged queue file: events, oldest, newest.
+
+    For the ``queue.gap`` event that reports it. Reads the file read-only and
+    gives up quietly on what it cannot read (the file is damaged).
+    """
+    found: dict[str, Any] = {}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return found
+    try:
+        with contextlib.suppress(sqlite3.Error):
+            found["sequences"] = dict(conn.execute("SELECT source, last FROM source_sequences"))
+        with contextlib.suppress(sqlite3.Error):
+            stats = _read_stats(conn)
+            found.update(events=stats.events, oldest=stats.oldest_time, newest=stats.newest_time)
+    finally:
+        conn.close()
+    return found
 
 
 def read_stats(store: QueueStore) -> QueueStats:

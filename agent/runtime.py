@@ -33,6 +33,7 @@ from agent.counters import LoggedProblems, utf8_len
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
+from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
 from agent.queue import QueueStore, read_checkpoints, read_stats, record_source_instance
 from agent.systemd import Notifier
@@ -46,6 +47,8 @@ DAMAGED_REMINDER = 3600.0
 #: A writer or forwarder whose loop has not turned for this long is stuck.
 STUCK_AFTER = 120.0
 STATUS_EVERY = 5.0
+#: The source name of events the agent makes itself (queue.gap).
+AGENT_SOURCE = "agent"
 #: How long start-up (and a reload) waits for sources to listen before READY=1.
 LISTEN_TIMEOUT = 30.0
 
@@ -278,6 +281,7 @@ class Agent:
             ),
         )
         self.writer.start()
+        self._report_lost_queue()
         for instance in self.config.sinks:
             self.start_sink(instance)
         self._start_metrics()
@@ -288,7 +292,7 @@ class Agent:
         self.wait_until_listening([r for r in started if r is not None])
 
     def wait_until_listening(
-        self, runners: Sequence[SourceRunner], timeout: float = LISTEN_TIMEOUT
+        self, runners: Sequence[SourceRunner], timeout: float | None = None
     ) -> None:
         """Wait (at most ``timeout``) until ``runners``' sources listen; name the late ones.
 
@@ -296,19 +300,42 @@ class Agent:
         returns is seen. A source that is still not listening is named in a
         warning, and start-up goes on: READY is never held forever.
         """
+        timeout = LISTEN_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + timeout
         for runner in runners:
             runner.source.is_listening.wait(max(0.0, deadline - time.monotonic()))
         late = [r for r in runners if not r.source.is_listening.is_set()]
         for runner in late:
             log.warning(
-                "source %s (plugin %s) is not listening yet after %.0fs%s; going on without"
+                "source %s (plugin %s) is not listening yet after %gs%s; going on without"
                 " waiting for it: what it would see until then may be missed",
                 runner.source.name,
                 runner.plugin,
                 timeout,
                 f" (it failed: {runner.last_error})" if runner.last_error else "",
             )
+
+    def _report_lost_queue(self) -> None:
+        """A damaged queue moved aside at start is a certain loss: say so in the stream.
+
+        A ``queue.gap`` event of the agent's own source ``agent`` names the file
+        it was moved to and what could still be read of it (events, oldest,
+        newest). Sources go on numbering where the damaged queue stopped (as far
+        as it could be read), so the loss also shows as a jump in ``sequence``.
+        """
+        lost = self.store.moved_aside
+        if lost is None:
+            return
+        self.store.moved_aside = None
+        data = {"reason": "the queue file was damaged and moved aside; its events were not sent"}
+        data.update(lost)
+        event = Event(type="queue.gap", source=AGENT_SOURCE, data=data)
+        try:
+            self.commit_events(AGENT_SOURCE, [event])
+        except (ValueError, QueueError) as exc:
+            log.error("could not report the damaged queue in a queue.gap event: %s", exc)
+            return
+        log.warning("reported the damaged queue as a queue.gap event: %s", data)
 
     def start_sink(self, instance: InstanceConfig) -> Forwarder | None:
         """Create a sink and start its forwarder; None (logged) if it cannot be created."""
@@ -424,6 +451,7 @@ class Agent:
                 log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
                 raise QueueError("the queue writer stopped")
             self.slow.report_stuck()
+            flush_folded()
             stuck = self.stuck()
             if not stuck:
                 self.notifier.watchdog()
@@ -481,6 +509,20 @@ class Agent:
         )
         return f"{stats.events} events queued; {sinks or 'no sinks'}"
 
+    def _left_behind(self) -> str:
+        """For the last line at a stop: what each sink leaves queued for the next start."""
+        try:
+            backlog = read_stats(self.store).sink_backlog
+        except QueueError as exc:
+            return f"the queue cannot be read: {exc}"
+        parts = [
+            f"sink {f.name}: {backlog.get(f.name, 0)} events left queued"
+            f"{'' if backlog.get(f.name, 0) == 0 else ' for the next start'}"
+            f"{f' (last error: {f.last_error})' if f.last_error and backlog.get(f.name) else ''}"
+            for f in self.forwarders
+        ]
+        return "; ".join(parts) or "no sinks"
+
     def _remind_damaged(self) -> None:
         """Keep saying that a damaged queue was moved aside, until an operator deletes it."""
         for path in self.store.damaged_copies():
@@ -516,6 +558,6 @@ class Agent:
             self.write_status()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
-            log.info("edge-agent %s stopped", self.id)
+            log.info("edge-agent %s stopped; %s", self.id, self._left_behind())
         finally:
             logging.getLogger("edge_agent").removeHandler(self.logged_problems)

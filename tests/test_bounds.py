@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent.bounds import Bounds, Limits
+from agent.clock import AgeClock
 from agent.errors import QueueError
 from agent.event import Event
 from agent.queue import QueueStore, QueueWriter, SinkCursor
@@ -62,14 +63,55 @@ def test_drop_oldest_keeps_max_bytes(store):
     assert sum(bounds.dropped.values()) > 0
 
 
+class SteppedClock(AgeClock):
+    """An age clock the test moves (the real one is seconds since boot)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.value = 1000.0
+
+    def now(self) -> float:
+        return self.value
+
+
 def test_max_age_drops_old_events_whatever_the_policy(store):
-    queue = QueueWriter(store)
-    old = (datetime.now(UTC) - timedelta(days=8)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    queue.append(batch("a", 5, time=old) + batch("a", 3))
+    clock = SteppedClock()
+    queue = QueueWriter(store, clock=clock)
+    queue.append(batch("a", 5))
+    clock.value += 8 * 86400
+    queue.append(batch("a", 3))
     bounds = Bounds(queue, Limits(max_age=7 * 86400, when_full="block"), store.state_dir)
     bounds.housekeeping()
     assert queue.usage().events == 3
     assert bounds.dropped == {"a": 5}
+
+
+def test_max_age_ignores_the_events_wall_clock_time(store):
+    """A device without a real-time clock: events stamped 30 days before NTP fixed it."""
+    clock = SteppedClock()
+    queue = QueueWriter(store, clock=clock)
+    long_ago = (datetime.now(UTC) - timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    queue.append(batch("a", 5, time=long_ago))
+    clock.value += 3600
+    bounds = Bounds(queue, Limits(max_age=7 * 86400), store.state_dir)
+    bounds.housekeeping()
+    assert queue.usage().events == 5 and not bounds.dropped
+
+
+def test_the_age_clock_goes_on_across_restarts_and_reboots(store, monkeypatch):
+    from agent import clock as clock_module
+
+    monkeypatch.setattr(clock_module, "since_boot", lambda: 500.0)
+    monkeypatch.setattr(clock_module, "boot_id", lambda: "boot-1")
+    first = QueueWriter(store)
+    first.append(batch("a", 1))
+    assert first.clock.now() == 500.0
+    first.close()
+    monkeypatch.setattr(clock_module, "since_boot", lambda: 800.0)  # restarted, same boot
+    assert QueueWriter(store).clock.now() == 800.0
+    monkeypatch.setattr(clock_module, "boot_id", lambda: "boot-2")  # rebooted
+    monkeypatch.setattr(clock_module, "since_boot", lambda: 20.0)
+    assert QueueWriter(store).clock.now() == 800.0  # from the last saved value, not 20
 
 
 def test_the_file_does_not_grow_without_end_as_events_come_and_go(store):

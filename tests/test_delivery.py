@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from conftest import created_paths, mqtt_agent_config
@@ -73,4 +74,35 @@ def test_a_broker_refusal_keeps_the_event_queued(tmp_path, agent_process):
         assert agent.terminate() == 0
     finally:
         sub.stop()
+        broker.stop()
+
+
+def test_a_stop_with_a_refusing_broker_waits_between_tries_and_ends_in_the_grace(
+    tmp_path, agent_process
+):
+    """SIGTERM while the broker refuses every event: backoff goes on through the grace
+    period (no storm of refusals and log lines), and the stop ends within it."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\n")  # nothing may be published
+    os.chmod(acl, 0o644)
+    # max_queued_messages 0 (the test broker's default) disconnects a refused client.
+    extra = f"acl_file {acl}\nmax_queued_messages 1000000"
+    broker = Mosquitto(str(tmp_path / "strict"), extra_config=extra).start()
+    try:
+        config = mqtt_agent_config(tmp_path, broker.port, sink='protocol = "5"', grace="4s")
+        agent = agent_process(config).start()
+        agent.wait_started()
+        for i in range(50):
+            (tmp_path / "inbox" / f"{i}.csv").write_text("1")
+        agent.wait_log("Not authorized", timeout=15)
+        before = len(agent.log().splitlines())
+        started = time.monotonic()
+        assert agent.terminate(timeout=15) == 0
+        took = time.monotonic() - started
+        lines = agent.log().splitlines()[before:]
+        assert took < 4 + 3, f"the stop took {took:.1f}s with a 4s grace"
+        assert len(lines) < 100, "\n".join(lines[:20])
+        assert "events left queued for the next start" in lines[-1]
+        assert agent.queued() > 0
+    finally:
         broker.stop()
