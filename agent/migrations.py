@@ -64,18 +64,3 @@ def m002_age_clock(db: Database) -> None:
         """
     )
     db.execute("CREATE TABLE age_marks (position INTEGER PRIMARY KEY, clock REAL NOT NULL)")
-
-
-@migrations()
-def m003_source_instances(db: Database) -> None:
-    # Which plugin and settings each source name last ran with, so that the
-    # checkpoints of a source renamed while the agent was stopped can be found.
-    db.execute(
-        """
-        CREATE TABLE source_instances (
-            source TEXT PRIMARY KEY,
-            plugin TEXT NOT NULL,
-            settings TEXT NOT NULL
-        )
-        """
-    )

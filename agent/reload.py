@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,9 +41,18 @@ def _same(old: InstanceConfig, new: InstanceConfig) -> bool:
     return old.plugin == new.plugin and old.config == new.config
 
 
-def settings_digest(instance: InstanceConfig) -> str:
-    """A digest of an instance's settings (all but its name), to recognise it after a rename."""
-    return hashlib.sha256(repr(instance.config).encode()).hexdigest()
+def instance_record(instance: InstanceConfig) -> str:
+    """What the queue keeps of a source instance to recognise it after a rename made while
+    the agent was stopped: its plugin and a digest of its settings (all but its name)."""
+    digest = hashlib.sha256(repr(instance.config).encode()).hexdigest()
+    return json.dumps({"plugin": instance.plugin, "settings": digest}, sort_keys=True)
+
+
+def _plugin_of(record: str | None) -> str | None:
+    try:
+        return json.loads(record)["plugin"] if record else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def one_to_one(
@@ -94,12 +104,13 @@ def warn_unmatched(store: QueueStore, added: list[InstanceConfig], removed: list
         log.error("SIGHUP: %s", error)
         return
     for instance in added:
-        if instance.name in owners:
+        if owners.get(instance.name, (0, None))[0]:
             continue
         losers = [
             name
             for name in removed
-            if name in owners and owners[name][1] in (None, instance.plugin)
+            if owners.get(name, (0, None))[0]
+            and _plugin_of(owners[name][1]) in (None, instance.plugin)
         ]
         if not losers:
             continue
@@ -125,20 +136,23 @@ def carry_renames_at_start(store: QueueStore, sources: list[InstanceConfig]) -> 
         log.error("cannot look for renamed sources: %s", error)
         return
     configured = {instance.name: instance for instance in sources}
-    orphans = {name: owner for name, owner in owners.items() if name not in configured}
-    fresh = [name for name in configured if name not in owners]
+    orphans = {
+        name: (count, record)
+        for name, (count, record) in owners.items()
+        if count and name not in configured
+    }
+    fresh = [name for name in configured if not owners.get(name, (0, None))[0]]
     renames = one_to_one(
         orphans,
         fresh,
-        lambda old, new: (
-            orphans[old][1:] == (configured[new].plugin, settings_digest(configured[new]))
-        ),
+        lambda old, new: orphans[old][1] == instance_record(configured[new]),
     )
     for new, old in renames.items():
         _carry_checkpoints(store, old, new, "at start")
-    for name, (count, plugin, _settings) in orphans.items():
+    for name, (count, record) in orphans.items():
         if name in renames.values():
             continue
+        plugin = _plugin_of(record)
         log.warning(
             "source %s%s has checkpoints (%d keys) but is no longer configured. If it was"
             " renamed, the new name starts without them (a rename is recognised at start"

@@ -35,7 +35,7 @@ from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
 from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
-from agent.queue import QueueStore, read_checkpoints, read_stats, record_source_instance
+from agent.queue import INSTANCE_KEY, QueueStore, read_checkpoints, read_stats
 from agent.systemd import Notifier
 from agent.writer import Writer
 
@@ -385,12 +385,11 @@ class Agent:
 
     def _record(self, instance: InstanceConfig) -> None:
         """Remember the source's plugin and settings, to recognise a rename made while stopped."""
-        from agent.reload import settings_digest
+        from agent.reload import instance_record
 
+        assert self.writer is not None
         try:
-            record_source_instance(
-                self.store, instance.name, instance.plugin, settings_digest(instance)
-            )
+            self.writer.submit([], [(instance.name, INSTANCE_KEY, instance_record(instance))])
         except QueueError as exc:
             log.warning("source %s: %s; a rename of it will not be recognised", instance.name, exc)
 
