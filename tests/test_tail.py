@@ -28,7 +28,7 @@ def test_new_lines_become_events_with_path_and_offset(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("old line\n")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "the source to start")
+        harness.wait_listening()
         append(log, "one\ntwo\r\n")
         events = harness.wait_for_events(2)
     assert [e.type for e in events] == ["log.line", "log.line"]
@@ -52,7 +52,7 @@ def test_a_partial_line_waits_for_its_end(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         append(log, "hal")
         append(log, "f\n")
         harness.wait_for_events(1)
@@ -63,7 +63,7 @@ def test_rotation_by_rename_loses_nothing(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         append(log, "1\n2\n")
         harness.wait_for_events(2)
         os.rename(log, tmp_path / "app.log.1")
@@ -78,7 +78,7 @@ def test_copytruncate_reads_from_the_start_again(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         append(log, "before truncate, a long line\n")
         harness.wait_for_events(1)
         with open(log, "r+") as handle:
@@ -91,7 +91,7 @@ def test_copytruncate_reads_from_the_start_again(tmp_path):
 def test_a_file_that_appears_later_is_read_from_its_start(tmp_path):
     log = tmp_path / "later.log"
     with SourceHarness(TailSource, {"paths": [str(tmp_path / "*.log")], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         log.write_text("first\nsecond\n")
         harness.wait_for_events(2)
     assert lines(harness) == ["first", "second"]
@@ -102,19 +102,19 @@ def test_long_lines_are_cut_and_counted(tmp_path):
     log.write_text("")
     config = {"paths": [str(log)], "max_line_bytes": 10, **FAST}
     with SourceHarness(TailSource, config) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         append(log, "x" * 25 + "\nshort\n" + "y" * 300_000 + "\nend\n")
         harness.wait_for_events(4)
     assert lines(harness) == ["x" * 10, "short", "y" * 10, "end"]
-    assert harness.source.truncated_lines == 2
-    assert harness.source.dropped_bytes == 15 + 299_990
+    assert harness.source.counters["truncated_lines"] == 2
+    assert harness.source.counters["dropped_bytes"] == 15 + 299_990
 
 
 def test_invalid_bytes_are_replaced_not_fatal(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         append(log, b"caf\xe9 \xff\xfe ok\n")
         harness.wait_for_events(1)
     assert lines(harness) == ["caf\ufffd \ufffd\ufffd ok"]
@@ -125,7 +125,7 @@ def test_other_encodings_are_decoded(tmp_path):
     log.write_text("")
     config = {"paths": [str(log)], "encoding": "latin-1", **FAST}
     with SourceHarness(TailSource, config) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         append(log, "café\n".encode("latin-1"))
         harness.wait_for_events(1)
     assert lines(harness) == ["café"]
@@ -135,7 +135,7 @@ def test_resumes_exactly_at_the_committed_checkpoint(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
-        wait_for(lambda: "started" in first.saved_checkpoints, 5, "start")
+        first.wait_listening()
         append(log, "1\n2\n")
         first.wait_for_events(2)
     append(log, "3\n4\n")  # written while the agent was down
@@ -150,7 +150,7 @@ def test_rotated_while_down_reads_the_rest_of_the_old_file(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
-        wait_for(lambda: "started" in first.saved_checkpoints, 5, "start")
+        first.wait_listening()
         append(log, "1\n")
         first.wait_for_events(1)
     append(log, "2\n")
@@ -166,7 +166,7 @@ def test_a_failed_commit_is_read_again_not_lost(tmp_path):
     log = tmp_path / "app.log"
     log.write_text("")
     with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
-        wait_for(lambda: "started" in harness.saved_checkpoints, 5, "start")
+        harness.wait_listening()
         harness.fail_commits(1)
         append(log, "a\nb\n")
         harness.wait_for_events(2)
