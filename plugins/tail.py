@@ -252,6 +252,8 @@ class TailSource(Source):
                     if item.rotated_at is not None:  # older generations first, to their end
                         while self._read(item) and not self.stopping.is_set():
                             busy = True
+                    elif self._truncated(tailed, item):
+                        busy = True  # its copy's rest goes first, in the next round
                     else:
                         busy |= self._read(item)
                     self._retire_if_done(tailed, item)
@@ -530,20 +532,6 @@ class TailSource(Source):
                 continue
             if item.rotated_at is not None and item.path == path:
                 item.rotated_at = None  # renamed back
-            if item.rotated_at is None and (
-                os.fstat(item.handle.fileno()).st_size < item.offset
-                or not item.same_start(item.head, item.fingerprint)
-            ):
-                self.log.info("%s was truncated; reading it again from the start", path)
-                state = {"head": item.head, "fingerprint": item.fingerprint, "offset": item.offset}
-                copy = self._find_copy(tailed, path, state)
-                if copy is not None:
-                    known = set(tailed) | {copy[1].key}
-                    fingerprints = [(state["head"], state["fingerprint"])]
-                    newer = self._unread_generations(path, [("rank", copy[0])], known, fingerprints)
-                    saves.update(self._adopt(tailed, [copy, *newer]))
-                item.reset()
-                saves[key] = item.checkpoint()
         if saves:
             self.save_checkpoint(saves)
         for key, item in list(tailed.items()):
@@ -551,6 +539,28 @@ class TailSource(Source):
                 item.rotated_at = time.monotonic()
                 item.order = self._next_order()
                 self._follow_rotation(tailed, item)
+
+    def _truncated(self, tailed: dict[str, _Tailed], item: _Tailed) -> bool:
+        """If ``item`` was truncated, or truncated and regrown, since it was last read,
+        start it again from its start, after the rest of its copy if one is found."""
+        if os.fstat(item.handle.fileno()).st_size >= item.offset and item.same_start(
+            item.head, item.fingerprint
+        ):
+            return False
+        path = item.path
+        self.log.info("%s was truncated; reading it again from the start", path)
+        state = {"head": item.head, "fingerprint": item.fingerprint, "offset": item.offset}
+        saves: dict[str, str | None] = {}
+        copy = self._find_copy(tailed, path, state)
+        if copy is not None:
+            known = set(tailed) | {copy[1].key}
+            fingerprints = [(item.head, item.fingerprint)]
+            newer = self._unread_generations(path, [("rank", copy[0])], known, fingerprints)
+            saves.update(self._adopt(tailed, [copy, *newer]))
+        item.reset()
+        saves[item.key] = item.checkpoint()
+        self.save_checkpoint(saves)
+        return True
 
     def _follow_rotation(self, tailed: dict[str, _Tailed], item: _Tailed) -> None:
         """``item`` was just rotated away: also read the generations rotated after it."""

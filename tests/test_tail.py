@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 
@@ -180,3 +182,137 @@ def test_a_missing_file_is_followed_once_it_appears(tmp_path, caplog):
         log.write_text("here\n")
         harness.wait_for_events(1)
     assert lines(harness) == ["here"]
+
+
+def numbered(prefix: str, count: int, start: int = 0) -> list[str]:
+    return [f"{prefix} {i}" for i in range(start, start + count)]
+
+
+def write_lines(path, texts: list[str]) -> None:
+    append(path, "".join(f"{text}\n" for text in texts))
+
+
+def log_lines(harness: SourceHarness) -> list[str]:
+    return [e.data["line"] for e in harness.events if e.type == "log.line"]
+
+
+def gaps(harness: SourceHarness) -> list:
+    return [e for e in harness.events if e.type == "log.gap"]
+
+
+def test_two_rotations_while_stopped_read_every_generation_in_order(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        first.wait_listening()
+        write_lines(log, numbered("a", 50))
+        first.wait_for_events(50)
+    write_lines(log, numbered("a", 50, start=50))  # written while stopped, never read
+    os.rename(log, tmp_path / "app.log.1")
+    write_lines(log, numbered("b", 100))
+    os.rename(tmp_path / "app.log.1", tmp_path / "app.log.2")
+    os.rename(log, tmp_path / "app.log.1")
+    write_lines(log, numbered("c", 100))
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(250)
+    assert log_lines(second) == numbered("a", 50, 50) + numbered("b", 100) + numbered("c", 100)
+    assert {e.data["path"] for e in second.events} == {str(log)}
+    assert not gaps(second)
+
+
+def test_two_rotations_between_two_looks_read_every_generation_in_order(tmp_path):
+    """Two rotations in a row while running: the middle generation, never opened, is read."""
+    (tmp_path / "app").mkdir()
+    log = tmp_path / "app" / "app.log"
+    write_lines(log, numbered("a", 10))
+    # A glob in the folder name: no inotify watch, so the source only looks every
+    # poll_interval, and both rotations below happen between two looks.
+    pattern = str(tmp_path / "[a]pp" / "app.log")
+    config = {"paths": [pattern], "start_at": "beginning", "poll_interval": "2s"}
+    with SourceHarness(TailSource, {**config, "rotate_wait": "0.3s"}) as harness:
+        harness.wait_for_events(10)
+        os.rename(log, f"{log}.1")
+        write_lines(log, numbered("b", 10))
+        os.rename(f"{log}.1", f"{log}.2")
+        os.rename(log, f"{log}.1")
+        write_lines(log, numbered("c", 10))
+        harness.wait_for_events(30)
+    assert log_lines(harness) == numbered("a", 10) + numbered("b", 10) + numbered("c", 10)
+
+
+def test_truncated_and_regrown_past_the_offset_while_stopped_is_read_from_its_start(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        first.wait_listening()
+        write_lines(log, numbered("old", 100))
+        first.wait_for_events(100)
+    log.write_text("".join(f"{text}\n" for text in numbered("new", 300)))  # truncates, regrows
+    assert log.stat().st_size > int(json.loads(first.saved_checkpoints[key(log)])["offset"])
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(300)
+    assert log_lines(second) == numbered("new", 300)
+    assert not gaps(second)
+
+
+def test_copytruncate_while_stopped_reads_the_rest_from_the_copy(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        first.wait_listening()
+        write_lines(log, numbered("x", 10))
+        first.wait_for_events(10)
+    write_lines(log, numbered("x", 10, start=10))
+    shutil.copyfile(log, f"{log}.1")
+    log.write_text("")
+    write_lines(log, numbered("y", 30))  # past the offset, so only the fingerprint tells
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(40)
+    assert log_lines(second) == numbered("x", 10, start=10) + numbered("y", 30)
+
+
+def test_a_generation_deleted_while_stopped_is_reported_once_as_a_gap(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        first.wait_listening()
+        write_lines(log, numbered("a", 10))
+        first.wait_for_events(10)
+    offset = log.stat().st_size
+    write_lines(log, numbered("a", 5, start=10))  # never read: lost below
+    os.rename(log, f"{log}.1")
+    write_lines(log, numbered("b", 3))
+    os.remove(f"{log}.1")
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(4)
+    [gap] = gaps(second)
+    assert gap.subject == str(log)
+    assert gap.data["path"] == str(log)
+    assert gap.data["from_offset"] == offset
+    assert gap.data["since"] < gap.data["until"]
+    assert "deleted" in gap.data["reason"]
+    assert log_lines(second) == numbered("b", 3)
+    assert len(second.saved_checkpoints) == 2  # "started" and the new file: the gap is settled
+
+
+def test_checkpoints_without_a_fingerprint_still_resume(tmp_path):
+    """Checkpoints saved by earlier versions have no fingerprint: they resume at their offset."""
+    log = tmp_path / "app.log"
+    write_lines(log, ["1", "2"])
+    old = {"path": str(log), "offset": 2, "skipping": False}
+    saved = {"started": "1", key(log): json.dumps(old)}
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as harness:
+        harness.wait_for_events(1)
+        write_lines(log, ["3"])
+        harness.wait_for_events(2)
+    assert log_lines(harness) == ["2", "3"]
+    assert json.loads(harness.saved_checkpoints[key(log)])["head"] == 6
+
+
+def key(path) -> str:
+    stat = os.stat(path)
+    return f"{stat.st_dev}:{stat.st_ino}"
