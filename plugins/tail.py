@@ -291,16 +291,20 @@ class TailSource(Source):
                 )
                 if same and where != path:
                     self.log.info("%s was rotated to %s; reading the rest of it", path, where)
-                    rank = _rank(path, where) or (0,)
-                    rotated.append((rank, item))
-                    after.setdefault(path, []).append(("rank", rank))
+                    rank = _rank(path, where)
+                    rotated.append((rank or (0,), item))
+                    if rank is not None:
+                        after.setdefault(path, []).append(("rank", rank))
+                    elif "time" in state:  # renamed to a name that is no generation's
+                        after.setdefault(path, []).append(("time", state["time"]))
                     continue
                 if where == path:
                     tailed[key] = item
                     if not same:
                         self._restarted(item, state, rotated, after, known)
                     continue
-                item.handle.close()  # a generation's name, but another file's content
+                item.handle.close()  # a generation's name, but another file's content:
+                known.discard(key)  # the inode was reused; that file is read as a new one
             self._report_lost(state, checkpoint={key: None})
             if "time" in state:
                 after.setdefault(path, []).append(("time", state["time"]))
@@ -384,8 +388,8 @@ class TailSource(Source):
             )
         else:
             data["reason"] = (
-                "rotated and deleted while the agent was stopped; lines written to it after"
-                " from_offset were not read"
+                "deleted (after a rotation, or replaced) while the agent was stopped; lines"
+                " written to it after from_offset were not read"
             )
         if "time" in state:
             data["since"] = _rfc3339(state["time"])
@@ -474,8 +478,11 @@ class TailSource(Source):
 
     @staticmethod
     def _find(key: str, path: str) -> str | None:
-        """Where the file ``key`` is now: its old name, or a sibling's after rotation."""
-        candidates = [path] + [candidate for _, candidate, _ in _generations(path)]
+        """Where the file ``key`` is now: its old name, a generation's, or another sibling's."""
+        candidates = [path] + [candidate for _, candidate, _ in reversed(_generations(path))]
+        folder = os.path.dirname(path)
+        with contextlib.suppress(OSError):
+            candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
         for candidate in candidates:
             try:
                 if _identity(os.stat(candidate)) == key:

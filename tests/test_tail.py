@@ -316,3 +316,22 @@ def test_checkpoints_without_a_fingerprint_still_resume(tmp_path):
 def key(path) -> str:
     stat = os.stat(path)
     return f"{stat.st_dev}:{stat.st_ino}"
+
+
+def test_another_file_with_the_same_identity_is_not_taken_for_the_old_one(tmp_path):
+    """An inode reused by another file: its identity matches, its first bytes do not."""
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        first.wait_listening()
+        write_lines(log, numbered("a", 10))
+        first.wait_for_events(10)
+    os.rename(log, f"{log}.1")
+    with open(f"{log}.1", "w") as handle:  # same inode, other content: as if reused
+        handle.write("".join(f"{text}\n" for text in numbered("b", 20)))
+    write_lines(log, numbered("c", 5))
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(26)
+    assert len(gaps(second)) == 1
+    assert log_lines(second) == numbered("b", 20) + numbered("c", 5)
