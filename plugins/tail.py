@@ -339,12 +339,7 @@ class TailSource(Source):
             self._report_lost(state, checkpoint={item.key: item.checkpoint()})
             after.setdefault(path, []).append(("time", state["time"]))
         else:
-            self.log.info(
-                "%s was truncated or replaced while the agent was stopped; reading it from"
-                " its start",
-                path,
-            )
-            self.save_checkpoint({item.key: item.checkpoint()})
+            self._report_lost(state, checkpoint={item.key: item.checkpoint()}, truncated=True)
 
     def _adopt(
         self, tailed: dict[str, _Tailed], rotated: list[tuple[tuple, _Tailed]]
@@ -369,18 +364,34 @@ class TailSource(Source):
                     return True
         return False
 
-    def _report_lost(self, state: dict, *, checkpoint: dict[str, str | None]) -> None:
-        """A followed file is gone before it was read to its end: one log.gap."""
+    def _report_lost(
+        self, state: dict, *, checkpoint: dict[str, str | None], truncated: bool = False
+    ) -> None:
+        """A followed file is gone before it was read to its end: one log.gap.
+
+        ``truncated``: the file is still there but was truncated, and no plain copy
+        of it was found; a gap only if a compressed copy is found, else a log line.
+        """
         path, head, fingerprint = state["path"], state.get("head", 0), state.get("fingerprint")
         data: dict = {"path": path, "from_offset": state["offset"]}
         compressed = [
             candidate
-            for _, candidate, is_compressed in _generations(path)
+            for _, candidate, is_compressed in reversed(_generations(path))
             if is_compressed
             and head
             and _fingerprint(_compressed_head(candidate, head)) == fingerprint
         ]
-        if compressed:
+        if truncated and not compressed:
+            self.log.info("%s was truncated or replaced; reading it from its start", path)
+            self.save_checkpoint(checkpoint)
+            return
+        if truncated:
+            data["compressed"] = compressed[0]
+            data["reason"] = (
+                f"truncated after it was copied to {compressed[0]}, which is compressed and"
+                " not read; lines after from_offset are lost"
+            )
+        elif compressed:
             data["compressed"] = compressed[0]
             data["reason"] = (
                 f"rotated and compressed to {compressed[0]} while the agent was stopped;"
@@ -555,15 +566,18 @@ class TailSource(Source):
         ):
             return False
         path = item.path
-        self.log.info("%s was truncated; reading it again from the start", path)
-        state = {"head": item.head, "fingerprint": item.fingerprint, "offset": item.offset}
-        saves: dict[str, str | None] = {}
+        state = {"path": path, "offset": item.offset, "time": item.saved_at}
+        state.update(head=item.head, fingerprint=item.fingerprint)
         copy = self._find_copy(tailed, path, state)
-        if copy is not None:
-            known = set(tailed) | {copy[1].key}
-            fingerprints = [(item.head, item.fingerprint)]
-            newer = self._unread_generations(path, [("rank", copy[0])], known, fingerprints)
-            saves.update(self._adopt(tailed, [copy, *newer]))
+        if copy is None:
+            item.reset()
+            self._report_lost(state, checkpoint={item.key: item.checkpoint()}, truncated=True)
+            return True
+        self.log.info("%s was truncated; reading the rest from its copy, then it again", path)
+        known = set(tailed) | {copy[1].key}
+        fingerprints = [(item.head, item.fingerprint)]
+        newer = self._unread_generations(path, [("rank", copy[0])], known, fingerprints)
+        saves = self._adopt(tailed, [copy, *newer])
         item.reset()
         saves[item.key] = item.checkpoint()
         self.save_checkpoint(saves)

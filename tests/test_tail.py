@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -335,3 +336,26 @@ def test_another_file_with_the_same_identity_is_not_taken_for_the_old_one(tmp_pa
         second.wait_for_events(26)
     assert len(gaps(second)) == 1
     assert log_lines(second) == numbered("b", 20) + numbered("c", 5)
+
+
+def test_a_generation_left_only_compressed_is_reported_as_a_gap(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as first:
+        first.wait_listening()
+        write_lines(log, numbered("a", 10))
+        first.wait_for_events(10)
+    offset = log.stat().st_size
+    write_lines(log, numbered("a", 5, start=10))
+    os.rename(log, f"{log}.1")
+    write_lines(log, numbered("b", 3))
+    with open(f"{log}.1", "rb") as plain, gzip.open(f"{log}.1.gz", "wb") as packed:
+        shutil.copyfileobj(plain, packed)  # logrotate's compress, without delaycompress
+    os.remove(f"{log}.1")
+    saved = first.saved_checkpoints
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=saved) as second:
+        second.wait_for_events(4)
+    [gap] = gaps(second)
+    assert gap.data["compressed"] == f"{log}.1.gz"
+    assert gap.data["from_offset"] == offset
+    assert log_lines(second) == numbered("b", 3)
