@@ -567,7 +567,7 @@ class TailSource(Source):
             return False
         path = item.path
         state = {"path": path, "offset": item.offset, "time": item.saved_at}
-        state.update(head=item.head, fingerprint=item.fingerprint)
+        state.update(head=item.head, fingerprint=item.fingerprint, skipping=item.skipping_committed)
         copy = self._find_copy(tailed, path, state)
         if copy is None:
             item.reset()
