@@ -19,102 +19,36 @@ was deleted or compressed before it was read to its end is reported as a
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import contextlib
 import glob
-import gzip
-import hashlib
 import json
-import lzma
 import os
-import re
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import BinaryIO, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from agent import ByteSize, Duration, Event, Source, hookimpl, option
 from agent.errors import QueueError
+from plugins.tail_files import (
+    FINGERPRINT_BYTES,
+    Tailed,
+    compressed_head,
+    digest,
+    generation_rank,
+    generations,
+    identity,
+    rfc3339,
+)
 
 READ_CHUNK = 256 * 1024
 #: Checkpoint key saying this source has run before (files it meets later are new).
 STARTED_KEY = "started"
 WARN_EVERY = 60.0
-#: How many of a file's first bytes its fingerprint covers (fewer while it is shorter).
-FINGERPRINT_BYTES = 256
-#: What a rotated generation's name adds to the followed name: ".1", "-20261201"
-#: (logrotate's dateext, also with a time), each maybe with a compression suffix.
-_GENERATION = re.compile(
-    r"(?:\.(?P<number>\d+)|-(?P<date>\d{8}(?:[-_]?\d{2,10})?))"
-    r"(?P<compressed>\.(?:gz|bz2|xz|zst|lz4|Z))?"
-)
-_DECOMPRESS: dict[str, Callable[[str], BinaryIO]] = {
-    ".gz": gzip.open,
-    ".bz2": bz2.open,
-    ".xz": lzma.open,
-}
-
-
-def _fingerprint(head: bytes) -> str:
-    return hashlib.blake2b(head, digest_size=8).hexdigest()
-
-
-@dataclass
-class _Tailed:
-    """One open file being followed."""
-
-    path: str  # the name it is followed under (before any rotation)
-    key: str  # "dev:ino"
-    handle: BinaryIO
-    offset: int  # committed: everything before it is in the queue
-    head: int = 0  # how many first bytes the fingerprint covers
-    fingerprint: str = ""
-    skipping: bool = False  # inside an over-long line, dropping until its end
-    skipping_committed: bool = False
-    at_eof: bool = False
-    rotated_at: float | None = None
-    order: int = 0  # rotated generations are read oldest (lowest) first
-    saved_at: float = field(default_factory=time.time)  # wall time of the last checkpoint
-    partial: bytes = field(default=b"", repr=False)
-
-    def checkpoint(self) -> str:
-        self.saved_at = time.time()
-        return json.dumps(
-            {
-                "path": self.path,
-                "offset": self.offset,
-                "skipping": self.skipping,
-                "head": self.head,
-                "fingerprint": self.fingerprint,
-                "time": round(self.saved_at, 3),
-            }
-        )
-
-    def same_start(self, head: int, fingerprint: str) -> bool:
-        """True if this file still starts with the bytes a fingerprint was taken of."""
-        if head == 0:
-            return True
-        data = os.pread(self.handle.fileno(), head, 0)
-        return len(data) == head and _fingerprint(data) == fingerprint
-
-    def refresh_fingerprint(self) -> None:
-        """Widen the fingerprint to the first bytes read so far (up to FINGERPRINT_BYTES)."""
-        wanted = min(FINGERPRINT_BYTES, self.offset)
-        if wanted > self.head:
-            data = os.pread(self.handle.fileno(), wanted, 0)
-            if len(data) == wanted:
-                self.head, self.fingerprint = wanted, _fingerprint(data)
-
-    def reset(self) -> None:
-        self.offset, self.partial, self.skipping = 0, b"", False
-        self.head, self.fingerprint = 0, ""
-        self.handle.seek(0)
 
 
 class _Wake(FileSystemEventHandler):
@@ -123,62 +57,6 @@ class _Wake(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.event.set()
-
-
-def _identity(stat: os.stat_result) -> str:
-    return f"{stat.st_dev}:{stat.st_ino}"
-
-
-def _rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _generations(path: str) -> list[tuple[tuple, str, bool]]:
-    """The rotated generations of ``path`` in its folder, oldest first.
-
-    Each is (rank, path, compressed). Numbered ones are older the higher their
-    number; dated ones are older the earlier their date, and count as older
-    than numbered ones if a folder has both.
-    """
-    folder, name = os.path.split(path)
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(folder):
-            if not entry.startswith(name):
-                continue
-            match = _GENERATION.fullmatch(entry[len(name) :])
-            if match is None:
-                continue
-            number, date = match["number"], match["date"]
-            rank = (1, -int(number)) if number is not None else (0, date)
-            found.append((rank, os.path.join(folder, entry), match["compressed"] is not None))
-    return sorted(found)
-
-
-def _rank(path: str, generation: str) -> tuple | None:
-    """Where ``generation`` stands among the generations of ``path`` (None: not one)."""
-    if generation == path:
-        return (2,)
-    folder, name = os.path.split(path)
-    entry = os.path.basename(generation)
-    if os.path.dirname(generation) != folder or not entry.startswith(name):
-        return None
-    match = _GENERATION.fullmatch(entry[len(name) :])
-    if match is None:
-        return None
-    return (1, -int(match["number"])) if match["number"] is not None else (0, match["date"])
-
-
-def _compressed_head(path: str, head: int) -> bytes:
-    """The first ``head`` bytes of a compressed generation once decompressed (b"" if unknown)."""
-    opener = _DECOMPRESS.get(os.path.splitext(path)[1])
-    if opener is None or head == 0:
-        return b""
-    try:
-        with opener(path) as handle:
-            return handle.read(head)
-    except (OSError, EOFError, lzma.LZMAError):
-        return b""
 
 
 class TailSource(Source):
@@ -232,7 +110,7 @@ class TailSource(Source):
             if not glob.has_magic(folder) and os.path.isdir(folder):
                 observer.schedule(_Wake(self._wake), folder, recursive=False)
         observer.start()
-        tailed: dict[str, _Tailed] = {}
+        tailed: dict[str, Tailed] = {}
         try:
             first_run = STARTED_KEY not in self.checkpoints()
             self._resume(tailed)
@@ -270,11 +148,11 @@ class TailSource(Source):
 
     # -- finding files again ----------------------------------------------------
 
-    def _resume(self, tailed: dict[str, _Tailed]) -> None:
+    def _resume(self, tailed: dict[str, Tailed]) -> None:
         """Reopen the files of the committed checkpoints, by identity, at their offsets,
         with every generation rotated after them; report those that are lost."""
         saved = {k: json.loads(v) for k, v in self.checkpoints().items() if k != STARTED_KEY}
-        rotated: list[tuple[tuple, _Tailed]] = []
+        rotated: list[tuple[tuple, Tailed]] = []
         after: dict[str, list[tuple]] = {}  # followed path -> what its unread generations follow
         known = set(saved)
         fingerprints = [(s.get("head", 0), s.get("fingerprint", "")) for s in saved.values()]
@@ -291,7 +169,7 @@ class TailSource(Source):
                 )
                 if same and where != path:
                     self.log.info("%s was rotated to %s; reading the rest of it", path, where)
-                    rank = _rank(path, where)
+                    rank = generation_rank(path, where)
                     rotated.append((rank or (0,), item))
                     if rank is not None:
                         after.setdefault(path, []).append(("rank", rank))
@@ -314,9 +192,9 @@ class TailSource(Source):
 
     def _restarted(
         self,
-        item: _Tailed,
+        item: Tailed,
         state: dict,
-        rotated: list[tuple[tuple, _Tailed]],
+        rotated: list[tuple[tuple, Tailed]],
         after: dict[str, list[tuple]],
         known: set[str],
     ) -> None:
@@ -342,7 +220,7 @@ class TailSource(Source):
             self._report_lost(state, checkpoint={item.key: item.checkpoint()}, truncated=True)
 
     def _adopt(
-        self, tailed: dict[str, _Tailed], rotated: list[tuple[tuple, _Tailed]]
+        self, tailed: dict[str, Tailed], rotated: list[tuple[tuple, Tailed]]
     ) -> dict[str, str | None]:
         """Follow rotated generations, oldest first; their checkpoints, to be saved."""
         saves: dict[str, str | None] = {}
@@ -357,10 +235,10 @@ class TailSource(Source):
         """True if a generation of ``path`` that is not followed was written after ``since``."""
         if since is None:
             return False
-        for _, candidate, _ in _generations(path):
+        for _, candidate, _ in generations(path):
             with contextlib.suppress(OSError):
                 stat = os.stat(candidate)
-                if stat.st_mtime > since and _identity(stat) not in known:
+                if stat.st_mtime > since and identity(stat) not in known:
                     return True
         return False
 
@@ -376,10 +254,8 @@ class TailSource(Source):
         data: dict = {"path": path, "from_offset": state["offset"]}
         compressed = [
             candidate
-            for _, candidate, is_compressed in reversed(_generations(path))
-            if is_compressed
-            and head
-            and _fingerprint(_compressed_head(candidate, head)) == fingerprint
+            for _, candidate, is_compressed in reversed(generations(path))
+            if is_compressed and head and digest(compressed_head(candidate, head)) == fingerprint
         ]
         if truncated and not compressed:
             self.log.info("%s was truncated or replaced; reading it from its start", path)
@@ -403,8 +279,8 @@ class TailSource(Source):
                 " written to it after from_offset were not read"
             )
         if "time" in state:
-            data["since"] = _rfc3339(state["time"])
-        data["until"] = _rfc3339(time.time())
+            data["since"] = rfc3339(state["time"])
+        data["until"] = rfc3339(time.time())
         self.report_gap("log.gap", data, subject=path, checkpoint=checkpoint)
 
     def _unread_generations(
@@ -413,7 +289,7 @@ class TailSource(Source):
         after: list[tuple],
         known: set[str],
         fingerprints: list[tuple[int, str]],
-    ) -> list[tuple[tuple, _Tailed]]:
+    ) -> list[tuple[tuple, Tailed]]:
         """Open the generations of ``path`` rotated after a followed file, never read yet.
 
         ``after`` holds ("rank", r) for a followed file found as a generation of rank
@@ -421,12 +297,12 @@ class TailSource(Source):
         newer than it, or written after t, are unread. A compressed one is a gap.
         """
         opened = []
-        for rank, candidate, compressed in _generations(path):
+        for rank, candidate, compressed in generations(path):
             try:
                 stat = os.stat(candidate)
             except OSError:
                 continue
-            key = _identity(stat)
+            key = identity(stat)
             unread = any(
                 (kind == "rank" and rank > value) or (kind == "time" and stat.st_mtime > value)
                 for kind, value in after
@@ -435,9 +311,9 @@ class TailSource(Source):
                 continue
             known.add(key)
             if compressed:
-                head = _compressed_head(candidate, FINGERPRINT_BYTES)
+                head = compressed_head(candidate, FINGERPRINT_BYTES)
                 if not head or any(
-                    n and _fingerprint(head[:n]) == fingerprint for n, fingerprint in fingerprints
+                    n and digest(head[:n]) == fingerprint for n, fingerprint in fingerprints
                 ):
                     continue  # empty, unreadable, or a copy of a file followed or reported
                 self.report_gap(
@@ -448,7 +324,7 @@ class TailSource(Source):
                         "compressed": candidate,
                         "reason": f"a generation was compressed to {candidate} before it was"
                         " read; compressed generations are not read",
-                        "until": _rfc3339(time.time()),
+                        "until": rfc3339(time.time()),
                     },
                     subject=path,
                 )
@@ -462,18 +338,18 @@ class TailSource(Source):
 
     def _find_copy(
         self, known: set[str] | dict, path: str, state: dict
-    ) -> tuple[tuple, _Tailed] | None:
+    ) -> tuple[tuple, Tailed] | None:
         """The copy of a truncated file (copytruncate), opened where reading stopped."""
         head, fingerprint = state.get("head", 0), state.get("fingerprint", "")
         offset = state["offset"]
         if not head:
             return None
-        for rank, candidate, compressed in reversed(_generations(path)):
+        for rank, candidate, compressed in reversed(generations(path)):
             try:
                 stat = os.stat(candidate)
             except OSError:
                 continue
-            key = _identity(stat)
+            key = identity(stat)
             if compressed or key in known or stat.st_size < offset:
                 continue
             item = self._open(candidate, key, offset)
@@ -490,32 +366,32 @@ class TailSource(Source):
     @staticmethod
     def _find(key: str, path: str) -> str | None:
         """Where the file ``key`` is now: its old name, a generation's, or another sibling's."""
-        candidates = [path] + [candidate for _, candidate, _ in reversed(_generations(path))]
+        candidates = [path] + [candidate for _, candidate, _ in reversed(generations(path))]
         folder = os.path.dirname(path)
         with contextlib.suppress(OSError):
             candidates += [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
         for candidate in candidates:
             try:
-                if _identity(os.stat(candidate)) == key:
+                if identity(os.stat(candidate)) == key:
                     return candidate
             except OSError:
                 continue
         return None
 
-    def _open(self, path: str, key: str, offset: int) -> _Tailed | None:
+    def _open(self, path: str, key: str, offset: int) -> Tailed | None:
         try:
             handle = open(path, "rb")  # noqa: SIM115 (kept open while followed)
         except OSError as exc:
             self.log.warning("cannot open %s: %s; trying again", path, exc.strerror)
             return None
         stat = os.fstat(handle.fileno())
-        if _identity(stat) != key:  # replaced between stat and open: next scan
+        if identity(stat) != key:  # replaced between stat and open: next scan
             handle.close()
             return None
         handle.seek(min(offset, stat.st_size))
-        return _Tailed(path=path, key=key, handle=handle, offset=min(offset, stat.st_size))
+        return Tailed(path=path, key=key, handle=handle, offset=min(offset, stat.st_size))
 
-    def _scan(self, tailed: dict[str, _Tailed], *, first_run: bool) -> None:
+    def _scan(self, tailed: dict[str, Tailed], *, first_run: bool) -> None:
         """Pick up new files, notice renamed, deleted and truncated ones."""
         current: dict[str, str] = {}
         for pattern in self.config.paths:
@@ -530,7 +406,7 @@ class TailSource(Source):
                 if not os.path.isfile(path):
                     continue
                 found = True
-                current[_identity(stat)] = path
+                current[identity(stat)] = path
             if not found and pattern not in self._reported_missing:
                 self._reported_missing.add(pattern)
                 self.log.warning("%s: no such file yet; following it once it appears", pattern)
@@ -558,7 +434,7 @@ class TailSource(Source):
                 item.order = self._next_order()
                 self._follow_rotation(tailed, item)
 
-    def _truncated(self, tailed: dict[str, _Tailed], item: _Tailed) -> bool:
+    def _truncated(self, tailed: dict[str, Tailed], item: Tailed) -> bool:
         """If ``item`` was truncated, or truncated and regrown, since it was last read,
         start it again from its start, after the rest of its copy if one is found."""
         if os.fstat(item.handle.fileno()).st_size >= item.offset and item.same_start(
@@ -583,17 +459,17 @@ class TailSource(Source):
         self.save_checkpoint(saves)
         return True
 
-    def _follow_rotation(self, tailed: dict[str, _Tailed], item: _Tailed) -> None:
+    def _follow_rotation(self, tailed: dict[str, Tailed], item: Tailed) -> None:
         """``item`` was just rotated away: also read the generations rotated after it."""
         where = self._find(item.key, item.path)
-        rank = _rank(item.path, where) if where is not None else None
+        rank = generation_rank(item.path, where) if where is not None else None
         after = [("rank", rank)] if rank is not None else [("time", item.saved_at)]
         fingerprints = [(other.head, other.fingerprint) for other in tailed.values()]
         opened = self._unread_generations(item.path, after, set(tailed), fingerprints)
         if opened:
             self.save_checkpoint(self._adopt(tailed, opened))
 
-    def _retire_if_done(self, tailed: dict[str, _Tailed], item: _Tailed) -> None:
+    def _retire_if_done(self, tailed: dict[str, Tailed], item: Tailed) -> None:
         if item.rotated_at is None or not item.at_eof:
             return
         if time.monotonic() - item.rotated_at < self.config.rotate_wait:
@@ -608,7 +484,7 @@ class TailSource(Source):
 
     # -- reading ----------------------------------------------------------------
 
-    def _read(self, item: _Tailed) -> bool:
+    def _read(self, item: Tailed) -> bool:
         """Read one chunk and commit its complete lines; True if there was data."""
         chunk = item.handle.read(READ_CHUNK)
         item.at_eof = not chunk
@@ -662,7 +538,7 @@ class TailSource(Source):
             )
         return True
 
-    def _line_event(self, item: _Tailed, offset: int, raw: bytes) -> Event:
+    def _line_event(self, item: Tailed, offset: int, raw: bytes) -> Event:
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         text = raw.decode(self.config.encoding, errors="replace")
@@ -670,7 +546,7 @@ class TailSource(Source):
             "log.line", {"path": item.path, "line": text, "offset": offset}, subject=item.path
         )
 
-    def _commit(self, item: _Tailed, events: list[Event], consumed: int) -> bool:
+    def _commit(self, item: Tailed, events: list[Event], consumed: int) -> bool:
         """Commit lines and the new offset together; on failure, rewind to read them again."""
         committed = (item.offset, item.skipping_committed, item.head, item.fingerprint)
         item.offset += consumed
