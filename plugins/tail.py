@@ -437,7 +437,8 @@ class TailSource(Source):
     def _truncated(self, tailed: dict[str, Tailed], item: Tailed) -> bool:
         """If ``item`` was truncated, or truncated and regrown, since it was last read,
         start it again from its start, after the rest of its copy if one is found."""
-        if os.fstat(item.handle.fileno()).st_size >= item.offset and item.same_start(
+        read = item.offset + len(item.partial)  # a partial line is read, not committed
+        if os.fstat(item.handle.fileno()).st_size >= read and item.same_start(
             item.head, item.fingerprint
         ):
             return False
