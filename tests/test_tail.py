@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from conftest import first_deliveries
 
 from agent.testing import SourceHarness, wait_for
 from plugins.tail import TailSource
@@ -359,3 +360,60 @@ def test_a_generation_left_only_compressed_is_reported_as_a_gap(tmp_path):
     assert gap.data["compressed"] == f"{log}.1.gz"
     assert gap.data["from_offset"] == offset
     assert log_lines(second) == numbered("b", 3)
+
+
+def test_the_agent_restarted_after_rotations_sends_every_generation_and_one_gap(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    """The real agent, killed; while it is down app.log is rotated twice and other.log
+    is rotated and its generation deleted."""
+    app, other = tmp_path / "app.log", tmp_path / "other.log"
+    app.write_text("")
+    other.write_text("")
+    agent = agent_process(
+        f"""
+        [agent]
+        id = "test-gw"
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.tail]]
+        name = "logs"
+        paths = ["{app}", "{other}"]
+        poll_interval = "0.1s"
+
+        [[sinks.mqtt]]
+        name = "cloud"
+        port = {running_broker.port}
+        reconnect_min = "0.05s"
+        """
+    )
+    agent.start()
+    agent.wait_started()
+    write_lines(app, numbered("a", 5))
+    write_lines(other, numbered("o", 5))
+
+    def lines_at_broker() -> list[str]:  # first deliveries: a kill makes the agent re-send
+        events = first_deliveries(subscriber.events())
+        return [e["data"]["line"] for e in events if e["type"] == "log.line"]
+
+    wait_for(lambda: len(lines_at_broker()) == 10, 10, "the first lines at the broker")
+    agent.kill()
+    offset = other.stat().st_size
+    write_lines(app, numbered("a", 100, start=5))
+    os.rename(app, f"{app}.1")
+    write_lines(app, numbered("b", 100))
+    os.rename(f"{app}.1", f"{app}.2")
+    os.rename(app, f"{app}.1")
+    write_lines(app, numbered("c", 100))
+    write_lines(other, numbered("o", 5, start=5))
+    os.rename(other, f"{other}.1")
+    other.write_text("")
+    os.remove(f"{other}.1")
+    agent.start()
+    wait_for(lambda: len(lines_at_broker()) == 310, 20, "every generation's lines at the broker")
+    app_lines = [line for line in lines_at_broker() if not line.startswith("o")]
+    assert app_lines == numbered("a", 105) + numbered("b", 100) + numbered("c", 100)
+    [gap] = [e for e in first_deliveries(subscriber.events()) if e["type"] == "log.gap"]
+    assert gap["data"]["path"] == str(other)
+    assert gap["data"]["from_offset"] == offset
+    assert agent.terminate() == 0
