@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import run_cli
 
 from agent.testing import SourceHarness, wait_for
 from plugins.exec import ExecSource
@@ -86,6 +89,85 @@ def test_udev_enumerates_present_devices_once():
     present = [e for e in events if e.type == "device.present"]
     assert "lo" in {e.data["sys_name"] for e in present}
     assert all(e.data["action"] == "present" for e in present)
+
+
+def ip_batch(commands: list[str], check: bool = True) -> None:
+    """Run ``ip`` commands in one process (``-force``: carry on past errors when not checked)."""
+    subprocess.run(
+        ["ip", *([] if check else ["-force"]), "-batch", "-"],
+        input="".join(f"{command}\n" for command in commands),
+        text=True,
+        capture_output=not check,
+        check=check,
+    )
+
+
+def test_udev_overflow_is_reported_as_a_gap_and_what_changed_is_enumerated(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    """The agent, without CAP_NET_ADMIN as the unit runs it and with a socket buffer that
+    holds two events, is stopped (SIGSTOP: a slow fsync) while 20 veth pairs come and
+    a known one goes: the overflow is a device.gap, and the enumeration after it reports
+    every link that is there and the one that went, with no restart of the source."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network links needs root")
+    tag = f"eab{os.getpid() % 100000}"
+    before = (f"{tag}a", f"{tag}b")
+    pairs = [(f"{tag}x{i}a", f"{tag}x{i}b") for i in range(20)]
+    burst = [name for pair in pairs for name in pair]
+    agent = agent_process(
+        f"""
+        [agent]
+        id = "test-gw"
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.udev]]
+        name = "devices"
+        subsystems = ["net"]
+        match = {{ INTERFACE = "{tag}*" }}
+        receive_buffer = "4KiB"
+
+        [[sinks.mqtt]]
+        port = {running_broker.port}
+        """
+    )
+    agent.start(wrapper=["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+    agent.wrapped = False  # setpriv execs the agent: the same process
+    try:
+        agent.wait_started()
+        assert "netlink receive buffer: 4096 bytes" in agent.log()
+
+        def reported(kind: str) -> dict[str, dict]:
+            return {
+                e["data"]["sys_name"]: e["data"] for e in subscriber.events() if e["type"] == kind
+            }
+
+        ip_batch([f"link add {before[0]} type veth peer name {before[1]}"])
+        wait_for(lambda: set(before) <= set(reported("device.added")), 15, "the first pair")
+        os.kill(agent.pid, signal.SIGSTOP)
+        try:
+            ip_batch(
+                [f"link add {a} type veth peer name {b}" for a, b in pairs]
+                + [f"link del {before[0]}"]
+            )
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)
+        wait_for(lambda: set(burst) <= set(reported("device.added")), 20, "every burst link")
+        wait_for(lambda: set(before) <= set(reported("device.removed")), 10, "the pair gone")
+        gaps = [e for e in subscriber.events() if e["type"] == "device.gap"]
+        assert gaps and gaps[0]["data"]["reason"] == "netlink receive buffer overflowed"
+        assert gaps[0]["data"]["from"] < gaps[0]["data"]["to"]
+        assert all(reported("device.removed")[name]["enumerated"] for name in before)
+        assert any(data.get("enumerated") for data in reported("device.added").values())
+
+        def overflows() -> int:
+            status = json.loads(run_cli("status", "-c", str(agent.config_path), "--json").stdout)
+            return status["status"]["sources"]["devices"]["counters"].get("overflows", 0)
+
+        wait_for(lambda: overflows() >= 1, 15, "overflows in edge-agent status")
+        assert "restarting" not in agent.log()
+    finally:
+        ip_batch([f"link del {name}" for name in (before[0], *(a for a, _ in pairs))], check=False)
 
 
 # -- serial: a real pty pair ---------------------------------------------------------
