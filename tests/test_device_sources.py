@@ -234,6 +234,48 @@ def test_serial_frames_and_raw_bytes(tmp_path, caplog):
     ]
 
 
+def test_serial_an_endless_line_is_cut_counted_and_reported_as_a_gap(tmp_path, caplog):
+    """1 MB without a newline, as tail treats it: the first max_line_bytes are sent, the
+    rest is dropped up to the next newline, counted and reported; the next line arrives."""
+    caplog.set_level(logging.DEBUG)
+    pty = Pty(tmp_path / "ttyFLOOD")
+    config = {"port": str(pty.link), "baudrate": 115200, "max_line_bytes": 1000}
+    flood = b"x" * 1_000_000 + b"\nafter\n"
+    with SourceHarness(SerialSource, config) as harness:
+        wait_for(lambda: "reading " in caplog.text, 5, "the port to be opened")
+        view = memoryview(flood)
+        while view:  # the pty takes a few KiB at a time, as fast as the source reads them
+            view = view[os.write(pty.master, view) :]
+        wait_for(lambda: any(e.data.get("line") == "after" for e in harness.events), 20, "after")
+        gap = next(e for e in harness.events if e.type == "serial.gap")
+        counters = dict(harness.source.counters)
+    pty.close()
+    lines = [e.data["line"] for e in harness.events if e.type == "serial.line"]
+    assert lines == ["x" * 1000, "after"]
+    assert counters == {"dropped_bytes": 999_000, "truncated_lines": 1}
+    gaps = [e.data for e in harness.events if e.type == "serial.gap"]
+    assert sum(g["dropped_bytes"] for g in gaps) == 999_000, "the rest was reported at stop"
+    assert gap.data["truncated_lines"] == 1 and gap.data["from"] <= gap.data["to"]
+    assert gap.subject == str(pty.link) and "max_line_bytes (1000)" in gap.data["reason"]
+    assert len(gaps) == 2, "one gap event right away, the rest at most a minute later"
+
+
+def test_serial_cuts_long_lines_at_any_read_boundary():
+    """The rule holds however the bytes are split into reads, with a two-byte delimiter."""
+    harness = SourceHarness(
+        SerialSource, {"port": "/dev/null", "delimiter": "\r\n", "max_line_bytes": 4}
+    )
+    source = harness.source
+    stream = b"abcd\r\nabcdefgh\r\nok\r\nxyzzy\r"
+    for size in (1, 2, 3, 5, len(stream)):
+        source.skipping, buffer, lines = False, b"", []
+        for i in range(0, len(stream), size):
+            pieces, buffer = source._split(buffer + stream[i : i + size])
+            lines += pieces
+        assert (lines, buffer) == ([b"abcd", b"abcd", b"ok", b"xyzz"], b"\r"), size
+    assert source.counters["truncated_lines"] == 2 * 5
+
+
 # -- exec: real scripts --------------------------------------------------------------
 
 
