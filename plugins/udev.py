@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -278,30 +279,34 @@ class UdevSource(Source):
                 lost_since = None
                 last_received = time.time()
 
-    def _enumerate(self, context: Any) -> list[Any]:
+    def _enumerate(self, context: Any) -> Iterator[Any]:
+        """The matching devices there now, one at a time (thousands of them are big)."""
         devices = context.list_devices()
         for subsystem in self.config.subsystems:
             devices = devices.match_subsystem(subsystem)
-        return [device for device in devices if self.wanted(device)]
+        return (device for device in devices if self.wanted(device))
 
     def _baseline(self, context: Any) -> None:
         """Learn which devices are there, reporting them as device.present if configured."""
-        events = [self.to_event(device, None) for device in self._enumerate(context)]
-        for event in events:
+        present = []
+        for device in self._enumerate(context):
+            event = self.to_event(device, None)
             self.remember(event)
-        if self.config.enumerate_on_start:
-            self.emit_until_accepted(events)
-        self.log.debug("%d matching devices present at start", len(events))
+            if self.config.enumerate_on_start:
+                present.append(event)
+        if present:
+            self.emit_until_accepted(present)
+        self.log.debug("%d matching devices present at start", len(self.known))
 
     def _resync(self, context: Any, lost_since: float) -> None:
         """After an overflow: report the difference between the devices there now and
         those last reported, after a device.gap for the window."""
-        present = {device.device_path: device for device in self._enumerate(context)}
-        added = [
-            self.to_event(device, "add", enumerated=True)
-            for path, device in present.items()
-            if path not in self.known
-        ]
+        present: set[str] = set()
+        added = []
+        for device in self._enumerate(context):
+            present.add(device.device_path)
+            if device.device_path not in self.known:
+                added.append(self.to_event(device, "add", enumerated=True))
         removed = []
         for path in [path for path in self.known if path not in present]:
             data = json.loads(self.known.pop(path))
