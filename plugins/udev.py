@@ -47,6 +47,7 @@ USEFUL = {
 }
 BATCH_MAX = 200
 OVERFLOW_REASON = "netlink receive buffer overflowed"
+RESTART_REASON = "device events were not read while the source restarted after an error"
 
 
 class NetlinkOverflow(Exception):
@@ -104,6 +105,9 @@ class UdevSource(Source):
         #: enumeration at start, then every event. Compared with a new enumeration
         #: after an overflow.
         self.known: dict[str, str] = {}
+        #: When the last device event was received (time.time()); None before the
+        #: first run has its baseline. A run after a failed one starts from it.
+        self.last_received: float | None = None
 
     # -- filtering and building events -----------------------------------------
 
@@ -236,7 +240,10 @@ class UdevSource(Source):
         try:
             self._size_buffer(monitor, sock)
             self.listening()
-            self._baseline(context)
+            if self.last_received is None:
+                self._baseline(context)
+            else:  # run again after an error: what happened in between is not known
+                self._resync(context, self.last_received, RESTART_REASON)
             self._loop(context, monitor, sock)
         finally:
             sock.close()
@@ -244,7 +251,7 @@ class UdevSource(Source):
                 monitor.stop()
 
     def _loop(self, context: Any, monitor: Any, sock: socket.socket) -> None:
-        last_received = time.time()
+        self.last_received = time.time()
         lost_since: float | None = None  # set from an overflow until the re-enumeration
         while not self.stopping.is_set():
             ready, _, _ = select.select([monitor], [], [], 0.5)
@@ -258,12 +265,12 @@ class UdevSource(Source):
                 except NetlinkOverflow:
                     self.count("overflows")
                     if lost_since is None:
-                        lost_since = last_received
+                        lost_since = self.last_received
                     continue
                 if device is None:
                     drained = True
                     break
-                last_received = time.time()
+                self.last_received = time.time()
                 if self.wanted(device):
                     event = self.to_event(device, device.action)
                     self.remember(event)
@@ -275,9 +282,9 @@ class UdevSource(Source):
             # What was queued before the loss is read first, so the enumeration
             # is compared with everything the socket still had to say.
             if lost_since is not None and drained:
-                self._resync(context, lost_since)
+                self._resync(context, lost_since, OVERFLOW_REASON)
                 lost_since = None
-                last_received = time.time()
+                self.last_received = time.time()
 
     def _enumerate(self, context: Any) -> Iterator[Any]:
         """The matching devices there now, one at a time (thousands of them are big)."""
@@ -298,9 +305,9 @@ class UdevSource(Source):
             self.emit_until_accepted(present)
         self.log.debug("%d matching devices present at start", len(self.known))
 
-    def _resync(self, context: Any, lost_since: float) -> None:
-        """After an overflow: report the difference between the devices there now and
-        those last reported, after a device.gap for the window."""
+    def _resync(self, context: Any, lost_since: float, reason: str) -> None:
+        """After an overflow (or a failed run): report the difference between the devices
+        there now and those last reported, after a device.gap for the window."""
         present: set[str] = set()
         added = []
         for device in self._enumerate(context):
@@ -315,7 +322,7 @@ class UdevSource(Source):
         for event in added:
             self.remember(event)
         gap = {
-            "reason": OVERFLOW_REASON,
+            "reason": reason,
             "from": _rfc3339(lost_since),
             "to": _rfc3339(time.time()),
             "added": len(added),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from conftest import run_cli
@@ -168,6 +169,35 @@ def test_udev_overflow_is_reported_as_a_gap_and_what_changed_is_enumerated(
         assert "restarting" not in agent.log()
     finally:
         ip_batch([f"link del {name}" for name in (before[0], *(a for a, _ in pairs))], check=False)
+
+
+def test_udev_a_run_after_an_error_reports_what_changed_meanwhile():
+    """After run() raised (a socket error), the agent calls it again: the links created
+    while no socket listened are reported, as enumerated, after a device.gap."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network links needs root")
+    a, b = veth_names()
+    harness = SourceHarness(UdevSource, {"subsystems": ["net"], "match": {"INTERFACE": "eat*"}})
+    with harness:
+        harness.wait_listening()  # run() returns once its baseline is known
+    source = harness.source
+    ip_batch([f"link add {a} type veth peer name {b}"])
+    source.stopping.clear()
+    again = threading.Thread(target=source.run, daemon=True)  # as the agent's runner does
+    again.start()
+
+    def added() -> list[str]:
+        return sorted(e.data["sys_name"] for e in harness.events if e.type == "device.added")
+
+    try:
+        wait_for(lambda: added() == [a, b], 10, "both links")
+    finally:
+        source.stop()
+        again.join(10)
+        ip_batch([f"link del {a}"], check=False)
+    assert all(e.data["enumerated"] for e in harness.events if e.type == "device.added")
+    gap = next(e for e in harness.events if e.type == "device.gap")
+    assert "restarted after an error" in gap.data["reason"] and gap.data["added"] == 2
 
 
 # -- serial: a real pty pair ---------------------------------------------------------
