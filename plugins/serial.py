@@ -2,6 +2,10 @@
 
 Uses pyserial. When the port goes away (a USB adapter pulled out) the source
 says so once, waits, and opens it again when it is back.
+
+A line longer than ``max_line_bytes`` is cut as tail cuts it: the first
+``max_line_bytes`` are sent, the rest is dropped up to the next delimiter,
+counted, and reported as ``serial.gap`` (one event a minute at most).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def _unescape(text: str) -> bytes:
 
 
 class SerialSource(Source):
-    """Emits ``serial.line`` for each line (or frame) read from ``port``."""
+    """Emits ``serial.line`` for each line (or frame) read from ``port``, and ``serial.gap``
+    for the bytes of over-long lines it dropped."""
 
     announces_listening = True
 
