@@ -19,6 +19,7 @@ from agent import __version__
 from agent.config import Config, default_config_path, load_config
 from agent.errors import AgentError, ConfigError
 from agent.plugins import PluginHost, load_plugins
+from agent.statedir import StateDirBusy, StateDirLock
 
 EX_CONFIG = 78
 
@@ -124,6 +125,9 @@ def run(config_path: str | None) -> None:
         agent.install_signal_handlers()
         agent.start()
         agent.run_until_stopped()
+    except StateDirBusy as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     except AgentError as exc:
         log.error("%s", exc)
         agent.stop()
@@ -280,7 +284,8 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
     """Give up on a sink's oldest events: they count as confirmed by it.
 
     An event leaves the queue once every sink has confirmed (or been purged of)
-    it. The running agent notices within a second.
+    it. The queue has one writer at a time: stop the agent first (purge refuses
+    while it runs, naming its pid), then start it again.
     """
     from datetime import UTC, datetime, timedelta
 
@@ -289,6 +294,14 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
 
     config = _state(config_path)
     store = _store(config)
+    lock = StateDirLock(config.agent.state_dir)
+    try:
+        lock.acquire(
+            doing="stop it first (systemctl stop edge-agent), purge, then start it again:"
+            " the queue has one writer at a time"
+        )
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         cutoff = datetime.now(UTC) - timedelta(seconds=parse_duration(before))
         before_text = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -35,6 +35,7 @@ from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
 from agent.plugins import PluginHost, SlowReporter
 from agent.queue import QueueStore, read_checkpoints, read_stats
+from agent.statedir import StateDirLock
 from agent.systemd import Notifier
 from agent.writer import Writer
 
@@ -124,6 +125,8 @@ class Agent:
         self.host = host
         self.id = config.agent.id
         self.store = QueueStore(config.agent.state_dir, sync=config.queue.sync)
+        #: One agent per state directory: taken before the queue opens.
+        self.lock = StateDirLock(config.agent.state_dir)
         self.sinks: list[Sink] = []
         self.forwarders: list[Forwarder] = []
         self.sources: list[SourceRunner] = []
@@ -250,8 +253,14 @@ class Agent:
         self.processors = processors
 
     def start(self) -> None:
-        """Open the queue and start writer, forwarders and sources. Raises QueueError."""
+        """Lock the state directory, open the queue, start writer, forwarders and sources.
+
+        Raises StateDirBusy when another agent holds the state directory (then
+        nothing was started, and :meth:`stop` has nothing to do), and
+        QueueError when the queue cannot be opened.
+        """
         queue = self.config.queue
+        self.lock.acquire()
         logging.getLogger("edge_agent").addHandler(self.logged_problems)
         self.store.open()
         self._remind_damaged()
@@ -503,6 +512,8 @@ class Agent:
 
     def stop(self) -> None:
         """Stop sources, commit, flush within the grace period, stop sinks."""
+        if not self.lock.held:
+            return  # never started: the state directory (and its status) is another's
         self.notifier.stopping()
         grace = self.config.agent.shutdown_grace
         for runner in self.sources:
@@ -530,3 +541,4 @@ class Agent:
             log.info("edge-agent %s stopped", self.id)
         finally:
             logging.getLogger("edge_agent").removeHandler(self.logged_problems)
+            self.lock.release()
