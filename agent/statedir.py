@@ -29,8 +29,7 @@ class StateDirBusy(AgentError):
         self.pid = pid
         who = f"pid {pid}" if pid else "another process"
         super().__init__(
-            f"state dir {state_dir} is in use by {who} (an edge-agent that is running);"
-            f" {doing}"
+            f"state dir {state_dir} is in use by {who} (an edge-agent that is running); {doing}"
         )
 
 
