@@ -17,6 +17,7 @@ import difflib
 import os
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from agent.plugins import PluginHost, Registration
 from agent.schema import ByteSize, Duration, EnvStr, build, option
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+#: A config file (or a secret file) larger than this is refused: it is not one.
+MAX_FILE_BYTES = 1024 * 1024
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -180,10 +183,15 @@ def _read_secret_files(
             problems.append((f"{path}.{key}", "expected a file path (a string)"))
             continue
         try:
-            with open(file_name, encoding="utf-8") as handle:
-                table[base] = handle.read().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            table[base] = read_small_file(file_name).decode("utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError, NotAFile) as exc:
+            reason = (
+                str(exc)
+                if isinstance(exc, NotAFile)
+                else exc.strerror
+                if isinstance(exc, OSError)
+                else "not UTF-8 text"
+            )
             problems.append(
                 (
                     f"{path}.{key}",
@@ -323,13 +331,51 @@ def parse_config(
     return Config(file, agent, queue, sources, sinks, processors, metrics)
 
 
+class NotAFile(ValueError):
+    """The path names something other than a small regular file (a FIFO, a device, a folder)."""
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_small_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The content of the regular file at ``path``; NotAFile for anything else or a huge one.
+
+    Opened without blocking, so a FIFO is refused at once instead of waiting
+    for a writer; read up to ``limit`` bytes, so ``/dev/zero`` or a log file
+    given by mistake cannot exhaust memory. Raises OSError when it cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise NotAFile(f"is {kind}, not a regular file; give the path of a file")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
+        raise NotAFile(f"is larger than {size}, more than a config file can be; right file?")
+    return data
+
+
 def load_config(path: str, host: PluginHost) -> Config:
     """Read and validate the config file at ``path``; raise ConfigError listing every problem."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-        text = raw.decode("utf-8")
+        text = read_small_file(path).decode("utf-8")
         data = tomllib.loads(text)
+    except NotAFile as exc:
+        raise ConfigError([ConfigProblem(path, "", str(exc))]) from None
     except FileNotFoundError:
         raise ConfigError(
             [ConfigProblem(path, "", "no such file; pass -c FILE or set EDGE_AGENT_CONFIG")]
