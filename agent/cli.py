@@ -192,6 +192,36 @@ def _state(config_path: str | None) -> Config:
     return config
 
 
+def _status_state_dir(config_path: str | None) -> str:
+    """The state directory to read the status from, even while the config file is invalid.
+
+    The running agent goes on with the configuration it read at start, so a
+    file edited since must not hide its status. A file that cannot be read at
+    all (missing, not a regular file) is still an error (exit 78); an invalid
+    one gives its ``[agent] state_dir`` if that can be read, else the default,
+    with a warning.
+    """
+    from agent.config import AgentSettings, NotAFile, read_small_file, state_dir_hint
+
+    path = config_path or default_config_path()
+    try:
+        return _load(config_path)[1].agent.state_dir
+    except ConfigError as error:
+        try:
+            read_small_file(path)
+        except (OSError, NotAFile):
+            _config_failed(error)  # nothing there to read
+        count = len(error.problems)
+        state_dir = state_dir_hint(path) or AgentSettings().state_dir
+        click.echo(
+            f"warning: {path} is invalid ({count} problem{'s' if count != 1 else ''}; run"
+            f" edge-agent check -c {path}); the agent runs on what it read at its start."
+            f" Status from {state_dir}:",
+            err=True,
+        )
+        return state_dir
+
+
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -199,8 +229,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     """How the running agent is doing: sinks, backlog, errors. Exit 1 if it is not running."""
     from agent import status as snapshots
 
-    config = _state(config_path)
-    data, problem = snapshots.read(config.agent.state_dir)
+    data, problem = snapshots.read(_status_state_dir(config_path))
     if as_json:
         click.echo(json.dumps({"running": problem is None, "problem": problem, "status": data}))
     elif data is not None:

@@ -369,6 +369,25 @@ def read_small_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
+def state_dir_hint(path: str) -> str | None:
+    """``[agent] state_dir`` of the file at ``path``, the rest unchecked; None if unreadable.
+
+    For ``edge-agent status`` while the file is invalid: the agent still runs on
+    what it read at its start.
+    """
+    try:
+        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+    except (OSError, ValueError):  # NotAFile, UnicodeDecodeError and TOMLDecodeError too
+        return None
+    agent = data.get("agent")
+    value = agent.get("state_dir") if isinstance(agent, dict) else None
+    if not isinstance(value, str):
+        return None
+    problems: list[tuple[str, str]] = []
+    value = _interpolate(value, "agent.state_dir", problems)
+    return None if problems else str(value)
+
+
 def load_config(path: str, host: PluginHost) -> Config:
     """Read and validate the config file at ``path``; raise ConfigError listing every problem."""
     try:

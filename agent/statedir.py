@@ -106,19 +106,17 @@ def _read_pid(fd: int) -> int | None:
 
 
 def holder(state_dir: str) -> int | None:
-    """The pid of the process that holds ``state_dir``'s lock now, or None.
+    """The pid of the process that holds ``state_dir``'s lock now, or None if nobody does.
 
     Reads ``/proc/locks`` rather than trying the lock: a probe would, for an
     instant, hold the lock itself and could make an agent starting just then
-    refuse to run.
+    refuse to run. Raises OSError when it cannot tell (no lock file: an agent
+    of an older version, or none ever ran; no ``/proc/locks``).
     """
     path = os.path.join(state_dir, LOCK_FILE)
-    try:
-        info = os.stat(path)
-        with open("/proc/locks", encoding="ascii") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
+    info = os.stat(path)
+    with open("/proc/locks", encoding="ascii") as handle:
+        lines = handle.read().splitlines()
     wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     for line in lines:
         parts = line.split()
