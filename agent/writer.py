@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from agent.bounds import ROW_OVERHEAD, Bounds, Limits
-from agent.errors import QueueError
+from agent.errors import QueueError, QueueVanished
 from agent.event import Event
 from agent.queue import Checkpoint, QueueStore, QueueWriter
 
@@ -81,6 +81,10 @@ class Writer:
         self._last_housekeeping = 0.0
         self._last_commit = 0.0
         self.last_progress = time.monotonic()
+        #: Why the writer stopped on its own (the agent must exit), or None.
+        self.failure: str | None = None
+        #: Set when the queue file vanished (then the queue stays open for record_lost).
+        self.vanished: QueueVanished | None = None
 
     def start(self) -> None:
         self._queue = QueueWriter(self.store)
@@ -166,10 +170,13 @@ class Writer:
     def _run(self) -> None:
         assert self._queue is not None and self.bounds is not None
         held: list[_Pending] = []  # a batch waiting for room (when_full = "block")
+        batch: list[_Pending] = []
         try:
             while True:
                 batch = held or self._take()
                 held = []
+                if batch:
+                    self._queue.check_file()  # never commit into a file that is gone
                 if batch and not self._admit(batch):
                     held = batch
                     # Room comes from deletes: look again when they are due, or after
@@ -190,6 +197,8 @@ class Writer:
                 with self._cond:
                     if self._stopping and not self._waiting and not held:
                         break
+        except QueueVanished as exc:
+            self._vanished(exc, batch)
         except BaseException as exc:
             log.exception("the queue writer failed: %r", exc)
             for pending in held:
@@ -198,7 +207,49 @@ class Writer:
             self._fail_everything(exc)
             raise
         finally:
-            self._queue.close()
+            if self.vanished is None:
+                self._queue.close()
+
+    def _vanished(self, exc: QueueVanished, batch: list[_Pending]) -> None:
+        """The queue file is gone: accept nothing more; the agent exits (see record_lost)."""
+        for pending in batch:
+            pending.error = QueueError(f"{exc}; the event was not accepted")
+            pending.done.set()
+        self._fail_everything(exc)
+        self.vanished = exc
+        self.failure = (
+            f"{exc}. No more events are accepted, and the agent exits so that it is started"
+            " again (by systemd) on a new queue; the events that were waiting in the lost one"
+            " are reported then, in a queue.gap event. Find out what removed the file (a"
+            " clean-up job, an operator) so that it does not happen again."
+        )
+
+    def record_lost(self) -> None:
+        """After a vanished queue, once the forwarders have stopped: record what it held.
+
+        The forwarders write their last confirmed positions into the vanished
+        file on the way out, so the record counts as lost only what was not sent.
+        """
+        if self.vanished is None or self._queue is None:
+            return
+        try:
+            record = self._queue.record_lost(str(self.vanished))
+        except OSError as exc:
+            log.error(
+                "cannot write %s: %s; the next start cannot report what the lost queue held",
+                self.store.lost_path,
+                exc.strerror,
+            )
+        else:
+            log.info(
+                "recorded what the lost queue held in %s (%s events not sent to every sink)"
+                " for the next start",
+                self.store.lost_path,
+                record.get("events", "an unknown number of"),
+            )
+        finally:
+            if self.vanished is None:
+                self._queue.close()
 
     def _admit(self, batch: list[_Pending]) -> bool:
         """Room for this batch? Drops old events or says wait, as the policy wants."""
@@ -217,6 +268,7 @@ class Writer:
 
     def _housekeeping(self) -> None:
         assert self._queue is not None and self.bounds is not None
+        self._queue.check_file()  # also when idle: exit (and report) before anything is lost
         try:
             # Also now and then unasked: `queue purge` moves cursors behind our back.
             now = time.monotonic()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import mqtt_agent_config, run_cli
+
+from agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,3 +54,61 @@ def test_status_says_not_running_at_once_after_a_stop_and_reads_past_a_broken_co
     assert stopped.returncode == 1
     assert json.loads(stopped.stdout)["running"] is False
     assert f"the agent is not running: pid {pid} has ended" in json.loads(stopped.stdout)["problem"]
+
+
+def tail_config(tmp_path, port: int) -> str:
+    return f"""
+        [agent]
+        id = "test-gw"
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.tail]]
+        name = "app"
+        paths = ["{tmp_path / "app.log"}"]
+        start_at = "beginning"
+        poll_interval = "0.1s"
+
+        [[sinks.mqtt]]
+        name = "cloud"
+        port = {port}
+        reconnect_min = "0.05s"
+        reconnect_max = "0.3s"
+        """
+
+
+def write_lines(path, start: int, count: int) -> None:
+    with open(path, "a") as handle:
+        handle.writelines(f"line {i}\n" for i in range(start, start + count))
+
+
+def test_a_deleted_state_dir_stops_the_agent_and_the_next_start_reports_it(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    agent = agent_process(tail_config(tmp_path, running_broker.port)).start()
+    agent.wait_started()
+    write_lines(log, 0, 100)
+    wait_for(lambda: len(subscriber.events()) >= 100, 15, "the first 100 lines")
+
+    shutil.rmtree(agent.state_dir)
+    assert agent.process.wait(15) == 1, "exits non-zero: systemd starts it again"
+    agent._close()
+    run = agent.log()
+    assert run.count("was deleted with its state directory while the agent was using it") == 1
+    assert "No more events are accepted" in run and "Traceback" not in run
+
+    agent.start()  # as systemd would: on a new queue, which reports the old one's loss
+    agent.wait_started()
+    write_lines(log, 100, 50)
+    wait_for(lambda: len(subscriber.events()) >= 151, 15, "the gap event and 50 more lines")
+    gaps = [e for e in subscriber.events() if e["type"] == "queue.gap"]
+    assert len(gaps) == 1 and gaps[0]["source"] == "edge-agent://test-gw/agent"
+    assert "deleted with its state directory" in gaps[0]["data"]["reason"]
+    assert gaps[0]["data"]["events"] == 0 and gaps[0]["data"]["sinks"] == {"cloud": 0}
+    lines = [e for e in subscriber.events() if e["type"] == "log.line"]
+    # Its checkpoint and numbering were carried over: nothing read or numbered twice.
+    assert [e["data"]["line"] for e in lines] == [f"line {i}" for i in range(150)]
+    assert [int(e["sequence"]) for e in lines] == list(range(1, 151))
+    assert not (agent.state_dir / "queue.lost.json").exists()
+    assert agent.terminate() == 0
