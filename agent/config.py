@@ -83,9 +83,10 @@ class QueueSettings:
         doc='"drop_oldest" deletes the oldest events to make room (counted, logged);'
         ' "block" makes sources wait.',
     )
-    reserve_free: ByteSize = option(
-        ByteSize(64 * 1024**2),
-        doc="Stop growing the queue while the filesystem has less than this free.",
+    reserve_free: ByteSize | None = option(
+        None,
+        doc="Stop growing the queue while the filesystem has less than this free."
+        " Default: 64MiB, or 10% of a smaller filesystem's size.",
     )
 
 

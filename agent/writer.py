@@ -149,9 +149,10 @@ class Writer:
                 )
             batch: list[_Pending] = []
             count = 0
-            while self._waiting and (
-                not batch or count + len(self._waiting[0].events) <= self.commit_max_events
-            ):
+            most = self.commit_max_events
+            if self.limits.max_events:
+                most = min(most, self.limits.max_events)  # room can always be made for it
+            while self._waiting and (not batch or count + len(self._waiting[0].events) <= most):
                 pending = self._waiting.popleft()
                 batch.append(pending)
                 count += len(pending.events)
@@ -177,6 +178,7 @@ class Writer:
                 held = []
                 if batch:
                     self._queue.check_file()  # never commit into a file that is gone
+                    batch = self._fit(batch)
                 if batch and not self._admit(batch):
                     held = batch
                     # Room comes from deletes: look again when they are due, or after
@@ -250,6 +252,40 @@ class Writer:
         finally:
             if self.vanished is None:
                 self._queue.close()
+
+    def _fit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Make each caller's events fit ``max_events`` on their own; drop or refuse the rest.
+
+        One ``emit_many`` of more events than the whole queue may hold cannot
+        be committed as it is: with ``drop_oldest`` its oldest events are
+        dropped (counted and logged, as any drop) and the rest is committed
+        with its checkpoint; with ``block`` it could never fit, so the caller
+        is told at once instead of waiting forever.
+        """
+        assert self.bounds is not None
+        most = self.limits.max_events
+        if not most or all(len(p.events) <= most for p in batch):
+            return batch
+        kept = []
+        for pending in batch:
+            if len(pending.events) <= most:
+                kept.append(pending)
+            elif self.limits.when_full == "block":
+                pending.error = QueueError(
+                    f"{len(pending.events)} events at once are more than [queue] max_events"
+                    f" ({most}) lets the queue hold; none were accepted. Raise max_events, or"
+                    " have the source commit fewer at once"
+                )
+                pending.done.set()
+            else:
+                cut = len(pending.events) - most
+                self.bounds.dropped_unqueued(
+                    collections.Counter(event.source for event, _ in pending.events[:cut]),
+                    f"more events at once than max_events {most}",
+                )
+                pending.events = pending.events[cut:]
+                kept.append(pending)
+        return kept
 
     def _admit(self, batch: list[_Pending]) -> bool:
         """Room for this batch? Drops old events or says wait, as the policy wants."""
