@@ -118,6 +118,8 @@ def run(config_path: str | None) -> None:
         _config_failed(error)
         return
     setup_logging(config.agent.log_level, config.agent.log_format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     for name, message in host.errors:
         log.error("plugin %s %s; running without it", name, message)
     agent = Agent(config, host)
@@ -151,6 +153,8 @@ def check(config_path: str | None) -> None:
         f"{path}: ok ({len(config.sources)} sources, {len(config.sinks)} sinks,"
         f" agent id {config.agent.id!r})"
     )
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
     for name, message in plugin_errors:
         click.echo(f"warning: plugin {name} {message}", err=True)
 

@@ -52,7 +52,7 @@ class AgentSettings:
         "text", doc='"text" for people, "json" (one object a line) for log shippers.'
     )
     shutdown_grace: Duration = option(
-        10.0, doc="On SIGTERM, how long sinks may keep sending the backlog before exit."
+        10.0, min=0, doc="On SIGTERM, how long sinks may keep sending the backlog before exit."
     )
 
 
@@ -66,17 +66,17 @@ class QueueSettings:
         " commits on power loss (never on a crash of the agent alone).",
     )
     commit_max_events: int = option(
-        1000, doc="Most events the writer commits in one transaction (group commit)."
+        1000, min=1, doc="Most events the writer commits in one transaction (group commit)."
     )
     handoff_max_events: int = option(
-        10000, doc="Events that may wait in memory for the writer before sources block."
+        10000, min=1, doc="Events that may wait in memory for the writer before sources block."
     )
     max_bytes: ByteSize = option(
-        ByteSize(256 * 1024**2), doc="Largest the queue may grow (live data plus its WAL)."
+        ByteSize(256 * 1024**2), min=0, doc="Largest the queue may grow (live data plus its WAL)."
     )
-    max_events: int = option(0, doc="Most events queued; 0: no limit.")
+    max_events: int = option(0, min=0, doc="Most events queued; 0: no limit.")
     max_age: Duration = option(
-        0.0, doc="Drop events older than this, whatever the policy; 0: keep them."
+        0.0, min=0, doc="Drop events older than this, whatever the policy; 0: keep them."
     )
     when_full: Literal["drop_oldest", "block"] = option(
         "drop_oldest",
@@ -85,6 +85,7 @@ class QueueSettings:
     )
     reserve_free: ByteSize | None = option(
         None,
+        min=0,
         doc="Stop growing the queue while the filesystem has less than this free."
         " Default: 64MiB, or 10% of a smaller filesystem's size.",
     )
@@ -130,6 +131,8 @@ class Config:
     sinks: list[InstanceConfig]
     processors: list[InstanceConfig] = field(default_factory=list)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    #: Things that work but are probably not meant, as "FILE: KEY: message".
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_config_path() -> str:
@@ -318,6 +321,9 @@ def parse_config(
         problems.append(
             ("agent.id", f"expected letters, digits, '_', '.' or '-', got {agent.id!r}")
         )
+    warnings: list[str] = []
+    if agent is not None:
+        _check_state_dir(agent.state_dir, file, problems, warnings)
     sources = _instances("source", data.get("sources", {}), host, problems)
     sinks = _instances("sink", data.get("sinks", {}), host, problems)
     processors = _in_file_order(
@@ -329,7 +335,44 @@ def parse_config(
     if problems:
         raise ConfigError([ConfigProblem(file, key, message) for key, message in problems])
     assert agent is not None and queue is not None and metrics is not None
-    return Config(file, agent, queue, sources, sinks, processors, metrics)
+    return Config(file, agent, queue, sources, sinks, processors, metrics, warnings)
+
+
+def _check_state_dir(
+    state_dir: str, file: str, problems: list[tuple[str, str]], warnings: list[str]
+) -> None:
+    """A relative state_dir is a warning; one that cannot be made or written, an error."""
+    key = "agent.state_dir"
+    if not os.path.isabs(state_dir):
+        warnings.append(
+            f"{file}: {key}: {state_dir!r} is relative, so it depends on the working directory"
+            f" (now {os.getcwd()}); systemd starts the agent in /. Use an absolute path"
+        )
+    path = os.path.abspath(state_dir)
+    nearest = path
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        problems.append((key, f"{nearest} is not a directory, so {path} cannot be made"))
+    elif not os.access(nearest, os.W_OK | os.X_OK):
+        user = _user()
+        what = path if nearest == path else f"{nearest}, where {path} would be made,"
+        problems.append(
+            (
+                key,
+                f"{what} is not writable by this user ({user}); run as the service user,"
+                " make it writable, or choose another folder",
+            )
+        )
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
 
 
 class NotAFile(ValueError):
