@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -112,3 +113,32 @@ def test_a_deleted_state_dir_stops_the_agent_and_the_next_start_reports_it(
     assert [int(e["sequence"]) for e in lines] == list(range(1, 151))
     assert not (agent.state_dir / "queue.lost.json").exists()
     assert agent.terminate() == 0
+
+
+@pytest.mark.parametrize("how", ["renamed", "replaced"])
+def test_a_queue_file_renamed_or_replaced_takes_no_more_commits(tmp_path, how):
+    from agent.errors import QueueError
+    from agent.event import Event
+    from agent.queue import QueueStore
+    from agent.writer import Writer
+
+    store = QueueStore(str(tmp_path / "state"))
+    store.open()
+    writer = Writer(
+        store, commit_max_events=100, handoff_max_events=100, sink_names=["s"], on_commit=list
+    )
+    writer.start()
+    items = [(Event(type="t.x", source="a", data={}), "{}")] * 3
+    writer.submit(items, [("a", "offset", "3")])
+    os.rename(store.path, store.path + ".moved")
+    if how == "replaced":
+        shutil.copy(store.path + ".moved", store.path)
+    why = "was deleted" if how == "renamed" else "was replaced by another file"
+    with pytest.raises(QueueError, match=why):
+        writer.submit(items)
+    wait_for(lambda: not writer.is_alive(), 5, "the writer to stop")
+    assert "No more events are accepted" in writer.failure
+    writer.record_lost()
+    record = json.loads((tmp_path / "state" / "queue.lost.json").read_text())
+    assert record["events"] == 3 and record["sequences"] == {"a": 3}
+    assert record["checkpoints"] == [["a", "offset", "3"]]
