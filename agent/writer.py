@@ -250,8 +250,8 @@ class Writer:
                 record.get("events", "an unknown number of"),
             )
         finally:
-            if self.vanished is None:
-                self._queue.close()
+            self._queue.close()
+            self._queue = None
 
     def _fit(self, batch: list[_Pending]) -> list[_Pending]:
         """Make each caller's events fit ``max_events`` on their own; drop or refuse the rest.
