@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import click
 
 from agent import __version__
-from agent.config import Config, default_config_path, load_config
+from agent.config import Config, check_state_dir, default_config_path, load_config
 from agent.errors import AgentError, ConfigError
 from agent.plugins import PluginHost, load_plugins
 from agent.statedir import StateDirBusy, StateDirLock
@@ -114,6 +114,7 @@ def run(config_path: str | None) -> None:
     setup_logging()
     try:
         host, config = _load(config_path)
+        check_state_dir(config)
     except ConfigError as error:
         _config_failed(error)
         return
@@ -145,6 +146,7 @@ def check(config_path: str | None) -> None:
     path = config_path or default_config_path()
     try:
         host, config = _load(config_path)
+        check_state_dir(config)
     except ConfigError as error:
         _config_failed(error)
         return

@@ -321,9 +321,6 @@ def parse_config(
         problems.append(
             ("agent.id", f"expected letters, digits, '_', '.' or '-', got {agent.id!r}")
         )
-    warnings: list[str] = []
-    if agent is not None:
-        _check_state_dir(agent.state_dir, file, problems, warnings)
     sources = _instances("source", data.get("sources", {}), host, problems)
     sinks = _instances("sink", data.get("sinks", {}), host, problems)
     processors = _in_file_order(
@@ -335,16 +332,23 @@ def parse_config(
     if problems:
         raise ConfigError([ConfigProblem(file, key, message) for key, message in problems])
     assert agent is not None and queue is not None and metrics is not None
-    return Config(file, agent, queue, sources, sinks, processors, metrics, warnings)
+    return Config(file, agent, queue, sources, sinks, processors, metrics)
 
 
-def _check_state_dir(
-    state_dir: str, file: str, problems: list[tuple[str, str]], warnings: list[str]
-) -> None:
-    """A relative state_dir is a warning; one that cannot be made or written, an error."""
+def check_state_dir(config: Config) -> None:
+    """For ``check`` and ``run``: can this user make and write ``[agent] state_dir``?
+
+    One that cannot be made or written raises ConfigError; a relative one adds
+    a warning to ``config.warnings``. Not part of :func:`load_config`: the
+    read-only commands (``status``, ``queue stats``) work for a user who may
+    only read the state directory.
+    """
     key = "agent.state_dir"
+    state_dir = config.agent.state_dir
+    file = config.file
+    problems: list[tuple[str, str]] = []
     if not os.path.isabs(state_dir):
-        warnings.append(
+        config.warnings.append(
             f"{file}: {key}: {state_dir!r} is relative, so it depends on the working directory"
             f" (now {os.getcwd()}); systemd starts the agent in /. Use an absolute path"
         )
@@ -364,6 +368,8 @@ def _check_state_dir(
                 " make it writable, or choose another folder",
             )
         )
+    if problems:
+        raise ConfigError([ConfigProblem(file, k, message) for k, message in problems])
 
 
 def _user() -> str:
