@@ -60,6 +60,8 @@ class StateDirLock:
             return
         try:
             os.makedirs(self.state_dir, exist_ok=True)
+            # CLOEXEC: a command started by a source (exec) must not inherit the
+            # lock and keep holding it after the agent has died.
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise QueueError(

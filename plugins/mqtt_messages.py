@@ -38,6 +38,8 @@ class TlsConfig:
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"tls.{name}: cannot read {path}; check the path and permissions")
+            if path and not os.path.isfile(path):
+                raise ValueError(f"tls.{name}: {path} is not a regular file; give a PEM file")
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("tls: give cert_file and key_file together, for mutual TLS")
 

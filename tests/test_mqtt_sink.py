@@ -278,6 +278,7 @@ def test_bad_options_are_config_errors():
                 {"name": "b", "payload": "binary", "protocol": "3.1.1"},
                 {"name": "c", "hosts": ["x:notaport"]},
                 {"name": "d", "tls": {"ca_file": "/no/such/ca.pem"}},
+                {"name": "e", "tls": {"ca_file": "/dev/zero"}},
             ]
         }
     }
@@ -288,6 +289,7 @@ def test_bad_options_are_config_errors():
     assert 'sinks.mqtt[1]: payload = "binary" needs protocol = "5"' in text
     assert "sinks.mqtt[2]: hosts: 'x:notaport' is not host:port" in text
     assert "sinks.mqtt[3].tls: tls.ca_file: cannot read /no/such/ca.pem" in text
+    assert "sinks.mqtt[4].tls: tls.ca_file: /dev/zero is not a regular file" in text
 
 
 def test_websockets_transport(tmp_path):
