@@ -339,6 +339,14 @@ class QueueWriter:
             raise QueueError(f"cannot commit {len(events)} events to the queue: {exc}") from exc
         self._sequences = sequences
 
+    def skip_sequences(self, counts: Counter[str]) -> None:
+        """Numbers for events dropped before they were queued: the loss shows in ``sequence``.
+
+        Stored with the next commit of the same source.
+        """
+        for source, count in counts.items():
+            self._sequences[source] = self._sequences.get(source, 0) + count
+
     def check_file(self) -> None:
         """Raise QueueVanished if the queue's path no longer names the file being written.
 

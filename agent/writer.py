@@ -262,7 +262,7 @@ class Writer:
         with its checkpoint; with ``block`` it could never fit, so the caller
         is told at once instead of waiting forever.
         """
-        assert self.bounds is not None
+        assert self.bounds is not None and self._queue is not None
         most = self.limits.max_events
         if not most or all(len(p.events) <= most for p in batch):
             return batch
@@ -279,10 +279,9 @@ class Writer:
                 pending.done.set()
             else:
                 cut = len(pending.events) - most
-                self.bounds.dropped_unqueued(
-                    collections.Counter(event.source for event, _ in pending.events[:cut]),
-                    f"more events at once than max_events {most}",
-                )
+                dropped = collections.Counter(event.source for event, _ in pending.events[:cut])
+                self.bounds.dropped_unqueued(dropped, f"more events at once than max_events {most}")
+                self._queue.skip_sequences(dropped)
                 pending.events = pending.events[cut:]
                 kept.append(pending)
         return kept
