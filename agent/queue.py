@@ -295,14 +295,16 @@ class QueueWriter:
         self._start_clock()
 
     def _start_clock(self) -> None:
-        """Save this boot's clock; give events queued before age marks existed one."""
+        """Save this boot's clock; give events queued before age marks existed one.
+
+        Not fsynced (the next commit of events makes it durable) and not fatal:
+        without it, ages are only noted later (events may then live longer).
+        """
         now = self.clock.now()
         try:
+            self._relax_sync()
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute(
-                "INSERT OR REPLACE INTO age_clock (id, boot_id, offset, last) VALUES (1, ?, ?, ?)",
-                (self.clock.boot, self.clock.offset, now),
-            )
+            self._save_clock(now)
             # Events of an older version, or after the last mark: accepted by now.
             self.conn.execute(
                 "INSERT OR REPLACE INTO age_marks (position, clock)"
@@ -312,7 +314,18 @@ class QueueWriter:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            raise QueueError(f"cannot start the queue's age clock: {exc}") from exc
+            log.warning(
+                "cannot note the queue's age clock yet: %s; trying with the next commit", exc
+            )
+        finally:
+            with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
+                self._restore_sync()
+
+    def _save_clock(self, now: float) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO age_clock (id, boot_id, offset, last) VALUES (1, ?, ?, ?)",
+            (self.clock.boot, self.clock.offset, now),
+        )
 
     def _mark_age(self) -> None:
         """Inside append's transaction: every event so far was accepted by now, on the age
@@ -326,7 +339,7 @@ class QueueWriter:
             " VALUES ((SELECT MAX(position) FROM events), ?)",
             (now,),
         )
-        self.conn.execute("UPDATE age_clock SET last = ? WHERE id = 1", (now,))
+        self._save_clock(now)
         self._next_mark = now + AGE_MARK_EVERY
         self._unmarked = False
 
@@ -335,12 +348,16 @@ class QueueWriter:
         if not self._unmarked or self.clock.now() < self._next_mark:
             return
         try:
+            self._relax_sync()  # not worth an fsync: the next commit of events makes it durable
             self.conn.execute("BEGIN IMMEDIATE")
             self._mark_age()
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             log.debug("age mark not written: %s", exc)
+        finally:
+            with contextlib.suppress(QueueError):
+                self._restore_sync()
 
     def append(
         self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint] = ()
@@ -478,8 +495,7 @@ class QueueWriter:
         # least once), so it skips the fsync: the next commit of events (FULL)
         # makes it durable with them. append() restores FULL first, whatever happens here.
         try:
-            self._relaxed = True
-            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._relax_sync()
             self.conn.execute("BEGIN IMMEDIATE")
             row = self.conn.execute(
                 f"SELECT MIN(position), COUNT(*) FROM sink_cursors WHERE sink IN ({marks})",
@@ -499,6 +515,12 @@ class QueueWriter:
             with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
                 self._restore_sync()
         return deleted
+
+    def _relax_sync(self) -> None:
+        """synchronous=NORMAL for a write that need not be durable at once (no fsync in WAL
+        mode); append() restores the configured level before the next events."""
+        self._relaxed = True
+        self.conn.execute("PRAGMA synchronous = NORMAL")
 
     def _restore_sync(self) -> None:
         """Back to the configured synchronous level after a delete; QueueError if not."""
