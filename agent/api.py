@@ -124,7 +124,14 @@ class Source:
         """
         self.counters[name] += amount
 
-    def report_gap(self, type: str, data: dict[str, Any], *, subject: str | None = None) -> bool:
+    def report_gap(
+        self,
+        type: str,
+        data: dict[str, Any],
+        *,
+        subject: str | None = None,
+        checkpoint: Mapping[str, str | None] | None = None,
+    ) -> bool:
         """Report a loss that is certain and cannot be undone, as an event of its own.
 
         ``type`` is ``"<kind>.gap"`` (``file.gap``, ``log.gap``...); ``data``
@@ -132,8 +139,10 @@ class Source:
         range, a count, a time window, and a ``reason``. The event is
         committed like any other (retried while the queue cannot take it), a
         warning is logged, and the source's ``gaps`` counter goes up.
-        Consumers alert on ``*.gap``; docs/events.md lists them. Returns False
-        if the source was told to stop before the event could be committed.
+        Consumers alert on ``*.gap``; docs/events.md lists them. ``checkpoint``
+        is committed in the same transaction, so that a crash cannot report
+        the same loss twice. Returns False if the source was told to stop
+        before the event could be committed.
         """
         if not type.endswith(".gap"):
             raise ValueError(f"a gap event's type ends in '.gap', not {type!r}")
@@ -142,7 +151,9 @@ class Source:
             type,
             ", ".join(f"{key}={value}" for key, value in data.items()),
         )
-        return self.emit_until_accepted([self.event(type, data, subject=subject)])
+        return self.emit_until_accepted(
+            [self.event(type, data, subject=subject)], checkpoint=checkpoint
+        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to return. Override to wake a blocking call; call super()."""
@@ -184,9 +195,16 @@ class Source:
         """
         self.context.commit(events, checkpoint)
 
-    def emit_until_accepted(self, events: Sequence[Event], *, batch: int = 500) -> bool:
+    def emit_until_accepted(
+        self,
+        events: Sequence[Event],
+        *,
+        batch: int = 500,
+        checkpoint: Mapping[str, str | None] | None = None,
+    ) -> bool:
         """Commit events (in transactions of at most ``batch``), trying again while the
         queue cannot take them (a full disk): a warning each time, backoff up to 30 s.
+        ``checkpoint`` is committed with the last transaction.
 
         For sources that cannot re-read what they saw (a device event, a serial
         line). Returns False if the source was told to stop first: the events
@@ -199,7 +217,8 @@ class Source:
                 if self.stopping.is_set():
                     return False
                 try:
-                    self.context.commit(chunk, None)
+                    last = start + batch >= len(events)
+                    self.context.commit(chunk, checkpoint if last else None)
                     wait = 0.5
                     break
                 except QueueError as exc:

@@ -9,7 +9,7 @@ commit and calls :meth:`Bounds.housekeeping` between commits.
 - ``reserve_free``: the queue stops growing while the filesystem has less than
   this free, so that acknowledgements (deletes), checkpoints and WAL
   checkpoints still find room: SQLite on a full disk fails the very delete an
-  acknowledgement needs.
+  acknowledgement needs. Default: min(64 MiB, 10% of the filesystem).
 - ``when_full = "drop_oldest"`` makes room by deleting the oldest events
   (counted per source, logged at most once a minute); ``"block"`` makes
   sources wait until sinks confirm enough to make room.
@@ -18,6 +18,7 @@ commit and calls :meth:`Bounds.housekeeping` between commits.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -40,15 +41,30 @@ VACUUM_HORIZON = 30.0
 ROW_OVERHEAD = 160
 
 
+#: The default reserve: this much, or RESERVE_SHARE of a smaller filesystem.
+RESERVE_MAX = 64 * 1024 * 1024
+RESERVE_SHARE = 0.10
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The ``[queue]`` bounds; 0 means no limit."""
+    """The ``[queue]`` bounds; 0 means no limit; ``reserve_free`` None: the default."""
 
     max_bytes: int = 0
     max_events: int = 0
     max_age: float = 0.0
-    reserve_free: int = 0
+    reserve_free: int | None = 0
     when_full: str = "drop_oldest"
+
+
+def default_reserve(state_dir: str) -> int:
+    """``reserve_free`` when the config says nothing: min(64 MiB, 10% of the filesystem).
+
+    A fixed 64 MiB would leave nothing for the queue on a small state
+    filesystem (an 8 MiB partition would accept no event at all).
+    """
+    stat = os.statvfs(state_dir)
+    return min(RESERVE_MAX, int(stat.f_blocks * stat.f_frsize * RESERVE_SHARE))
 
 
 class Bounds:
@@ -56,8 +72,11 @@ class Bounds:
 
     def __init__(self, queue: QueueWriter, limits: Limits, state_dir: str) -> None:
         self.queue = queue
+        if limits.reserve_free is None:
+            limits = dataclasses.replace(limits, reserve_free=default_reserve(state_dir))
         self.limits = limits
         self.state_dir = state_dir
+        self._check_reserve()
         #: Events dropped since start, per source, by the full-queue policy or max_age.
         self.dropped: Counter[str] = Counter()
         #: The same, per (source, reason): reason "queue_full" or "max_age".
@@ -70,7 +89,23 @@ class Bounds:
         self.full_since = 0.0
         self._last_full_warning = -WARN_EVERY
         self._said_full = False
+        self._full_action: str | None = None
         self._appended: collections.deque[tuple[float, int]] = collections.deque()
+
+    def _check_reserve(self) -> None:
+        """Warn at start when the reserve leaves the queue no room at all."""
+        reserve = self.limits.reserve_free or 0
+        stat = os.statvfs(self.state_dir)
+        free = stat.f_bavail * stat.f_frsize
+        if reserve and free <= reserve:
+            log.warning(
+                "[queue] reserve_free is %d KiB but the filesystem of %s has only %d KiB free:"
+                " the queue takes no events until space is freed there (or reserve_free is"
+                " lowered)",
+                reserve // 1024,
+                self.state_dir,
+                free // 1024,
+            )
 
     # -- before a commit -------------------------------------------------------
 
@@ -91,9 +126,15 @@ class Bounds:
         to_drop = max(excess_events, math.ceil(excess_bytes / max(average, 1.0)))
         dropped = self.queue.drop_oldest(to_drop)
         self._count_drops(dropped, f"the queue is full ({reason})", "queue_full")
-        self._set_full(reason)
-        # Nothing left to drop and the disk still full: the events must wait for space.
-        return not (sum(dropped.values()) < to_drop and reason.startswith("disk"))
+        short = sum(dropped.values()) < to_drop
+        # Nothing (or too little) left to drop: the events wait for room.
+        waits = short and (reason.startswith("disk") or excess_events > 0)
+        self._set_full(reason, "nothing is left to drop" if waits else None)
+        return not waits
+
+    def dropped_unqueued(self, dropped: Counter[str], why: str) -> None:
+        """Count events dropped before they reached the queue (policy drop_oldest)."""
+        self._count_drops(dropped, why, "queue_full")
 
     def _over(self, count: int, needed: int, usage: Usage) -> tuple[str | None, int, int]:
         """(reason, events over the limit, bytes over the limit) for ``count`` more events."""
@@ -129,28 +170,41 @@ class Bounds:
             )
         return None, 0, 0
 
-    def _set_full(self, reason: str | None) -> None:
-        """Say once (at most once a minute) that the queue cannot grow, and when it can again."""
+    def _set_full(self, reason: str | None, nothing_to_drop: str | None = None) -> None:
+        """Say (at most once a minute) that the queue cannot grow and what happens then,
+        again when that changes, and when it can grow again."""
         now = time.monotonic()
-        if reason is not None and self.full_reason is None:
-            self.full_since = now
-            if now - self._last_full_warning >= WARN_EVERY:
-                self._last_full_warning = now
-                self._said_full = True
-                action = (
-                    "sources wait until sinks confirm events"
-                    if self.limits.when_full == "block"
-                    else "the oldest events are dropped to make room"
+        if reason is None:
+            if self.full_reason is not None and self._said_full:
+                self._said_full = False
+                log.info(
+                    "queue has room again after %.0fs (was: %s)",
+                    now - self.full_since,
+                    self.full_reason,
                 )
-                log.warning("queue cannot grow: %s; %s", reason, action)
-        elif reason is None and self.full_reason is not None and self._said_full:
-            self._said_full = False
-            log.info(
-                "queue has room again after %.0fs (was: %s)",
-                now - self.full_since,
-                self.full_reason,
+            self.full_reason = None
+            self._full_action = None
+            return
+        disk = reason.startswith("disk")
+        if self.limits.when_full == "block":
+            action = 'sources wait until sinks confirm events (when_full = "block")'
+            if disk:
+                action = 'sources wait until space is freed (when_full = "block")'
+        elif nothing_to_drop:
+            action = f"{nothing_to_drop}, so sources wait until " + (
+                "space is freed" if disk else "sinks confirm events"
             )
+        else:
+            action = 'the oldest events are dropped to make room (when_full = "drop_oldest")'
+        if self.full_reason is None:
+            self.full_since = now
+        news = self.full_reason is None or action != self._full_action
+        if news and now - self._last_full_warning >= WARN_EVERY:
+            self._last_full_warning = now
+            self._said_full = True
+            log.warning("queue cannot grow: %s; %s", reason, action)
         self.full_reason = reason
+        self._full_action = action
 
     def appended(self, data_bytes: int) -> None:
         """The writer committed this much event data (for the vacuum's estimate)."""

@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 import click
 
 from agent import __version__
-from agent.config import Config, default_config_path, load_config
+from agent.config import Config, check_state_dir, default_config_path, load_config
 from agent.errors import AgentError, ConfigError
 from agent.logfold import RepeatFolder
 from agent.plugins import PluginHost, load_plugins
+from agent.statedir import StateDirBusy, StateDirLock
 
 EX_CONFIG = 78
 
@@ -115,10 +116,13 @@ def run(config_path: str | None) -> None:
     setup_logging()
     try:
         host, config = _load(config_path)
+        check_state_dir(config)
     except ConfigError as error:
         _config_failed(error)
         return
     setup_logging(config.agent.log_level, config.agent.log_format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     for name, message in host.errors:
         log.error("plugin %s %s; running without it", name, message)
     agent = Agent(config, host)
@@ -126,6 +130,9 @@ def run(config_path: str | None) -> None:
         agent.install_signal_handlers()
         agent.start()
         agent.run_until_stopped()
+    except StateDirBusy as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     except AgentError as exc:
         log.error("%s", exc)
         agent.stop()
@@ -141,6 +148,7 @@ def check(config_path: str | None) -> None:
     path = config_path or default_config_path()
     try:
         host, config = _load(config_path)
+        check_state_dir(config)
     except ConfigError as error:
         _config_failed(error)
         return
@@ -149,6 +157,8 @@ def check(config_path: str | None) -> None:
         f"{path}: ok ({len(config.sources)} sources, {len(config.sinks)} sinks,"
         f" agent id {config.agent.id!r})"
     )
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
     for name, message in plugin_errors:
         click.echo(f"warning: plugin {name} {message}", err=True)
 
@@ -190,6 +200,36 @@ def _state(config_path: str | None) -> Config:
     return config
 
 
+def _status_state_dir(config_path: str | None) -> str:
+    """The state directory to read the status from, even while the config file is invalid.
+
+    The running agent goes on with the configuration it read at start, so a
+    file edited since must not hide its status. A file that cannot be read at
+    all (missing, not a regular file) is still an error (exit 78); an invalid
+    one gives its ``[agent] state_dir`` if that can be read, else the default,
+    with a warning.
+    """
+    from agent.config import AgentSettings, NotAFile, read_small_file, state_dir_hint
+
+    path = config_path or default_config_path()
+    try:
+        return _load(config_path)[1].agent.state_dir
+    except ConfigError as error:
+        try:
+            read_small_file(path)
+        except (OSError, NotAFile):
+            _config_failed(error)  # nothing there to read
+        count = len(error.problems)
+        state_dir = state_dir_hint(path) or AgentSettings().state_dir
+        click.echo(
+            f"warning: {path} is invalid ({count} problem{'s' if count != 1 else ''}; run"
+            f" edge-agent check -c {path}); the agent runs on what it read at its start."
+            f" Status from {state_dir}:",
+            err=True,
+        )
+        return state_dir
+
+
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -197,8 +237,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     """How the running agent is doing: sinks, backlog, errors. Exit 1 if it is not running."""
     from agent import status as snapshots
 
-    config = _state(config_path)
-    data, problem = snapshots.read(config.agent.state_dir)
+    data, problem = snapshots.read(_status_state_dir(config_path))
     if as_json:
         click.echo(json.dumps({"running": problem is None, "problem": problem, "status": data}))
     elif data is not None:
@@ -282,7 +321,8 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
     """Give up on a sink's oldest events: they count as confirmed by it.
 
     An event leaves the queue once every sink has confirmed (or been purged of)
-    it. The running agent notices within a second.
+    it. The queue has one writer at a time: stop the agent first (purge refuses
+    while it runs, naming its pid), then start it again.
     """
     from datetime import UTC, datetime, timedelta
 
@@ -291,6 +331,14 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
 
     config = _state(config_path)
     store = _store(config)
+    lock = StateDirLock(config.agent.state_dir)
+    try:
+        lock.acquire(
+            doing="stop it first (systemctl stop edge-agent), purge, then start it again:"
+            " the queue has one writer at a time"
+        )
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         cutoff = datetime.now(UTC) - timedelta(seconds=parse_duration(before))
         before_text = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

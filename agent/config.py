@@ -17,6 +17,7 @@ import difflib
 import os
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from agent.plugins import PluginHost, Registration
 from agent.schema import ByteSize, Duration, EnvStr, build, option
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+#: A config file (or a secret file) larger than this is refused: it is not one.
+MAX_FILE_BYTES = 1024 * 1024
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -49,7 +52,7 @@ class AgentSettings:
         "text", doc='"text" for people, "json" (one object a line) for log shippers.'
     )
     shutdown_grace: Duration = option(
-        10.0, doc="On SIGTERM, how long sinks may keep sending the backlog before exit."
+        10.0, min=0, doc="On SIGTERM, how long sinks may keep sending the backlog before exit."
     )
 
 
@@ -63,26 +66,28 @@ class QueueSettings:
         " commits on power loss (never on a crash of the agent alone).",
     )
     commit_max_events: int = option(
-        1000, doc="Most events the writer commits in one transaction (group commit)."
+        1000, min=1, doc="Most events the writer commits in one transaction (group commit)."
     )
     handoff_max_events: int = option(
-        10000, doc="Events that may wait in memory for the writer before sources block."
+        10000, min=1, doc="Events that may wait in memory for the writer before sources block."
     )
     max_bytes: ByteSize = option(
-        ByteSize(256 * 1024**2), doc="Largest the queue may grow (live data plus its WAL)."
+        ByteSize(256 * 1024**2), min=0, doc="Largest the queue may grow (live data plus its WAL)."
     )
-    max_events: int = option(0, doc="Most events queued; 0: no limit.")
+    max_events: int = option(0, min=0, doc="Most events queued; 0: no limit.")
     max_age: Duration = option(
-        0.0, doc="Drop events older than this, whatever the policy; 0: keep them."
+        0.0, min=0, doc="Drop events older than this, whatever the policy; 0: keep them."
     )
     when_full: Literal["drop_oldest", "block"] = option(
         "drop_oldest",
         doc='"drop_oldest" deletes the oldest events to make room (counted, logged);'
         ' "block" makes sources wait.',
     )
-    reserve_free: ByteSize = option(
-        ByteSize(64 * 1024**2),
-        doc="Stop growing the queue while the filesystem has less than this free.",
+    reserve_free: ByteSize | None = option(
+        None,
+        min=0,
+        doc="Stop growing the queue while the filesystem has less than this free."
+        " Default: 64MiB, or 10% of a smaller filesystem's size.",
     )
 
 
@@ -126,6 +131,8 @@ class Config:
     sinks: list[InstanceConfig]
     processors: list[InstanceConfig] = field(default_factory=list)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    #: Things that work but are probably not meant, as "FILE: KEY: message".
+    warnings: list[str] = field(default_factory=list)
 
 
 def default_config_path() -> str:
@@ -180,10 +187,15 @@ def _read_secret_files(
             problems.append((f"{path}.{key}", "expected a file path (a string)"))
             continue
         try:
-            with open(file_name, encoding="utf-8") as handle:
-                table[base] = handle.read().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            table[base] = read_small_file(file_name).decode("utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError, NotAFile) as exc:
+            reason = (
+                str(exc)
+                if isinstance(exc, NotAFile)
+                else exc.strerror
+                if isinstance(exc, OSError)
+                else "not UTF-8 text"
+            )
             problems.append(
                 (
                     f"{path}.{key}",
@@ -323,13 +335,116 @@ def parse_config(
     return Config(file, agent, queue, sources, sinks, processors, metrics)
 
 
+def check_state_dir(config: Config) -> None:
+    """For ``check`` and ``run``: can this user make and write ``[agent] state_dir``?
+
+    One that cannot be made or written raises ConfigError; a relative one adds
+    a warning to ``config.warnings``. Not part of :func:`load_config`: the
+    read-only commands (``status``, ``queue stats``) work for a user who may
+    only read the state directory.
+    """
+    key = "agent.state_dir"
+    state_dir = config.agent.state_dir
+    file = config.file
+    problems: list[tuple[str, str]] = []
+    if not os.path.isabs(state_dir):
+        config.warnings.append(
+            f"{file}: {key}: {state_dir!r} is relative, so it depends on the working directory"
+            f" (now {os.getcwd()}); systemd starts the agent in /. Use an absolute path"
+        )
+    path = os.path.abspath(state_dir)
+    nearest = path
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        problems.append((key, f"{nearest} is not a directory, so {path} cannot be made"))
+    elif not os.access(nearest, os.W_OK | os.X_OK):
+        user = _user()
+        what = path if nearest == path else f"{nearest}, where {path} would be made,"
+        problems.append(
+            (
+                key,
+                f"{what} is not writable by this user ({user}); run as the service user,"
+                " make it writable, or choose another folder",
+            )
+        )
+    if problems:
+        raise ConfigError([ConfigProblem(file, k, message) for k, message in problems])
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
+
+
+class NotAFile(ValueError):
+    """The path names something other than a small regular file (a FIFO, a device, a folder)."""
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_small_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The content of the regular file at ``path``; NotAFile for anything else or a huge one.
+
+    Opened without blocking, so a FIFO is refused at once instead of waiting
+    for a writer; read up to ``limit`` bytes, so ``/dev/zero`` or a log file
+    given by mistake cannot exhaust memory. Raises OSError when it cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise NotAFile(f"is {kind}, not a regular file; give the path of a file")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
+        raise NotAFile(f"is larger than {size}, more than a config file can be; right file?")
+    return data
+
+
+def state_dir_hint(path: str) -> str | None:
+    """``[agent] state_dir`` of the file at ``path``, the rest unchecked; None if unreadable.
+
+    For ``edge-agent status`` while the file is invalid: the agent still runs on
+    what it read at its start.
+    """
+    try:
+        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+    except (OSError, ValueError):  # NotAFile, UnicodeDecodeError and TOMLDecodeError too
+        return None
+    agent = data.get("agent")
+    value = agent.get("state_dir") if isinstance(agent, dict) else None
+    if not isinstance(value, str):
+        return None
+    problems: list[tuple[str, str]] = []
+    value = _interpolate(value, "agent.state_dir", problems)
+    return None if problems else str(value)
+
+
 def load_config(path: str, host: PluginHost) -> Config:
     """Read and validate the config file at ``path``; raise ConfigError listing every problem."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-        text = raw.decode("utf-8")
+        text = read_small_file(path).decode("utf-8")
         data = tomllib.loads(text)
+    except NotAFile as exc:
+        raise ConfigError([ConfigProblem(path, "", str(exc))]) from None
     except FileNotFoundError:
         raise ConfigError(
             [ConfigProblem(path, "", "no such file; pass -c FILE or set EDGE_AGENT_CONFIG")]

@@ -47,6 +47,10 @@ class QueueError(AgentError):
     """The on-disk queue cannot be opened or written."""
 
 
+class QueueVanished(QueueError):
+    """The queue file was deleted or replaced while the agent had it open."""
+
+
 class QueueCorrupt(QueueError):
     """The queue file is damaged (not a database, or fails its integrity check)."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -26,13 +27,15 @@ from typing import Any
 from sqlite_utils import Database
 
 from agent.clock import AgeClock
-from agent.errors import QueueCorrupt, QueueError
+from agent.errors import QueueCorrupt, QueueError, QueueVanished
 from agent.event import Event, QueuedEvent
 from agent.migrations import migrations
 
 log = logging.getLogger("edge_agent.queue")
 
 QUEUE_FILE = "queue.db"
+#: What the agent knew of a queue file that vanished under it; read at the next start.
+LOST_FILE = "queue.lost.json"
 
 #: (source instance name, key, value); a value of None deletes the key.
 Checkpoint = tuple[str, str, str | None]
@@ -80,6 +83,10 @@ class QueueStore:
         self.sync = sync
         #: Set by :meth:`open` when it moved a damaged queue aside.
         self.moved_aside: dict[str, Any] | None = None
+        #: Set by :meth:`open` from the record of a queue that vanished while the
+        #: agent ran (see :meth:`QueueWriter.record_lost`); None if there was none.
+        self.lost: dict[str, Any] | None = None
+        self.lost_path = os.path.join(state_dir, LOST_FILE)
 
     def connect(self, *, sync: str | None = None) -> sqlite3.Connection:
         """A new connection for the calling thread, with the durability settings checked.
@@ -128,6 +135,7 @@ class QueueStore:
             ) from exc
         try:
             self._open_checked()
+            self._take_lost_record()
             return None
         except QueueCorrupt as exc:
             aside = self._move_aside()
@@ -140,9 +148,58 @@ class QueueStore:
                 aside,
             )
             self._open_checked()
+            self._take_lost_record()
             self.moved_aside = {"moved_to": aside, **salvage_stats(aside)}
             self._carry_sequences(self.moved_aside.pop("sequences", {}))
             return aside
+
+    def _take_lost_record(self) -> None:
+        """A queue vanished under the last run: carry its numbering and checkpoints over.
+
+        Sources go on numbering where it stopped, so the loss shows as a jump in
+        ``sequence``, and read on from their checkpoints in it, so what it had
+        sent is not read and sent again under new ids. A queue that has
+        checkpoints of its own (a file put back by an operator) keeps them.
+        The record stays until :meth:`forget_lost` (after the gap event is
+        committed), so a crash in between only reports the loss twice.
+        """
+        try:
+            with open(self.lost_path, encoding="utf-8") as handle:
+                record = json.load(handle)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error(
+                "cannot read %s (what the last run knew of a queue that vanished): %s;"
+                " delete it once read",
+                self.lost_path,
+                exc,
+            )
+            return
+        conn = self.connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO source_sequences (source, last) VALUES (?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET last = MAX(last, excluded.last)",
+                list(record.get("sequences", {}).items()),
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO checkpoints (source, key, value) VALUES (?, ?, ?)",
+                [tuple(row) for row in record.get("checkpoints", [])],
+            )
+            conn.execute("COMMIT")
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            log.error("cannot carry over %s: %s", self.lost_path, exc)
+        finally:
+            conn.close()
+        self.lost = {k: v for k, v in record.items() if k not in ("sequences", "checkpoints")}
+
+    def forget_lost(self) -> None:
+        """The vanished queue was reported: delete its record."""
+        self.lost = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.lost_path)
 
     def _carry_sequences(self, sequences: dict[str, int]) -> None:
         """Go on with each source's numbering after a damaged queue (readable part of it),
@@ -223,7 +280,12 @@ class QueueWriter:
 
     def __init__(self, store: QueueStore, *, clock: AgeClock | None = None) -> None:
         self.conn = store.connect()
+        self.store = store
         self.sync = store.sync
+        # The file this connection has open; a path that stops naming it means
+        # the queue was deleted or replaced (see check_file).
+        info = os.stat(store.path)
+        self._identity = (info.st_dev, info.st_ino)
         self._relaxed = False  # synchronous is NORMAL for a delete and not yet restored
         self.wal_path = store.path + "-wal"
         self._sequences: dict[str, int] = dict(
@@ -237,14 +299,16 @@ class QueueWriter:
         self._start_clock()
 
     def _start_clock(self) -> None:
-        """Save this boot's clock; give events queued before age marks existed one."""
+        """Save this boot's clock; give events queued before age marks existed one.
+
+        Not fsynced (the next commit of events makes it durable) and not fatal:
+        without it, ages are only noted later (events may then live longer).
+        """
         now = self.clock.now()
         try:
+            self._relax_sync()
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute(
-                "INSERT OR REPLACE INTO age_clock (id, boot_id, offset, last) VALUES (1, ?, ?, ?)",
-                (self.clock.boot, self.clock.offset, now),
-            )
+            self._save_clock(now)
             # Events of an older version, or after the last mark: accepted by now.
             self.conn.execute(
                 "INSERT OR REPLACE INTO age_marks (position, clock)"
@@ -254,7 +318,18 @@ class QueueWriter:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            raise QueueError(f"cannot start the queue's age clock: {exc}") from exc
+            log.warning(
+                "cannot note the queue's age clock yet: %s; trying with the next commit", exc
+            )
+        finally:
+            with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
+                self._restore_sync()
+
+    def _save_clock(self, now: float) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO age_clock (id, boot_id, offset, last) VALUES (1, ?, ?, ?)",
+            (self.clock.boot, self.clock.offset, now),
+        )
 
     def _mark_age(self) -> None:
         """Inside append's transaction: every event so far was accepted by now, on the age
@@ -268,7 +343,7 @@ class QueueWriter:
             " VALUES ((SELECT MAX(position) FROM events), ?)",
             (now,),
         )
-        self.conn.execute("UPDATE age_clock SET last = ? WHERE id = 1", (now,))
+        self._save_clock(now)
         self._next_mark = now + AGE_MARK_EVERY
         self._unmarked = False
 
@@ -277,12 +352,16 @@ class QueueWriter:
         if not self._unmarked or self.clock.now() < self._next_mark:
             return
         try:
+            self._relax_sync()  # not worth an fsync: the next commit of events makes it durable
             self.conn.execute("BEGIN IMMEDIATE")
             self._mark_age()
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             log.debug("age mark not written: %s", exc)
+        finally:
+            with contextlib.suppress(QueueError):
+                self._restore_sync()
 
     def append(
         self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint] = ()
@@ -340,6 +419,77 @@ class QueueWriter:
             raise QueueError(f"cannot commit {len(events)} events to the queue: {exc}") from exc
         self._sequences = sequences
 
+    def skip_sequences(self, counts: Counter[str]) -> None:
+        """Numbers for events dropped before they were queued: the loss shows in ``sequence``.
+
+        Stored with the next commit of the same source.
+        """
+        for source, count in counts.items():
+            self._sequences[source] = self._sequences.get(source, 0) + count
+
+    def check_file(self) -> None:
+        """Raise QueueVanished if the queue's path no longer names the file being written.
+
+        A deleted file (or state directory) takes every commit with it, and the
+        next start would begin from nothing. One ``stat``: cheap enough for
+        every commit (bench/queue.py measures it).
+        """
+        path = self.store.path
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            what = (
+                "was deleted"
+                if os.path.isdir(self.store.state_dir)
+                else ("was deleted with its state directory")
+            )
+        except OSError as exc:
+            what = f"cannot be looked at ({exc.strerror})"
+        else:
+            if (info.st_dev, info.st_ino) == self._identity:
+                return
+            what = "was replaced by another file"
+        raise QueueVanished(f"the queue file {path} {what} while the agent was using it")
+
+    def record_lost(self, reason: str) -> dict[str, Any]:
+        """Write what this (vanished) queue held next to where it was, for the next start.
+
+        Read through the connection still open on the vanished file: its
+        events (the loss), each source's last ``sequence`` and its checkpoints.
+        The state directory is made again if it was deleted. Returns the
+        record; raises OSError if it cannot be written.
+        """
+        record: dict[str, Any] = {
+            "reason": reason,
+            "path": self.store.path,
+            "detected": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        with contextlib.suppress(sqlite3.Error):
+            stats = _read_stats(self.conn)
+            record.update(
+                # Not sent to every sink: what is lost (confirmed events wait for deletion).
+                events=max(stats.sink_backlog.values(), default=stats.events),
+                oldest=stats.oldest_time,
+                newest=stats.newest_time,
+                sinks=stats.sink_backlog,
+            )
+        with contextlib.suppress(sqlite3.Error):
+            record["sequences"] = dict(
+                self.conn.execute("SELECT source, last FROM source_sequences")
+            )
+        with contextlib.suppress(sqlite3.Error):
+            record["checkpoints"] = self.conn.execute(
+                "SELECT source, key, value FROM checkpoints"
+            ).fetchall()
+        os.makedirs(self.store.state_dir, exist_ok=True)
+        temporary = self.store.lost_path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.store.lost_path)
+        return record
+
     def delete_confirmed(self, sinks: Sequence[str]) -> int:
         """Delete events every one of ``sinks`` has confirmed; return how many."""
         if not sinks:
@@ -349,8 +499,7 @@ class QueueWriter:
         # least once), so it skips the fsync: the next commit of events (FULL)
         # makes it durable with them. append() restores FULL first, whatever happens here.
         try:
-            self._relaxed = True
-            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._relax_sync()
             self.conn.execute("BEGIN IMMEDIATE")
             row = self.conn.execute(
                 f"SELECT MIN(position), COUNT(*) FROM sink_cursors WHERE sink IN ({marks})",
@@ -370,6 +519,12 @@ class QueueWriter:
             with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
                 self._restore_sync()
         return deleted
+
+    def _relax_sync(self) -> None:
+        """synchronous=NORMAL for a write that need not be durable at once (no fsync in WAL
+        mode); append() restores the configured level before the next events."""
+        self._relaxed = True
+        self.conn.execute("PRAGMA synchronous = NORMAL")
 
     def _restore_sync(self) -> None:
         """Back to the configured synchronous level after a delete; QueueError if not."""

@@ -36,6 +36,7 @@ from agent.forwarder import Forwarder
 from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
 from agent.queue import INSTANCE_KEY, QueueStore, read_checkpoints, read_stats
+from agent.statedir import StateDirLock
 from agent.systemd import Notifier
 from agent.writer import Writer
 
@@ -125,6 +126,8 @@ class Agent:
         self.host = host
         self.id = config.agent.id
         self.store = QueueStore(config.agent.state_dir, sync=config.queue.sync)
+        #: One agent per state directory: taken before the queue opens.
+        self.lock = StateDirLock(config.agent.state_dir)
         self.sinks: list[Sink] = []
         self.forwarders: list[Forwarder] = []
         self.sources: list[SourceRunner] = []
@@ -251,8 +254,14 @@ class Agent:
         self.processors = processors
 
     def start(self) -> None:
-        """Open the queue and start writer, forwarders and sources. Raises QueueError."""
+        """Lock the state directory, open the queue, start writer, forwarders and sources.
+
+        Raises StateDirBusy when another agent holds the state directory (then
+        nothing was started, and :meth:`stop` has nothing to do), and
+        QueueError when the queue cannot be opened.
+        """
         queue = self.config.queue
+        self.lock.acquire()
         logging.getLogger("edge_agent").addHandler(self.logged_problems)
         self.store.open()
         self._remind_damaged()
@@ -316,26 +325,44 @@ class Agent:
             )
 
     def _report_lost_queue(self) -> None:
-        """A damaged queue moved aside at start is a certain loss: say so in the stream.
+        """A queue lost at start or in the last run is a certain loss: say so in the stream.
 
-        A ``queue.gap`` event of the agent's own source ``agent`` names the file
-        it was moved to and what could still be read of it (events, oldest,
-        newest). Sources go on numbering where the damaged queue stopped (as far
-        as it could be read), so the loss also shows as a jump in ``sequence``.
+        A ``queue.gap`` event of the agent's own source ``agent`` says why. For
+        a damaged queue moved aside at start, it names the file it was moved to
+        and what could still be read of it (events, oldest, newest). For a
+        queue file that vanished while the last run used it (deleted, replaced,
+        its state directory deleted), it gives what that run recorded: path,
+        detected, events (not sent to every sink), oldest, newest, sinks (each
+        one's backlog). Sources go on numbering where the lost queue stopped, so
+        the loss also shows as a jump in ``sequence``.
         """
         lost = self.store.moved_aside
-        if lost is None:
-            return
-        self.store.moved_aside = None
-        data = {"reason": "the queue file was damaged and moved aside; its events were not sent"}
-        data.update(lost)
+        if lost is not None:
+            self.store.moved_aside = None
+            data = {
+                "reason": "the queue file was damaged and moved aside; its events were not sent"
+            }
+            data.update(lost)
+            self._report_gap("the damaged queue", data)
+        vanished = self.store.lost
+        if vanished is not None:
+            data = {
+                **vanished,
+                "reason": f"{vanished.get('reason', 'the queue file vanished')};"
+                " its queued events were not sent",
+            }
+            if self._report_gap("the queue that vanished in the last run", data):
+                self.store.forget_lost()
+
+    def _report_gap(self, what: str, data: dict[str, Any]) -> bool:
         event = Event(type="queue.gap", source=AGENT_SOURCE, data=data)
         try:
             self.commit_events(AGENT_SOURCE, [event])
         except (ValueError, QueueError) as exc:
-            log.error("could not report the damaged queue in a queue.gap event: %s", exc)
-            return
-        log.warning("reported the damaged queue as a queue.gap event: %s", data)
+            log.error("could not report %s in a queue.gap event: %s", what, exc)
+            return False
+        log.warning("reported %s as a queue.gap event: %s", what, data)
+        return True
 
     def start_sink(self, instance: InstanceConfig) -> Forwarder | None:
         """Create a sink and start its forwarder; None (logged) if it cannot be created."""
@@ -447,8 +474,10 @@ class Agent:
                 self.reload()
                 continue
             if self.writer is not None and not self.writer.is_alive():
-                log.error("the queue writer stopped unexpectedly; exiting so systemd restarts us")
-                raise QueueError("the queue writer stopped")
+                raise QueueError(
+                    self.writer.failure
+                    or "the queue writer stopped unexpectedly; exiting so systemd restarts us"
+                )
             self.slow.report_stuck()
             flush_folded()
             stuck = self.stuck()
@@ -533,8 +562,12 @@ class Agent:
 
     def stop(self) -> None:
         """Stop sources, commit, flush within the grace period, stop sinks."""
+        if not self.lock.held:
+            return  # never started: the state directory (and its status) is another's
         self.notifier.stopping()
         grace = self.config.agent.shutdown_grace
+        if self.writer is not None and self.writer.failure:
+            grace = 0.0  # the queue is gone: what is sent now would be counted as lost too
         for runner in self.sources:
             runner.stop()
         for runner in self.sources:
@@ -552,11 +585,15 @@ class Agent:
         for forwarder in self.forwarders:
             if not forwarder.join(5.0):
                 log.warning("sink %s did not stop within 5s; leaving it", forwarder.name)
+        if self.writer is not None:
+            self.writer.record_lost()
         try:
             self.host.call_each("shutdown", agent=self)
-            self.write_status()
+            if self.writer is None or self.writer.vanished is None:
+                self.write_status()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
             log.info("edge-agent %s stopped; %s", self.id, self._left_behind())
         finally:
             logging.getLogger("edge_agent").removeHandler(self.logged_problems)
+            self.lock.release()

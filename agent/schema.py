@@ -15,9 +15,11 @@ Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Duration``
 ``Literal[...]``, ``list[T]``, ``dict[str, T]``, ``T | None``, ``Any`` and a
 nested dataclass (a TOML table or inline table).
 
-Checks that span options, or ranges, go in ``__post_init__``: raise
-``ValueError`` with a sentence, and ``edge-agent check`` reports it at the
-table's key path like any other problem.
+Ranges are declared with the option: ``option(30, min=2, off=0)``,
+``option(10.0, above=0)``, ``option(1883, min=1, max=65535)``; a value outside
+them is reported at its own key path. Checks that span options go in
+``__post_init__``: raise ``ValueError`` with a sentence, and ``edge-agent
+check`` reports it at the table's key path like any other problem.
 """
 
 from __future__ import annotations
@@ -65,21 +67,66 @@ def option(
     doc: str = "",
     secret: bool = False,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    off: Any = None,
 ) -> Any:
     """Declare one configuration option of a dataclass schema.
 
     Without ``default`` or ``default_factory`` the option is required.
     ``doc`` is shown by documentation tools; ``secret=True`` keeps the value
     out of every message the agent prints.
+
+    For numbers (``int``, ``float``, ``Duration``, ``ByteSize``): ``min`` and
+    ``max`` bound the value (inclusive), ``above`` excludes it and everything
+    below (``above=0``: more than 0, for a duration where 0 is nonsense), and
+    ``off`` is one more value allowed outside those bounds, that turns the
+    feature off (``keepalive``: ``off=0, min=2``). ``edge-agent check`` reports
+    a value outside them at its key path: "must be at least 1, got 0".
     """
     if isinstance(default, list | dict) and default_factory is dataclasses.MISSING:
         value = default
         default, default_factory = dataclasses.MISSING, lambda: type(value)(value)
+    bounds = {"min": min, "max": max, "above": above, "off": off}
     return dataclasses.field(
         default=default,
         default_factory=default_factory,
-        metadata={"doc": doc, "secret": secret},
+        metadata={
+            "doc": doc,
+            "secret": secret,
+            **{k: v for k, v in bounds.items() if v is not None},
+        },
     )
+
+
+def _out_of_bounds(value: Any, metadata: Any) -> str | None:
+    """Why ``value`` is outside the option's bounds (see :func:`option`), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    low, high, above = metadata.get("min"), metadata.get("max"), metadata.get("above")
+    off = metadata.get("off")
+    if off is not None and value == off:
+        return None
+    if (
+        (low is None or value >= low)
+        and (high is None or value <= high)
+        and (above is None or value > above)
+    ):
+        return None
+    parts = []
+    if above is not None:
+        parts.append(f"more than {above:g}")
+    if low is not None and high is not None:
+        parts.append(f"{low:g} to {high:g}")
+    elif low is not None:
+        parts.append(f"at least {low:g}")
+    elif high is not None:
+        parts.append(f"at most {high:g}")
+    wanted = " and ".join(parts)
+    if off is not None:
+        wanted = f"{off:g} (off) or {wanted}"
+    return f"must be {wanted}, got {value:g}"
 
 
 def describe(tp: Any) -> str:
@@ -267,6 +314,9 @@ def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem])
         kwargs[key] = _convert(
             hints[key], value, _join(path, key), problems, bool(field.metadata.get("secret"))
         )
+        wrong = _out_of_bounds(kwargs[key], field.metadata)
+        if wrong:
+            problems.append((_join(path, key), wrong))
     for name, field in known.items():
         required = (
             field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.queue import read_stats
+from agent.statedir import holder
 
 STATUS_FILE = "status.json"
 #: A snapshot older than this many status intervals means the agent is not running.
@@ -142,9 +143,43 @@ def read(state_dir: str) -> tuple[dict[str, Any] | None, str | None]:
     # An idle agent only touches the file (see write()): its time is the snapshot's.
     data["updated"] = datetime.fromtimestamp(modified, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     age = time.time() - modified
+    pid = data.get("pid")
+    if not running(state_dir, pid):
+        return data, (
+            f"the agent is not running: pid {pid} has ended (its last status is {age:.0f}s old)"
+        )
     if age > STALE_AFTER * data.get("interval", 5):
         return data, f"the agent is not running: its last status is {age:.0f}s old"
     return data, None
+
+
+def running(state_dir: str, pid: Any) -> bool:
+    """Does an agent hold ``state_dir`` now? Else, does ``pid`` still run an edge-agent?
+
+    The state directory's lock says it best (see :mod:`agent.statedir`); without
+    a lock file (an older agent wrote the snapshot) the pid is checked: it must
+    be alive and its command line that of edge-agent, since pids are reused.
+    """
+    try:
+        return holder(state_dir) is not None
+    except OSError:
+        pass
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # cannot tell: the snapshot's age decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # alive; cannot tell more (hidepid)
+    return any(b"edge-agent" in arg for arg in argv) or b"agent" in argv[1:3]
 
 
 def render(data: dict[str, Any]) -> str:

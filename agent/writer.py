@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from agent.bounds import ROW_OVERHEAD, Bounds, Limits
-from agent.errors import QueueError
+from agent.errors import QueueError, QueueVanished
 from agent.event import Event
 from agent.queue import Checkpoint, QueueStore, QueueWriter
 
@@ -81,6 +81,10 @@ class Writer:
         self._last_housekeeping = 0.0
         self._last_commit = 0.0
         self.last_progress = time.monotonic()
+        #: Why the writer stopped on its own (the agent must exit), or None.
+        self.failure: str | None = None
+        #: Set when the queue file vanished (then the queue stays open for record_lost).
+        self.vanished: QueueVanished | None = None
 
     def start(self) -> None:
         self._queue = QueueWriter(self.store)
@@ -121,7 +125,8 @@ class Writer:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # start() may have failed before it
+            self._thread.join(timeout)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -145,9 +150,10 @@ class Writer:
                 )
             batch: list[_Pending] = []
             count = 0
-            while self._waiting and (
-                not batch or count + len(self._waiting[0].events) <= self.commit_max_events
-            ):
+            most = self.commit_max_events
+            if self.limits.max_events:
+                most = min(most, self.limits.max_events)  # room can always be made for it
+            while self._waiting and (not batch or count + len(self._waiting[0].events) <= most):
                 pending = self._waiting.popleft()
                 batch.append(pending)
                 count += len(pending.events)
@@ -166,10 +172,14 @@ class Writer:
     def _run(self) -> None:
         assert self._queue is not None and self.bounds is not None
         held: list[_Pending] = []  # a batch waiting for room (when_full = "block")
+        batch: list[_Pending] = []
         try:
             while True:
                 batch = held or self._take()
                 held = []
+                if batch:
+                    self._queue.check_file()  # never commit into a file that is gone
+                    batch = self._fit(batch)
                 if batch and not self._admit(batch):
                     held = batch
                     # Room comes from deletes: look again when they are due, or after
@@ -190,6 +200,8 @@ class Writer:
                 with self._cond:
                     if self._stopping and not self._waiting and not held:
                         break
+        except QueueVanished as exc:
+            self._vanished(exc, batch)
         except BaseException as exc:
             log.exception("the queue writer failed: %r", exc)
             for pending in held:
@@ -198,7 +210,82 @@ class Writer:
             self._fail_everything(exc)
             raise
         finally:
+            if self.vanished is None:
+                self._queue.close()
+
+    def _vanished(self, exc: QueueVanished, batch: list[_Pending]) -> None:
+        """The queue file is gone: accept nothing more; the agent exits (see record_lost)."""
+        for pending in batch:
+            pending.error = QueueError(f"{exc}; the event was not accepted")
+            pending.done.set()
+        self._fail_everything(exc)
+        self.vanished = exc
+        self.failure = (
+            f"{exc}. No more events are accepted, and the agent exits so that it is started"
+            " again (by systemd) on a new queue; the events that were waiting in the lost one"
+            " are reported then, in a queue.gap event. Find out what removed the file (a"
+            " clean-up job, an operator) so that it does not happen again."
+        )
+
+    def record_lost(self) -> None:
+        """After a vanished queue, once the forwarders have stopped: record what it held.
+
+        The forwarders write their last confirmed positions into the vanished
+        file on the way out, so the record counts as lost only what was not sent.
+        """
+        if self.vanished is None or self._queue is None:
+            return
+        try:
+            record = self._queue.record_lost(str(self.vanished))
+        except OSError as exc:
+            log.error(
+                "cannot write %s: %s; the next start cannot report what the lost queue held",
+                self.store.lost_path,
+                exc.strerror,
+            )
+        else:
+            log.info(
+                "recorded what the lost queue held in %s (%s events not sent to every sink)"
+                " for the next start",
+                self.store.lost_path,
+                record.get("events", "an unknown number of"),
+            )
+        finally:
             self._queue.close()
+            self._queue = None
+
+    def _fit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Make each caller's events fit ``max_events`` on their own; drop or refuse the rest.
+
+        One ``emit_many`` of more events than the whole queue may hold cannot
+        be committed as it is: with ``drop_oldest`` its oldest events are
+        dropped (counted and logged, as any drop) and the rest is committed
+        with its checkpoint; with ``block`` it could never fit, so the caller
+        is told at once instead of waiting forever.
+        """
+        assert self.bounds is not None and self._queue is not None
+        most = self.limits.max_events
+        if not most or all(len(p.events) <= most for p in batch):
+            return batch
+        kept = []
+        for pending in batch:
+            if len(pending.events) <= most:
+                kept.append(pending)
+            elif self.limits.when_full == "block":
+                pending.error = QueueError(
+                    f"{len(pending.events)} events at once are more than [queue] max_events"
+                    f" ({most}) lets the queue hold; none were accepted. Raise max_events, or"
+                    " have the source commit fewer at once"
+                )
+                pending.done.set()
+            else:
+                cut = len(pending.events) - most
+                dropped = collections.Counter(event.source for event, _ in pending.events[:cut])
+                self.bounds.dropped_unqueued(dropped, f"more events at once than max_events {most}")
+                self._queue.skip_sequences(dropped)
+                pending.events = pending.events[cut:]
+                kept.append(pending)
+        return kept
 
     def _admit(self, batch: list[_Pending]) -> bool:
         """Room for this batch? Drops old events or says wait, as the policy wants."""
@@ -217,6 +304,7 @@ class Writer:
 
     def _housekeeping(self) -> None:
         assert self._queue is not None and self.bounds is not None
+        self._queue.check_file()  # also when idle: exit (and report) before anything is lost
         try:
             # Also now and then unasked: `queue purge` moves cursors behind our back.
             now = time.monotonic()

@@ -17,6 +17,7 @@ import pika
 import pika.exceptions
 
 from agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
+from agent.tls import describe_tls_error, find_verify_error
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 FIELDS = ("agent", "source", "type")
@@ -51,10 +52,16 @@ class AmqpSink(Sink):
         payload: Literal["cloudevent", "data"] = option(
             "cloudevent", doc='"cloudevent": the whole envelope; "data": the data alone.'
         )
-        heartbeat: int = option(30, doc="AMQP heartbeat, seconds.")
-        connect_timeout: Duration = option(10.0, doc="How long a connection attempt may take.")
-        reconnect_min: Duration = option(1.0, doc="Shortest wait between connection attempts.")
-        reconnect_max: Duration = option(60.0, doc="Longest wait between connection attempts.")
+        heartbeat: int = option(30, min=0, max=65535, doc="AMQP heartbeat, seconds; 0: none.")
+        connect_timeout: Duration = option(
+            10.0, above=0, doc="How long a connection attempt may take."
+        )
+        reconnect_min: Duration = option(
+            1.0, above=0, doc="Shortest wait between connection attempts."
+        )
+        reconnect_max: Duration = option(
+            60.0, above=0, doc="Longest wait between connection attempts."
+        )
 
         def __post_init__(self) -> None:
             if not self.url.startswith(("amqp://", "amqps://")):
@@ -64,8 +71,11 @@ class AmqpSink(Sink):
                 raise ValueError(
                     f"routing_key uses unknown field(s) {', '.join(unknown)}; known: {FIELDS}"
                 )
-            if self.reconnect_min <= 0 or self.reconnect_max <= 0 or self.connect_timeout <= 0:
-                raise ValueError("connect_timeout and the reconnect waits must be more than 0")
+            if self.reconnect_min > self.reconnect_max:
+                raise ValueError(
+                    f"reconnect_min ({self.reconnect_min:g}s) is more than reconnect_max"
+                    f" ({self.reconnect_max:g}s)"
+                )
 
     max_batch = 200
 
@@ -106,6 +116,9 @@ class AmqpSink(Sink):
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise SinkUnavailable(f"the broker closed the channel: {exc.reply_text}") from None
         except (pika.exceptions.AMQPError, OSError) as exc:
+            if find_verify_error(exc) is not None:
+                why = describe_tls_error(exc, params.host, "ssl_options in url (ca_certs)")
+                raise SinkUnavailable(why) from None
             raise SinkUnavailable(_describe(exc)) from None
 
     def publish(self, events: list[QueuedEvent]) -> list[QueuedEvent]:

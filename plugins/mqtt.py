@@ -32,6 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
+from agent.tls import describe_tls_error
 from plugins.mqtt_messages import MqttConfig, TopicCache, build_messages
 
 #: poll() events that send the sink to loop_read: data, or a hang-up or error it reports.
@@ -66,6 +67,13 @@ class MqttSink(Sink):
         self._mids: dict[int, list[int]] = {}  # paho message id -> positions it carries
         #: Messages the broker refused (a reason code of 0x80 or above), since start.
         self.refused = 0
+        if config.tls is not None and config.tls.insecure:
+            self.log.warning(
+                "tls.insecure = true: the broker's certificate is not checked against its host"
+                " name, so any server whose certificate a trusted CA signed can pose as %s. For"
+                " tests only: give the broker a certificate for the name used here instead",
+                ", ".join(f"{h}:{p}" for h, p in config.brokers()),
+            )
 
     @property
     def target(self) -> str:
@@ -214,7 +222,7 @@ class MqttSink(Sink):
                 properties=properties,
             )
         except ssl.SSLError as exc:
-            raise SinkUnavailable(f"TLS failed: {exc.reason or exc}") from None
+            raise SinkUnavailable(describe_tls_error(exc, host)) from None
         except (OSError, ValueError) as exc:
             raise SinkUnavailable(getattr(exc, "strerror", None) or str(exc)) from None
         sock = client.socket()

@@ -38,6 +38,8 @@ class TlsConfig:
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
                 raise ValueError(f"tls.{name}: cannot read {path}; check the path and permissions")
+            if path and not os.path.isfile(path):
+                raise ValueError(f"tls.{name}: {path} is not a regular file; give a PEM file")
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("tls: give cert_file and key_file together, for mutual TLS")
 
@@ -47,7 +49,7 @@ class MqttConfig:
     """The ``[[sinks.mqtt]]`` table."""
 
     host: str = option("127.0.0.1", doc="Broker host name or address.")
-    port: int = option(1883, doc="Broker port.")
+    port: int = option(1883, min=1, max=65535, doc="Broker port.")
     hosts: list[str] = option(
         [], doc='Brokers tried in turn, "host:port" each; replaces host and port.'
     )
@@ -68,10 +70,12 @@ class MqttConfig:
         " with the CloudEvents attributes as MQTT 5 user properties.",
     )
     batch_max_events: int = option(
-        1, doc="Put up to this many events in one message (a JSON array); 1: one per message."
+        1,
+        min=1,
+        doc="Put up to this many events in one message (a JSON array); 1: one per message.",
     )
     batch_max_bytes: ByteSize = option(
-        ByteSize(256 * 1024), doc="Largest payload of a batched message."
+        ByteSize(256 * 1024), min=1024, doc="Largest payload of a batched message."
     )
     protocol: Literal["3.1.1", "5"] = option(
         "5",
@@ -83,21 +87,34 @@ class MqttConfig:
     password: str = option("", secret=True, doc="Password; or password_file = PATH.")
     clean_start: bool = option(True, doc="Start a new session; false keeps the broker's.")
     session_expiry: Duration = option(
-        0.0, doc="How long the broker keeps the session after a disconnect (MQTT 5)."
+        0.0,
+        min=0,
+        max=2**32 - 1,
+        doc="How long the broker keeps the session after a disconnect (MQTT 5).",
     )
     message_expiry: Duration = option(
-        0.0, doc="Brokers drop a message not delivered within this (MQTT 5); 0: never."
+        0.0,
+        min=0,
+        max=2**32 - 1,
+        doc="Brokers drop a message not delivered within this (MQTT 5); 0: never.",
     )
-    keepalive: int = option(30, doc="Seconds between keepalive pings.")
+    # At least 2: an idle connection is serviced about once a second, and the broker
+    # drops a client silent for 1.5 keepalives.
+    keepalive: int = option(
+        30, off=0, min=2, max=65535, doc="Seconds between keepalive pings; 0: none."
+    )
     max_inflight: int = option(
-        100, doc="Messages sent before their acknowledgements arrive. 1 keeps strict order."
+        100,
+        min=1,
+        max=65535,
+        doc="Messages sent before their acknowledgements arrive. 1 keeps strict order.",
     )
-    connect_timeout: Duration = option(10.0, doc="How long a connection attempt may take.")
+    connect_timeout: Duration = option(10.0, above=0, doc="How long a connection attempt may take.")
     ack_timeout: Duration = option(
-        30.0, doc="How long to wait for acknowledgements before reconnecting."
+        30.0, above=0, doc="How long to wait for acknowledgements before reconnecting."
     )
-    reconnect_min: Duration = option(1.0, doc="Shortest wait between connection attempts.")
-    reconnect_max: Duration = option(60.0, doc="Longest wait between connection attempts.")
+    reconnect_min: Duration = option(1.0, above=0, doc="Shortest wait between connection attempts.")
+    reconnect_max: Duration = option(60.0, above=0, doc="Longest wait between connection attempts.")
     status_topic: str = option(
         "",
         doc='Retained status topic, e.g. "edge/{agent}/status": the birth message on'
@@ -122,19 +139,15 @@ class MqttConfig:
             raise ValueError(f"topic {self.topic!r} may not be empty or hold the wildcards + or #")
         if "{data." in self.status_topic or "{source}" in self.status_topic:
             raise ValueError("status_topic knows {agent} only")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port must be 1 to 65535, got {self.port}")
         for entry in self.hosts:
             split_host(entry, self.port)
-        if self.max_inflight < 1 or self.keepalive < 0:
-            raise ValueError("max_inflight must be at least 1 and keepalive 0 or more")
-        if self.batch_max_events < 1 or self.batch_max_bytes < 1024:
-            raise ValueError("batch_max_events must be at least 1 and batch_max_bytes 1KiB or more")
         if self.payload == "binary" and (self.protocol != "5" or self.batch_max_events > 1):
             raise ValueError('payload = "binary" needs protocol = "5" and no batching')
-        for name in ("connect_timeout", "ack_timeout", "reconnect_min", "reconnect_max"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be more than 0")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError(
+                f"reconnect_min ({self.reconnect_min:g}s) is more than reconnect_max"
+                f" ({self.reconnect_max:g}s)"
+            )
 
     def brokers(self) -> list[tuple[str, int]]:
         """(host, port) of every broker, in the order they are tried."""

@@ -130,16 +130,12 @@ class RateLimit(Processor):
 
     @dataclass(kw_only=True)
     class Config:
-        rate: float = option(doc="Events per second allowed, per source.")
-        burst: int = option(0, doc="Events allowed at once after a quiet spell. Default: rate.")
+        rate: float = option(above=0, doc="Events per second allowed, per source.")
+        burst: int = option(
+            0, min=0, doc="Events allowed at once after a quiet spell. Default: rate."
+        )
         sources: list[str] = option([], doc="Only these sources (globs). Empty: all.")
         types: list[str] = option([], doc="Only events of these types (globs). Empty: all.")
-
-        def __post_init__(self) -> None:
-            if not self.rate > 0:
-                raise ValueError("rate must be more than 0")
-            if self.burst < 0:
-                raise ValueError("burst cannot be negative")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -169,12 +165,16 @@ class Dedupe(Processor):
 
     @dataclass(kw_only=True)
     class Config:
-        window: Duration = option(doc='How long a seen event suppresses equal ones, e.g. "10s".')
+        window: Duration = option(
+            above=0, doc='How long a seen event suppresses equal ones, e.g. "10s".'
+        )
         fields: list[str] = option(
             ["source", "type", "subject", "data"],
             doc="What makes two events equal: type, source, subject or data.FIELD.",
         )
-        max_keys: int = option(10000, doc="Most events remembered; the oldest are forgotten.")
+        max_keys: int = option(
+            10000, min=1, doc="Most events remembered; the oldest are forgotten."
+        )
 
         def __post_init__(self) -> None:
             bad = [f for f in self.fields if not _field_ok(f)]
@@ -182,8 +182,6 @@ class Dedupe(Processor):
                 raise ValueError(
                     f"fields knows type, source, subject, data and data.FIELD; not {bad}"
                 )
-            if self.window <= 0 or self.max_keys < 1:
-                raise ValueError("window must be more than 0 and max_keys at least 1")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

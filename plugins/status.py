@@ -25,12 +25,8 @@ class StatusSource(Source):
 
     @dataclass(kw_only=True)
     class Config:
-        interval: Duration = option(60.0, doc="Time between two status events.")
+        interval: Duration = option(60.0, min=1, doc="Time between two status events.")
         at_start: bool = option(True, doc="Send one at start, not only after the first interval.")
-
-        def __post_init__(self) -> None:
-            if self.interval < 1:
-                raise ValueError(f"interval must be at least 1s, got {self.interval:g}s")
 
     def run(self) -> None:
         failing_since: float | None = None

@@ -4,18 +4,30 @@ Listens on the netlink socket through pyudev: to the udev daemon's events
 where one runs (they carry the properties udev adds, such as vendor and model
 names), to the kernel's otherwise. Needs AF_NETLINK, which the systemd unit
 allows.
+
+The kernel drops device events when the socket's receive buffer is full (a
+burst while the agent is busy): the socket then reports ENOBUFS once. The
+source keeps the socket, reads what is still queued, enumerates the devices
+again and reports the difference with what it last reported, after a
+``device.gap`` event for the window in which events were lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import json
 import os
 import select
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent import Duration, Event, Source, hookimpl, option
+from agent import ByteSize, Duration, Event, Source, hookimpl, option
 
 TYPES = {
     "add": "device.added",
@@ -34,10 +46,29 @@ USEFUL = {
     "ID_SERIAL_SHORT": "serial",
 }
 BATCH_MAX = 200
+OVERFLOW_REASON = "netlink receive buffer overflowed"
+RESTART_REASON = "device events were not read while the source restarted after an error"
+
+
+class NetlinkOverflow(Exception):
+    """The kernel dropped device events: the socket's receive buffer was full."""
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _rmem_max() -> int | None:
+    try:
+        with open("/proc/sys/net/core/rmem_max") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
 
 
 class UdevSource(Source):
-    """Emits ``device.added|removed|changed|bound|unbound|moved`` (and ``device.present``)."""
+    """Emits ``device.added|removed|changed|bound|unbound|moved`` (and ``device.present``),
+    and ``device.gap`` when the kernel dropped events (see the module docstring)."""
 
     announces_listening = True
 
@@ -57,6 +88,26 @@ class UdevSource(Source):
             ' "auto" takes udev\'s where the daemon runs.',
         )
         retry: Duration = option(60.0, doc="How often to try again when netlink is refused.")
+        receive_buffer: ByteSize = option(
+            ByteSize(128 * 1024 * 1024),
+            doc="The netlink socket's receive buffer: how many events wait while the agent is"
+            " busy. Without CAP_NET_ADMIN the kernel caps it at net.core.rmem_max.",
+        )
+
+        def __post_init__(self) -> None:
+            if not 4096 <= self.receive_buffer <= 1 << 30:
+                raise ValueError("receive_buffer must be between 4KiB and 1GiB")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: Device path -> the data last reported for it (as JSON, to keep it small), for
+        #: every matching device present as far as the source knows: the baseline
+        #: enumeration at start, then every event. Compared with a new enumeration
+        #: after an overflow.
+        self.known: dict[str, str] = {}
+        #: When the last device event was received (time.time()); None before the
+        #: first run has its baseline. A run after a failed one starts from it.
+        self.last_received: float | None = None
 
     # -- filtering and building events -----------------------------------------
 
@@ -72,7 +123,7 @@ class UdevSource(Source):
                 return False
         return True
 
-    def to_event(self, device: Any, action: str | None) -> Event:
+    def to_event(self, device: Any, action: str | None, *, enumerated: bool = False) -> Event:
         properties = {str(k): str(v) for k, v in device.properties.items()}
         data: dict[str, Any] = {
             "action": action or "present",
@@ -88,10 +139,24 @@ class UdevSource(Source):
         data["vendor"] = data.get("vendor") or properties.get("ID_VENDOR")
         data["model"] = data.get("model") or properties.get("ID_MODEL")
         data["properties"] = properties
+        if enumerated:
+            data["enumerated"] = True
         kind = TYPES.get(action, "device.changed") if action else "device.present"
         return self.event(kind, data, subject=device.device_path)
 
-    # -- the loop ---------------------------------------------------------------
+    def remember(self, event: Event) -> None:
+        """Keep the known devices up to date with an event about to be reported."""
+        path = event.subject
+        assert path is not None
+        if event.type == "device.removed":
+            self.known.pop(path, None)
+            return
+        if event.type == "device.moved":
+            self.known.pop(event.data["properties"].get("DEVPATH_OLD", ""), None)
+        data = {key: value for key, value in event.data.items() if key != "enumerated"}
+        self.known[path] = json.dumps(data, separators=(",", ":"))
+
+    # -- the socket ---------------------------------------------------------------
 
     def _monitor(self) -> Any:
         import pyudev
@@ -110,9 +175,48 @@ class UdevSource(Source):
         self.log.info("listening to %s device events", source)
         return context, monitor
 
-    def run(self) -> None:
+    def _size_buffer(self, monitor: Any, sock: socket.socket) -> None:
+        asked = int(self.config.receive_buffer)
         try:
-            context, monitor = self._monitor()
+            monitor.set_receive_buffer_size(asked)  # SO_RCVBUFFORCE: needs CAP_NET_ADMIN
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, asked)  # capped at rmem_max
+        # The kernel doubles the value it was given, for its own bookkeeping.
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+        if got >= asked:
+            self.log.info("netlink receive buffer: %d bytes", got)
+        else:
+            self.log.info(
+                "netlink receive buffer: %d bytes, not the %d of receive_buffer: without"
+                " CAP_NET_ADMIN the kernel caps it at net.core.rmem_max (%s); raise that"
+                " (sysctl net.core.rmem_max=%d) to let bursts wait in the socket",
+                got,
+                asked,
+                _rmem_max(),
+                asked,
+            )
+
+    def _receive(self, monitor: Any, sock: socket.socket) -> Any:
+        """The next device event, None if none is waiting; NetlinkOverflow on ENOBUFS.
+
+        The kernel signals an overflow once, as a socket error: pyudev's poll
+        reports it as "Error while polling fd" (POLLERR, no errno), and reading
+        the socket as ENOBUFS. Reading SO_ERROR clears it; the socket stays usable.
+        """
+        try:
+            return monitor.poll(timeout=0)
+        except OSError as exc:
+            error = exc.errno or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error == errno.ENOBUFS:
+                raise NetlinkOverflow from None
+            raise
+
+    # -- the loop ---------------------------------------------------------------
+
+    def _open(self) -> Any:
+        """The started monitor (and its context), retrying while netlink is refused."""
+        try:
+            return self._monitor()
         except (OSError, ImportError) as exc:
             self.listening()  # tried: READY is not held while netlink is refused
             self.log.warning(
@@ -121,40 +225,111 @@ class UdevSource(Source):
                 exc,
                 self.config.retry,
             )
-            while not self.stopping.wait(self.config.retry):
-                try:
-                    context, monitor = self._monitor()
-                    break
-                except (OSError, ImportError):
-                    continue
-            else:
-                return
-        self.listening()
-        if self.config.enumerate_on_start:
-            self._emit_present(context)
+        while not self.stopping.wait(self.config.retry):
+            with contextlib.suppress(OSError, ImportError):
+                return self._monitor()
+        return None
+
+    def run(self) -> None:
+        opened = self._open()
+        if opened is None:
+            return
+        context, monitor = opened
+        # A socket object on a duplicate of the monitor's descriptor, for socket options.
+        sock = socket.socket(fileno=os.dup(monitor.fileno()))
         try:
-            while not self.stopping.is_set():
-                ready, _, _ = select.select([monitor], [], [], 0.5)
-                if not ready:
-                    continue
-                events = []
-                while len(events) < BATCH_MAX:
-                    device = monitor.poll(timeout=0)
-                    if device is None:
-                        break
-                    if self.wanted(device):
-                        events.append(self.to_event(device, device.action))
-                if events:
-                    self.emit_until_accepted(events)
+            self._size_buffer(monitor, sock)
+            self.listening()
+            if self.last_received is None:
+                self._baseline(context)
+            else:  # run again after an error: what happened in between is not known
+                self._resync(context, self.last_received, RESTART_REASON)
+            self._loop(context, monitor, sock)
         finally:
+            sock.close()
             with contextlib.suppress(Exception):
                 monitor.stop()
 
-    def _emit_present(self, context: Any) -> None:
+    def _loop(self, context: Any, monitor: Any, sock: socket.socket) -> None:
+        self.last_received = time.time()
+        lost_since: float | None = None  # set from an overflow until the re-enumeration
+        while not self.stopping.is_set():
+            ready, _, _ = select.select([monitor], [], [], 0.5)
+            if not ready and lost_since is None:
+                continue
+            events = []
+            drained = False
+            while len(events) < BATCH_MAX:
+                try:
+                    device = self._receive(monitor, sock)
+                except NetlinkOverflow:
+                    self.count("overflows")
+                    if lost_since is None:
+                        lost_since = self.last_received
+                    continue
+                if device is None:
+                    drained = True
+                    break
+                self.last_received = time.time()
+                if self.wanted(device):
+                    event = self.to_event(device, device.action)
+                    self.remember(event)
+                    events.append(event)
+                else:  # no longer matches (or never did): no longer known either
+                    self.known.pop(device.device_path, None)
+            if events:
+                self.emit_until_accepted(events)
+            # What was queued before the loss is read first, so the enumeration
+            # is compared with everything the socket still had to say.
+            if lost_since is not None and drained:
+                self._resync(context, lost_since, OVERFLOW_REASON)
+                lost_since = None
+                self.last_received = time.time()
+
+    def _enumerate(self, context: Any) -> Iterator[Any]:
+        """The matching devices there now, one at a time (thousands of them are big)."""
         devices = context.list_devices()
         for subsystem in self.config.subsystems:
             devices = devices.match_subsystem(subsystem)
-        self.emit_until_accepted([self.to_event(d, None) for d in devices if self.wanted(d)])
+        return (device for device in devices if self.wanted(device))
+
+    def _baseline(self, context: Any) -> None:
+        """Learn which devices are there, reporting them as device.present if configured."""
+        present = []
+        for device in self._enumerate(context):
+            event = self.to_event(device, None)
+            self.remember(event)
+            if self.config.enumerate_on_start:
+                present.append(event)
+        if present:
+            self.emit_until_accepted(present)
+        self.log.debug("%d matching devices present at start", len(self.known))
+
+    def _resync(self, context: Any, lost_since: float, reason: str) -> None:
+        """After an overflow (or a failed run): report the difference between the devices
+        there now and those last reported, after a device.gap for the window."""
+        present: set[str] = set()
+        added = []
+        for device in self._enumerate(context):
+            present.add(device.device_path)
+            if device.device_path not in self.known:
+                added.append(self.to_event(device, "add", enumerated=True))
+        removed = []
+        for path in [path for path in self.known if path not in present]:
+            data = json.loads(self.known.pop(path))
+            data.update(action="remove", enumerated=True)
+            removed.append(self.event("device.removed", data, subject=path))
+        for event in added:
+            self.remember(event)
+        gap = {
+            "reason": reason,
+            "from": _rfc3339(lost_since),
+            "to": _rfc3339(time.time()),
+            "added": len(added),
+            "removed": len(removed),
+        }
+        if self.report_gap("device.gap", gap):
+            self.emit_until_accepted(added + removed)
 
 
 @hookimpl

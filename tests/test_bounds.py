@@ -244,3 +244,63 @@ def test_checking_the_bounds_never_scans_the_queue(store):
     for statement in selects:
         plan = queue.conn.execute("EXPLAIN QUERY PLAN " + statement).fetchall()
         assert not any(row[-1].startswith("SCAN events") for row in plan), (statement, plan)
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "block"])
+def test_max_events_is_never_overshot_by_a_commit(store, policy):
+    """Group commits, and one emit of more events than the queue may hold at all."""
+    from agent.queue import count_events
+
+    after_commits: list[int] = []
+    writer = Writer(
+        store,
+        commit_max_events=1000,
+        handoff_max_events=10_000,
+        sink_names=["s"],
+        on_commit=lambda: after_commits.append(count_events(store.path)),
+        limits=Limits(max_events=300, when_full=policy, reserve_free=0),
+    )
+    writer.start()
+    cursor = SinkCursor(store, "s", "gw")
+    done = threading.Event()
+
+    def confirm() -> None:  # a sink that confirms what comes, so blocked sources go on
+        while not done.wait(0.01):
+            events = cursor.read(cursor.position, 1000)
+            if events:
+                cursor.advance(events[-1].position)
+                writer.request_cleanup()
+
+    def emit(source: str) -> None:
+        for _ in range(5):
+            writer.submit(batch(source, 120))
+
+    threads = [threading.Thread(target=emit, args=(s,)) for s in "abc"]
+    for thread in threads:
+        thread.start()
+    sink = threading.Thread(target=confirm)
+    if policy == "block":
+        sink.start()
+    if policy == "drop_oldest":
+        writer.submit(batch("big", 501))  # one emit_many: its oldest 201 are dropped
+    else:
+        with pytest.raises(QueueError, match=r"501 events at once are more than .*max_events"):
+            writer.submit(batch("big", 501))
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    if policy == "block":
+        sink.join(10)
+    writer.stop(10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert after_commits and max(after_commits) <= 300
+    if policy == "drop_oldest":
+        assert count_events(store.path) == 300
+        assert sum(writer.bounds.dropped.values()) == 3 * 5 * 120 + 501 - 300
+        # The first 201 were dropped before they were queued; they have numbers too, so
+        # consumers see the loss as a jump in sequence.
+        conn = store.connect()
+        assert conn.execute(
+            "SELECT last FROM source_sequences WHERE source = 'big'"
+        ).fetchone() == (501,)
+        conn.close()

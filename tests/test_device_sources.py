@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+from conftest import run_cli
 
 from agent.testing import SourceHarness, wait_for
 from plugins.exec import ExecSource
@@ -88,6 +92,114 @@ def test_udev_enumerates_present_devices_once():
     assert all(e.data["action"] == "present" for e in present)
 
 
+def ip_batch(commands: list[str], check: bool = True) -> None:
+    """Run ``ip`` commands in one process (``-force``: carry on past errors when not checked)."""
+    subprocess.run(
+        ["ip", *([] if check else ["-force"]), "-batch", "-"],
+        input="".join(f"{command}\n" for command in commands),
+        text=True,
+        capture_output=not check,
+        check=check,
+    )
+
+
+def test_udev_overflow_is_reported_as_a_gap_and_what_changed_is_enumerated(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    """The agent, without CAP_NET_ADMIN as the unit runs it and with a socket buffer that
+    holds two events, is stopped (SIGSTOP: a slow fsync) while 20 veth pairs come and
+    a known one goes: the overflow is a device.gap, and the enumeration after it reports
+    every link that is there and the one that went, with no restart of the source."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network links needs root")
+    tag = f"eab{os.getpid() % 100000}"
+    before = (f"{tag}a", f"{tag}b")
+    pairs = [(f"{tag}x{i}a", f"{tag}x{i}b") for i in range(20)]
+    burst = [name for pair in pairs for name in pair]
+    agent = agent_process(
+        f"""
+        [agent]
+        id = "test-gw"
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.udev]]
+        name = "devices"
+        subsystems = ["net"]
+        match = {{ INTERFACE = "{tag}*" }}
+        receive_buffer = "4KiB"
+
+        [[sinks.mqtt]]
+        port = {running_broker.port}
+        """
+    )
+    agent.start(wrapper=["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+    agent.wrapped = False  # setpriv execs the agent: the same process
+    try:
+        agent.wait_started()
+        assert "netlink receive buffer: 4096 bytes" in agent.log()
+
+        def reported(kind: str) -> dict[str, dict]:
+            return {
+                e["data"]["sys_name"]: e["data"] for e in subscriber.events() if e["type"] == kind
+            }
+
+        ip_batch([f"link add {before[0]} type veth peer name {before[1]}"])
+        wait_for(lambda: set(before) <= set(reported("device.added")), 15, "the first pair")
+        os.kill(agent.pid, signal.SIGSTOP)
+        try:
+            ip_batch(
+                [f"link add {a} type veth peer name {b}" for a, b in pairs]
+                + [f"link del {before[0]}"]
+            )
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)
+        wait_for(lambda: set(burst) <= set(reported("device.added")), 20, "every burst link")
+        wait_for(lambda: set(before) <= set(reported("device.removed")), 10, "the pair gone")
+        gaps = [e for e in subscriber.events() if e["type"] == "device.gap"]
+        assert gaps and gaps[0]["data"]["reason"] == "netlink receive buffer overflowed"
+        assert gaps[0]["data"]["from"] < gaps[0]["data"]["to"]
+        assert all(reported("device.removed")[name]["enumerated"] for name in before)
+        assert any(data.get("enumerated") for data in reported("device.added").values())
+
+        def overflows() -> int:
+            status = json.loads(run_cli("status", "-c", str(agent.config_path), "--json").stdout)
+            return status["status"]["sources"]["devices"]["counters"].get("overflows", 0)
+
+        wait_for(lambda: overflows() >= 1, 15, "overflows in edge-agent status")
+        assert "restarting" not in agent.log()
+    finally:
+        ip_batch([f"link del {name}" for name in (before[0], *(a for a, _ in pairs))], check=False)
+
+
+def test_udev_a_run_after_an_error_reports_what_changed_meanwhile():
+    """After run() raised (a socket error), the agent calls it again: the links created
+    while no socket listened are reported, as enumerated, after a device.gap."""
+    if os.geteuid() != 0:
+        pytest.skip("creating network links needs root")
+    a, b = veth_names()
+    harness = SourceHarness(UdevSource, {"subsystems": ["net"], "match": {"INTERFACE": "eat*"}})
+    with harness:
+        harness.wait_listening()  # run() returns once its baseline is known
+    source = harness.source
+    ip_batch([f"link add {a} type veth peer name {b}"])
+    source.stopping.clear()
+    again = threading.Thread(target=source.run, daemon=True)  # as the agent's runner does
+    again.start()
+
+    def added() -> list[str]:
+        return sorted(e.data["sys_name"] for e in harness.events if e.type == "device.added")
+
+    try:
+        wait_for(lambda: added() == [a, b], 10, "both links")
+    finally:
+        source.stop()
+        again.join(10)
+        ip_batch([f"link del {a}"], check=False)
+    assert all(e.data["enumerated"] for e in harness.events if e.type == "device.added")
+    gap = next(e for e in harness.events if e.type == "device.gap")
+    assert "restarted after an error" in gap.data["reason"] and gap.data["added"] == 2
+
+
 # -- serial: a real pty pair ---------------------------------------------------------
 
 
@@ -150,6 +262,48 @@ def test_serial_frames_and_raw_bytes(tmp_path, caplog):
         b"\x00\x01\x02\x03",
         b"\xff\xfe\xfd\xfc",
     ]
+
+
+def test_serial_an_endless_line_is_cut_counted_and_reported_as_a_gap(tmp_path, caplog):
+    """1 MB without a newline, as tail treats it: the first max_line_bytes are sent, the
+    rest is dropped up to the next newline, counted and reported; the next line arrives."""
+    caplog.set_level(logging.DEBUG)
+    pty = Pty(tmp_path / "ttyFLOOD")
+    config = {"port": str(pty.link), "baudrate": 115200, "max_line_bytes": 1000}
+    flood = b"x" * 1_000_000 + b"\nafter\n"
+    with SourceHarness(SerialSource, config) as harness:
+        wait_for(lambda: "reading " in caplog.text, 5, "the port to be opened")
+        view = memoryview(flood)
+        while view:  # the pty takes a few KiB at a time, as fast as the source reads them
+            view = view[os.write(pty.master, view) :]
+        wait_for(lambda: any(e.data.get("line") == "after" for e in harness.events), 20, "after")
+        gap = next(e for e in harness.events if e.type == "serial.gap")
+        counters = dict(harness.source.counters)
+    pty.close()
+    lines = [e.data["line"] for e in harness.events if e.type == "serial.line"]
+    assert lines == ["x" * 1000, "after"]
+    assert counters == {"dropped_bytes": 999_000, "truncated_lines": 1}
+    gaps = [e.data for e in harness.events if e.type == "serial.gap"]
+    assert sum(g["dropped_bytes"] for g in gaps) == 999_000, "the rest was reported at stop"
+    assert gap.data["truncated_lines"] == 1 and gap.data["from"] <= gap.data["to"]
+    assert gap.subject == str(pty.link) and "max_line_bytes (1000)" in gap.data["reason"]
+    assert len(gaps) == 2, "one gap event right away, the rest at most a minute later"
+
+
+def test_serial_cuts_long_lines_at_any_read_boundary():
+    """The rule holds however the bytes are split into reads, with a two-byte delimiter."""
+    harness = SourceHarness(
+        SerialSource, {"port": "/dev/null", "delimiter": "\r\n", "max_line_bytes": 4}
+    )
+    source = harness.source
+    stream = b"abcd\r\nabcdefgh\r\nok\r\nxyzzy\r"
+    for size in (1, 2, 3, 5, len(stream)):
+        source.skipping, buffer, lines = False, b"", []
+        for i in range(0, len(stream), size):
+            pieces, buffer = source._split(buffer + stream[i : i + size])
+            lines += pieces
+        assert (lines, buffer) == ([b"abcd", b"abcd", b"ok", b"xyzz"], b"\r"), size
+    assert source.counters["truncated_lines"] == 2 * 5
 
 
 # -- exec: real scripts --------------------------------------------------------------

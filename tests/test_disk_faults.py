@@ -186,3 +186,45 @@ def test_a_failed_write_or_fsync_rolls_the_batch_back_and_loses_nothing(
     text = agent.log()
     assert "could not commit" in text or "cannot" in text, text[-2000:]
     assert agent.terminate() == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """An 8 MiB tmpfs: a small state partition, less than the 64 MiB reserve alone."""
+    mount_point = tmp_path / "tiny-disk"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_small_state_filesystem_takes_events_with_the_default_reserve(
+    tmp_path, tiny_disk, agent_process
+):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    write_lines(log, 0, 500, width=100)
+    # A reserve as large as the filesystem: the warnings say what really happens.
+    config = tail_config(tmp_path, tiny_disk / "state", free_port(), 'reserve_free = "64MiB"')
+    agent = agent_process(config)
+    agent.state_dir = tiny_disk / "state"
+    agent.start()
+    agent.wait_log("nothing is left to drop, so sources wait until space is freed")
+    assert "the queue takes no events until space is freed" in agent.log()
+    assert agent.queued() == 0
+    agent.kill()
+    # The default reserve is 10% of so small a filesystem: the lines are queued.
+    agent.config_path.write_text(tail_config(tmp_path, tiny_disk / "state", free_port()))
+    agent.start()
+    write_lines(log, 500, 500, width=100)
+    wait_for(lambda: agent.queued() == 1000, 30, "all 1000 lines queued")
+    assert "queue cannot grow" not in agent.run_log()
+    assert agent.terminate() == 0

@@ -98,9 +98,31 @@ def test_an_untrusted_certificate_is_refused_clearly(tmp_path, pki):
     broker, tls_port = tls_broker(tmp_path / "b", pki, require_certificate=False)
     try:
         sink = SinkHarness(MqttSink, {"port": tls_port, "tls": {"ca_file": pki["stranger"]}}).sink
-        with pytest.raises(Exception, match="TLS failed: CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(Exception, match="TLS failed: the server's certificate chain is not"):
             sink.open()
         sink.close()
+    finally:
+        broker.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
+def test_a_certificate_for_another_host_name_is_named_as_such(tmp_path, pki, caplog):
+    ca = (os.path.splitext(pki["ca"])[0] + ".key", pki["ca"])
+    other = make_cert(tmp_path, "other", ca, "DNS:x.example")
+    broker, tls_port = tls_broker(
+        tmp_path / "b", {**pki, "server": other}, require_certificate=False
+    )
+    try:
+        for host, why in (("localhost", "Hostname mismatch"), ("127.0.0.1", "IP address mismatch")):
+            config = {"host": host, "port": tls_port, "tls": {"ca_file": pki["ca"]}}
+            sink = SinkHarness(MqttSink, config).sink
+            with pytest.raises(Exception, match=rf"not for the host name {host} \({why}"):
+                sink.open()
+            sink.close()
+        # insecure skips exactly that check, and says so whenever a sink is made (each start).
+        insecure = {"port": tls_port, "tls": {"ca_file": pki["ca"], "insecure": True}}
+        assert len(deliver(insecure)) == 3
+        assert "tls.insecure = true: the broker's certificate is not checked" in caplog.text
     finally:
         broker.stop()
 
@@ -256,6 +278,7 @@ def test_bad_options_are_config_errors():
                 {"name": "b", "payload": "binary", "protocol": "3.1.1"},
                 {"name": "c", "hosts": ["x:notaport"]},
                 {"name": "d", "tls": {"ca_file": "/no/such/ca.pem"}},
+                {"name": "e", "tls": {"ca_file": "/dev/zero"}},
             ]
         }
     }
@@ -266,6 +289,7 @@ def test_bad_options_are_config_errors():
     assert 'sinks.mqtt[1]: payload = "binary" needs protocol = "5"' in text
     assert "sinks.mqtt[2]: hosts: 'x:notaport' is not host:port" in text
     assert "sinks.mqtt[3].tls: tls.ca_file: cannot read /no/such/ca.pem" in text
+    assert "sinks.mqtt[4].tls: tls.ca_file: /dev/zero is not a regular file" in text
 
 
 def test_websockets_transport(tmp_path):
