@@ -39,6 +39,10 @@ LOST_FILE = "queue.lost.json"
 
 #: (source instance name, key, value); a value of None deletes the key.
 Checkpoint = tuple[str, str, str | None]
+#: A checkpoint key of the agent's own, never shown to the source: the plugin and a
+#: digest of the settings the source last ran with, so that a source renamed while
+#: the agent was stopped is recognised (agent/reload.py). It moves with a rename.
+INSTANCE_KEY = "edge-agent:instance"
 BUSY_TIMEOUT_MS = 10_000
 #: After a checkpoint, the WAL file is cut back to this size.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
@@ -740,10 +744,61 @@ def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
     """The committed checkpoint values of one source instance."""
     conn = store.connect()
     try:
-        rows = conn.execute("SELECT key, value FROM checkpoints WHERE source = ?", (source,))
+        rows = conn.execute(
+            "SELECT key, value FROM checkpoints WHERE source = ? AND key != ?",
+            (source, INSTANCE_KEY),
+        )
         return dict(rows.fetchall())
     finally:
         conn.close()
+
+
+def move_checkpoints(store: QueueStore, old: str, new: str) -> tuple[int, int]:
+    """Give source ``new`` the checkpoints of source ``old``, in one transaction.
+
+    Call it only while neither instance runs (the writer commits no rows of
+    either meanwhile). Checkpoints ``new`` already had are replaced. Returns
+    (moved, replaced), not counting the instance record.
+    """
+    conn = store.connect()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        replaced = conn.execute(
+            "DELETE FROM checkpoints WHERE source = ? AND key != ?", (new, INSTANCE_KEY)
+        ).rowcount
+        conn.execute("DELETE FROM checkpoints WHERE source = ?", (new,))
+        moved = conn.execute(
+            "UPDATE checkpoints SET source = ? WHERE source = ? AND key != ?",
+            (new, old, INSTANCE_KEY),
+        ).rowcount
+        conn.execute("DELETE FROM checkpoints WHERE source = ?", (old,))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise QueueError(
+            f"cannot move the checkpoints of source {old} to {new} in {store.path}: {exc}"
+        ) from exc
+    finally:
+        conn.close()
+    return moved, replaced
+
+
+def checkpoint_owners(store: QueueStore) -> dict[str, tuple[int, str | None]]:
+    """Every source name with rows in the checkpoints table: (how many checkpoints, the
+    instance record it last ran with, see :data:`INSTANCE_KEY`)."""
+    conn = store.connect()
+    try:
+        rows = conn.execute(
+            "SELECT source, SUM(key != ?), MAX(CASE WHEN key = ? THEN value END)"
+            " FROM checkpoints GROUP BY source",
+            (INSTANCE_KEY, INSTANCE_KEY),
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise QueueError(f"cannot read the checkpoints in {store.path}: {exc}") from exc
+    finally:
+        conn.close()
+    return {source: (count, record) for source, count, record in rows}
 
 
 def salvage_stats(path: str) -> dict[str, Any]:

@@ -9,16 +9,28 @@ queue: its unconfirmed events are deleted once the remaining sinks confirm
 them. A plugin that does not stop within 10 s is left running and not
 replaced (restart the agent). Changes to ``[agent]``, ``[queue]`` and
 ``[metrics]`` need a restart and are reported, not applied.
+
+A source renamed and nothing else (same plugin, same settings, and one to one:
+exactly one removed instance matches exactly one new one) keeps its
+checkpoints: they move to the new name after the old instance stopped and
+before the new one starts. Any other new source starts without checkpoints;
+when a removed one of the same plugin had some, a warning says what will be
+read again. The same rename made while the agent was stopped is recognised at
+start from the plugin and settings each source name last ran with.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.config import InstanceConfig, load_config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, QueueError
+from agent.queue import QueueStore, checkpoint_owners, move_checkpoints
 
 log = logging.getLogger("edge_agent.reload")
 
@@ -27,6 +39,133 @@ STOP_TIMEOUT = 10.0
 
 def _same(old: InstanceConfig, new: InstanceConfig) -> bool:
     return old.plugin == new.plugin and old.config == new.config
+
+
+def instance_record(instance: InstanceConfig) -> str:
+    """What the queue keeps of a source instance to recognise it after a rename made while
+    the agent was stopped: its plugin and a digest of its settings (all but its name)."""
+    digest = hashlib.sha256(repr(instance.config).encode()).hexdigest()
+    return json.dumps({"plugin": instance.plugin, "settings": digest}, sort_keys=True)
+
+
+def _plugin_of(record: str | None) -> str | None:
+    try:
+        return json.loads(record)["plugin"] if record else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def one_to_one(
+    olds: Iterable[str], news: Iterable[str], same: Callable[[str, str], bool]
+) -> dict[str, str]:
+    """Renames, new name -> old name: pairs that are the same and match nothing else."""
+    pairs = [(old, new) for old in olds for new in news if same(old, new)]
+    old_matches = collections.Counter(old for old, _ in pairs)
+    new_matches = collections.Counter(new for _, new in pairs)
+    return {new: old for old, new in pairs if old_matches[old] == 1 and new_matches[new] == 1}
+
+
+def _carry_checkpoints(store: QueueStore, old: str, new: str, when: str) -> None:
+    try:
+        moved, replaced = move_checkpoints(store, old, new)
+    except QueueError as error:
+        log.error(
+            "%s: source %s was renamed to %s, but its checkpoints could not be carried over"
+            " (%s): %s starts without them, as a new source",
+            when,
+            old,
+            new,
+            error,
+            new,
+        )
+        return
+    log.info(
+        "%s: source %s was renamed to %s (same plugin and settings): its checkpoints (%d keys)"
+        " are carried over%s; it carries on where %s stopped",
+        when,
+        old,
+        new,
+        moved,
+        f", replacing {replaced} stale ones of {new}" if replaced else "",
+        old,
+    )
+
+
+def _start_at(instance: InstanceConfig) -> str:
+    start_at = getattr(instance.config, "start_at", None)
+    return f" (start_at = {start_at!r})" if start_at is not None else ""
+
+
+def warn_unmatched(store: QueueStore, added: list[InstanceConfig], removed: list[str]) -> None:
+    """Say what new sources without checkpoints will read again, when removed ones had some."""
+    try:
+        owners = checkpoint_owners(store)
+    except QueueError as error:
+        log.error("SIGHUP: %s", error)
+        return
+    for instance in added:
+        if owners.get(instance.name, (0, None))[0]:
+            continue
+        losers = [
+            name
+            for name in removed
+            if owners.get(name, (0, None))[0]
+            and _plugin_of(owners[name][1]) in (None, instance.plugin)
+        ]
+        if not losers:
+            continue
+        log.warning(
+            "SIGHUP: source %s (plugin %s) has no checkpoints: it starts as a new source and"
+            " what it finds is sent again as new events, as its plugin does on a first"
+            " start%s. The checkpoints of %s are not carried over: a rename keeps them only"
+            " when nothing but the name changed, one old name for one new. To keep them, put"
+            " the old name and settings back, reload, then rename alone and reload again.",
+            instance.name,
+            instance.plugin,
+            _start_at(instance),
+            ", ".join(losers),
+        )
+
+
+def carry_renames_at_start(store: QueueStore, sources: list[InstanceConfig]) -> None:
+    """At start: give a source renamed while the agent was stopped the checkpoints of its
+    old name (same plugin and settings, one to one); name the checkpoints nobody owns."""
+    try:
+        owners = checkpoint_owners(store)
+    except QueueError as error:
+        log.error("cannot look for renamed sources: %s", error)
+        return
+    configured = {instance.name: instance for instance in sources}
+    orphans = {
+        name: (count, record)
+        for name, (count, record) in owners.items()
+        if count and name not in configured
+    }
+    fresh = [name for name in configured if not owners.get(name, (0, None))[0]]
+    renames = one_to_one(
+        orphans,
+        fresh,
+        lambda old, new: orphans[old][1] == instance_record(configured[new]),
+    )
+    for new, old in renames.items():
+        _carry_checkpoints(store, old, new, "at start")
+    for name, (count, record) in orphans.items():
+        if name in renames.values():
+            continue
+        plugin = _plugin_of(record)
+        log.warning(
+            "source %s%s has checkpoints (%d keys) but is no longer configured. If it was"
+            " renamed, the new name starts without them (a rename is recognised at start"
+            " only when nothing but the name changed, one old name for one new): to keep"
+            " them, start with the old name, then rename it and reload (SIGHUP). If it was"
+            " removed, they are kept in case it comes back; to drop them, with the agent"
+            " stopped: sqlite3 %s \"DELETE FROM checkpoints WHERE source = '%s'\"",
+            name,
+            f" (plugin {plugin})" if plugin else "",
+            count,
+            store.path,
+            name,
+        )
 
 
 def _stopped(
@@ -76,6 +215,14 @@ def reload(agent: Any) -> bool:
 
     old_sources = {i.name: i for i in old.sources}
     new_sources = {i.name: i for i in new.sources}
+    removed = [name for name in old_sources if name not in new_sources]
+    added = [name for name in new_sources if name not in old_sources]
+    renames = one_to_one(
+        removed,
+        added,
+        lambda old_name, new_name: _same(old_sources[old_name], new_sources[new_name]),
+    )
+    renamed_to = {old_name: new_name for new_name, old_name in renames.items()}
     for runner in list(agent.sources):
         name = runner.source.name
         if name in new_sources and _same(old_sources[name], new_sources[name]):
@@ -84,6 +231,15 @@ def reload(agent: Any) -> bool:
         if _stopped(agent, "source", name, runner.join, stuck, changes, name in new_sources):
             agent.sources = [r for r in agent.sources if r is not runner]
             agent.retired[("source", name)] = runner
+            if name in renamed_to:  # stopped, and its new self not started yet
+                _carry_checkpoints(agent.store, name, renamed_to[name], "SIGHUP")
+        elif name in renamed_to:
+            stuck.add(("source", renamed_to[name]))  # two of it would read the same things
+    warn_unmatched(
+        agent.store,
+        [new_sources[name] for name in added if name not in renames],
+        [name for name in removed if name not in renamed_to],
+    )
 
     old_sinks = {i.name: i for i in old.sinks}
     new_sinks = {i.name: i for i in new.sinks}

@@ -35,7 +35,7 @@ from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
 from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
-from agent.queue import QueueStore, read_checkpoints, read_stats
+from agent.queue import INSTANCE_KEY, QueueStore, read_checkpoints, read_stats
 from agent.statedir import StateDirLock
 from agent.systemd import Notifier
 from agent.writer import Writer
@@ -294,6 +294,9 @@ class Agent:
         for instance in self.config.sinks:
             self.start_sink(instance)
         self._start_metrics()
+        from agent.reload import carry_renames_at_start
+
+        carry_renames_at_start(self.store, self.config.sources)
         started = [self.start_source(instance) for instance in self.config.sources]
         self.wait_until_listening([r for r in started if r is not None])
 
@@ -398,6 +401,7 @@ class Agent:
                 exc,
             )
             return None
+        self._record(instance)
         runner = SourceRunner(source, instance.registration.plugin)
         retired = self.retired.pop(("source", instance.name), None)
         if retired is not None:
@@ -405,6 +409,16 @@ class Agent:
         self.sources = [*self.sources, runner]
         runner.start()
         return runner
+
+    def _record(self, instance: InstanceConfig) -> None:
+        """Remember the source's plugin and settings, to recognise a rename made while stopped."""
+        from agent.reload import instance_record
+
+        assert self.writer is not None
+        try:
+            self.writer.submit([], [(instance.name, INSTANCE_KEY, instance_record(instance))])
+        except QueueError as exc:
+            log.warning("source %s: %s; a rename of it will not be recognised", instance.name, exc)
 
     def _start_metrics(self) -> None:
         listen = self.config.metrics.listen

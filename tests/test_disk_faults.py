@@ -138,7 +138,7 @@ def test_no_reserve_and_a_really_full_disk_fails_batches_not_the_agent(
     agent.start()
     agent.wait_log("starting")
     wait_for(lambda: (small_disk / "state" / "queue.db").exists(), 10, "the queue file")
-    with open(filler, "wb") as handle:  # fill the disk to the last byte
+    with open(filler, "wb", buffering=0) as handle:  # to the last byte; nothing left to flush
         try:
             while True:
                 handle.write(b"\0" * 65536)
