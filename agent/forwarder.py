@@ -5,6 +5,13 @@ cursor, hands it to the sink, and advances the cursor over the events the sink
 confirmed without a gap. Events confirmed after a gap are remembered so they
 are not sent twice while the agent runs; everything unconfirmed is sent again,
 in order, after a reconnect or a restart.
+
+An event the sink rejects (:meth:`agent.api.Sink.reject`) is sent again; after
+``dead_letter_after`` refusals in a row, or at once when it cannot be sent at
+all, it is set aside as a dead letter (:mod:`agent.dead_letters`) and the
+cursor moves over it as over a confirmed one. Dead letters an operator asked
+to retry are sent ahead of the other events. Events the queue's bounds
+dropped are forgotten, never sent again from memory.
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 
+from agent import dead_letters
 from agent.api import Sink
 from agent.backoff import Backoff
 from agent.counters import Latency, utf8_len
@@ -32,6 +41,8 @@ DRAIN_REPORT_MIN = 10_000
 DRAIN_REPORT_EVERY = 30.0
 #: While a sink stays unreachable, repeat the "offline" line this often.
 OFFLINE_REMINDER = 300.0
+#: Look for dead letters an operator asked to retry this often (seconds).
+RETRY_POLL_EVERY = 1.0
 
 
 class Forwarder:
@@ -43,10 +54,15 @@ class Forwarder:
         store: QueueStore,
         *,
         on_confirmed: Callable[[], None],
+        dead_letter_after: int = 3,
     ) -> None:
         self.sink = sink
         self.store = store
         self.on_confirmed = on_confirmed
+        #: Refusals in a row after which an event is set aside; 0: never.
+        self.dead_letter_after = dead_letter_after
+        #: Events set aside as dead letters since start.
+        self.dead_lettered = 0
         self.wake = threading.Event()
         self.connected = False
         self.confirmed = 0
@@ -80,6 +96,7 @@ class Forwarder:
         self.reconnects = old.reconnects
         self.errors = old.errors
         self.latency = old.latency
+        self.dead_lettered = old.dead_lettered
 
     def drain(self, deadline: float) -> None:
         """Keep sending until the backlog is empty or ``deadline`` (monotonic), then end."""
@@ -171,10 +188,12 @@ class Forwarder:
         backoff = Backoff(sink.retry_min, sink.retry_max)
         outage = _Outage(sink, cursor)
         report = _DrainReport(sink.name, cursor)
-        confirmed_ahead: set[int] = set()
+        verdicts = _Verdicts(self, cursor)
+        confirmed_ahead: set[int] = set()  # confirmed or set aside, after a gap
         # position → when handed to the sink (read, and handed over the same round)
         sent_at: dict[int, float] = {}
         unsent: collections.deque[QueuedEvent] = collections.deque()
+        dropped_through = self.store.dropped_through
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
                 if self._drain_deadline is not None:
@@ -197,6 +216,14 @@ class Forwarder:
                 report.start(cursor.backlog(), self.confirmed)
 
             self.wake.clear()
+            if self.store.dropped_through != dropped_through:
+                # The bounds deleted events from disk: what is gone is never sent again.
+                dropped_through = self.store.dropped_through
+                while unsent and unsent[0].position <= dropped_through:
+                    gone = unsent.popleft().position
+                    confirmed_ahead.discard(gone)
+                    sent_at.pop(gone, None)
+                verdicts.forget_through(dropped_through)
             # Read ahead only what is new: events already read and not yet
             # confirmed stay in `unsent`, in queue order.
             while unsent and unsent[0].position <= cursor.position:
@@ -209,14 +236,18 @@ class Forwarder:
                     sent_at[event.position] = now
                 unsent.extend(fresh)
             events = list(unsent)
+            retried = verdicts.retries()
             self.last_progress = time.monotonic()
-            if not events and self._drain_deadline is not None:
+            if not events and not retried and self._drain_deadline is not None:
                 return
             if not events:
                 self._flush(cursor)  # idle: put the position on disk now
-            batch = [e for e in events if e.position not in confirmed_ahead]
+            again = {e.position for e in retried}
+            batch = retried + [
+                e for e in events if e.position not in confirmed_ahead and e.position not in again
+            ]
             try:
-                if not events:
+                if not batch and not events:
                     sink.check_connection()
                     outage.ended()  # connected, and nothing was refused
                     backoff.reset()
@@ -226,6 +257,11 @@ class Forwarder:
                 sent = {e.position for e in batch}
                 positions = {event.position for event in result} & sent
             except Exception as exc:
+                # A rejection made before it raised (the event that broke the connection)
+                # still counts.
+                set_aside, _ = verdicts.judge(batch, set())
+                verdicts.retried_done(set(), set_aside & again)
+                confirmed_ahead |= set_aside - again
                 self.last_error = _reason(exc)
                 self.errors += 1
                 outage.failed(f"lost {sink.target}: {self.last_error}")
@@ -233,7 +269,6 @@ class Forwarder:
                 self._pause(backoff.next())
                 continue
             self.confirmed += len(positions)
-            confirmed_ahead |= positions
             if positions:
                 self.confirmed_bytes += sum(
                     utf8_len(e.data_json) for e in result if e.position in positions
@@ -241,6 +276,9 @@ class Forwarder:
                 handed = [sent_at.pop(p) for p in positions if p in sent_at]
                 if handed:
                     self.latency.observe(time.monotonic() - min(handed))
+            set_aside, transient = verdicts.judge(batch, positions)
+            verdicts.retried_done(positions & again, set_aside & again)
+            confirmed_ahead |= (positions | set_aside) - again
             # The read events are consecutive in the queue: the cursor moves over
             # the confirmed prefix; confirmations after a gap wait in the set.
             prefix = []
@@ -257,19 +295,114 @@ class Forwarder:
                     log.error("sink %s: %s; trying again", sink.name, exc)
                     self._pause(1.0)
                 self.on_confirmed()
-            if batch and not positions:
-                # Nothing confirmed: the sink has said why (a refusal, say). Wait
-                # before sending again so a refusing destination is not hammered.
-                self.last_error = f"none of {len(batch)} events confirmed"
-                self.errors += 1
+            if (batch and not positions and not set_aside) or transient:
+                # Nothing confirmed (the sink has said why: a refusal, say), or a
+                # refusal for now: wait before sending again so a refusing
+                # destination is not hammered.
+                if not positions:
+                    self.last_error = f"none of {len(batch)} events confirmed"
+                    self.errors += 1
                 self._pause(backoff.next())
                 now = time.monotonic()  # the wait was not publish latency
                 for event in batch:
                     sent_at[event.position] = now
-            elif positions:
+            elif positions or set_aside:
                 backoff.reset()
                 outage.ended()
                 report.progress(self.confirmed)
+
+
+class _Verdicts:
+    """A forwarder's rejected events: refusals counted per event, dead letters set aside,
+    and dead letters an operator asked to retry."""
+
+    def __init__(self, forwarder: Forwarder, cursor: SinkCursor) -> None:
+        self.forwarder = forwarder
+        self.sink = forwarder.sink
+        self.cursor = cursor
+        #: position → refusals in a row (across reconnects) of an event still unconfirmed.
+        self.refusals: dict[int, int] = {}
+        self._retries: list[QueuedEvent] = []
+        self._next_poll = 0.0
+        self.sink.take_rejections()  # left by an earlier forwarder of this sink
+
+    def retries(self) -> list[QueuedEvent]:
+        """Dead letters to send again, ahead of the other events (polled about once a second)."""
+        now = time.monotonic()
+        if self._retries or now >= self._next_poll:
+            self._next_poll = now + RETRY_POLL_EVERY
+            try:
+                self._retries = dead_letters.retries(
+                    self.cursor.conn, self.sink.name, self.sink.agent_id, self.sink.max_batch
+                )
+            except sqlite3.Error as exc:
+                log.warning("sink %s: cannot read dead letters to retry: %s", self.sink.name, exc)
+        return list(self._retries)
+
+    def retried_done(self, confirmed: set[int], set_aside_again: set[int]) -> None:
+        """Retried dead letters confirmed (deleted now) or set aside again."""
+        if confirmed:
+            try:
+                dead_letters.delivered(self.cursor.conn, self.sink.name, confirmed)
+            except QueueError as exc:
+                log.warning("sink %s: %s; a retried dead letter stays listed", self.sink.name, exc)
+        if confirmed or set_aside_again:
+            done = confirmed | set_aside_again
+            self._retries = [e for e in self._retries if e.position not in done]
+
+    def forget_through(self, position: int) -> None:
+        for known in [p for p in self.refusals if p <= position]:
+            del self.refusals[known]
+
+    def judge(self, batch: list[QueuedEvent], confirmed: set[int]) -> tuple[set[int], bool]:
+        """Take the sink's rejections of this round: (positions set aside now, whether
+        a refusal asked for a backoff)."""
+        handed = {e.position for e in batch}
+        dead: list[tuple[QueuedEvent, str, int]] = []
+        transient = False
+        limit = self.forwarder.dead_letter_after
+        for rejection in self.sink.take_rejections():
+            position = rejection.event.position
+            if position not in handed or position in confirmed:
+                continue
+            if not rejection.permanent:
+                transient = True
+                continue
+            count = self.refusals[position] = self.refusals.get(position, 0) + 1
+            final = rejection.invalid or (limit and count >= limit)
+            if final and all(d[0].position != position for d in dead):
+                dead.append((rejection.event, rejection.reason, count))
+        for position in confirmed:
+            self.refusals.pop(position, None)
+        if not dead:
+            return set(), transient
+        try:
+            dead_letters.set_aside(self.cursor.conn, self.sink.name, dead)
+        except QueueError as exc:
+            log.error("sink %s: %s; the events are sent again", self.sink.name, exc)
+            return set(), transient
+        self.forwarder.dead_lettered += len(dead)
+        for event, reason, count in dead:
+            self.refusals.pop(event.position, None)
+            _log_dead_letter(self.sink.name, event, reason, count)
+        return {event.position for event, _, _ in dead}, transient
+
+
+def _log_dead_letter(sink: str, event: QueuedEvent, reason: str, attempts: int) -> None:
+    log.warning(
+        "sink %s: event %s (%s from source %s) set aside as a dead letter after %d"
+        " attempt%s: %s. The events behind it go on. See it with `edge-agent queue dead list"
+        " --sink %s`; send it again with `edge-agent queue dead retry --sink %s`.",
+        sink,
+        event.id,
+        event.type,
+        event.source,
+        attempts,
+        "" if attempts == 1 else "s",
+        reason,
+        sink,
+        sink,
+    )
 
 
 class _DrainReport:

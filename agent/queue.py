@@ -91,6 +91,9 @@ class QueueStore:
         #: agent ran (see :meth:`QueueWriter.record_lost`); None if there was none.
         self.lost: dict[str, Any] | None = None
         self.lost_path = os.path.join(state_dir, LOST_FILE)
+        #: The highest position the bounds dropped (drop_oldest, max_age) in this
+        #: process: forwarders forget what they hold in memory up to it.
+        self.dropped_through = 0
 
     def connect(self, *, sync: str | None = None) -> sqlite3.Connection:
         """A new connection for the calling thread, with the durability settings checked.
@@ -665,6 +668,8 @@ class QueueWriter:
             self._rollback()
             raise QueueError(f"cannot drop old events: {exc}") from exc
         self.dead_letters_dropped.update(dead)
+        if counts or dead:
+            self.store.dropped_through = max(self.store.dropped_through, row[0])
         return counts, dead
 
     def vacuum_step(self, min_free_pages: int, step_pages: int, keep_bytes: int = 0) -> None:
