@@ -7,7 +7,8 @@ every other sink has confirmed it or set it aside too; the copy outlives it.
 
 Operators list, retry and purge dead letters (``edge-agent queue dead``). A
 retry marks the copy; the sink's forwarder then sends it ahead of its other
-events. Confirmed, it is deleted; refused again, it is set aside again.
+events (it looks at start, and about once a second). Confirmed, it is
+deleted; refused again, it is set aside again.
 
 Dead letters count against the queue's bounds (``max_events``, ``max_bytes``)
 and are dropped oldest first with the events (see :mod:`agent.bounds`).
@@ -156,8 +157,8 @@ def request_retry(
 ) -> int:
     """Mark dead letters (of ``sink``, with these event ``ids``, or all) to be sent again.
 
-    The running agent's forwarder picks them up within a second; a stopped
-    agent, at its next start. Returns how many were marked. Raises QueueError.
+    The sink's forwarder sends them first (it looks at start, and about once
+    a second). Returns how many were marked. Raises QueueError.
     """
     where, args = _where(sink, None, ids)
     try:
