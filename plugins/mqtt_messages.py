@@ -6,6 +6,7 @@ templates, payload modes and batching can be read (and tested) on their own.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -277,6 +278,7 @@ class Message:
         return 1 + len(_varint(remaining)) + remaining
 
 
+@functools.lru_cache(maxsize=4096)  # most events share a few topics: check each once
 def topic_problem(topic: str) -> str | None:
     """Why ``topic`` cannot be an MQTT topic name, or None if it can."""
     try:
