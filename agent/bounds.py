@@ -86,6 +86,7 @@ class Bounds:
         self.dropped_by_reason: Counter[tuple[str, str]] = Counter()
         self._unreported: Counter[str] = Counter()
         self._dead_reported: Counter[str] = Counter()
+        self._why = ""
         self._last_warning = 0.0
         self._last_expire = 0.0
         #: Why the queue cannot grow now (events wait or old ones are dropped), or None.
@@ -240,7 +241,8 @@ class Bounds:
         self._report()
 
     def _count_drops(self, dropped: Counter[str], why: str, reason: str) -> None:
-        if not dropped:
+        dead = self.queue.dead_letters_dropped - self._dead_reported
+        if not dropped and not dead:
             return
         self.dropped.update(dropped)
         self.dropped_by_reason.update({(s, reason): n for s, n in dropped.items()})
@@ -262,10 +264,10 @@ class Bounds:
         if dead:
             self._dead_reported.update(dead)
             log.warning(
-                "dropped %d dead letters (%s) with the oldest events: the queue is full or they"
-                " are older than max_age; %d dropped since start",
+                "dropped %d dead letters (%s): %s; %d dropped since start",
                 sum(dead.values()),
                 ", ".join(f"sink {s}: {n}" for s, n in dead.most_common()),
+                self._why,
                 sum(self.queue.dead_letters_dropped.values()),
             )
         if not self._unreported:

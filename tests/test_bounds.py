@@ -304,3 +304,23 @@ def test_max_events_is_never_overshot_by_a_commit(store, policy):
             "SELECT last FROM source_sequences WHERE source = 'big'"
         ).fetchone() == (501,)
         conn.close()
+
+
+def test_dead_letters_count_against_max_events_and_go_oldest_first(store, caplog):
+    from agent import dead_letters
+
+    queue = QueueWriter(store)
+    bounds = Bounds(queue, Limits(max_events=20), store.state_dir)
+    queue.append(batch("a", 10))
+    cursor = SinkCursor(store, "cloud", "gw")
+    # The first 5 events could never be delivered to "cloud": set aside, and confirmed.
+    dead = [(event, "0x87 Not authorized", 3) for event in cursor.read(0, 5)]
+    dead_letters.set_aside(cursor.conn, "cloud", dead)
+    cursor.advance(10)
+    queue.delete_confirmed(["cloud"])
+    assert queue.usage().events == 5  # the 5 dead letters; their events are gone
+    queue.append(batch("b", 15))
+    assert bounds.admit(5, 5 * 200)  # 20 + 5 > 20: the 5 oldest go, the dead letters
+    assert dead_letters.counts(cursor.conn) == {}
+    assert bounds.dead_letters_dropped == {"cloud": 5} and bounds.dropped == {}
+    assert "dropped 5 dead letters (sink cloud: 5)" in caplog.text

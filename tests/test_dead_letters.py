@@ -115,6 +115,10 @@ def test_an_event_refused_by_an_acl_is_set_aside_retried_and_purged(tmp_path, ag
             assert retry.stdout.strip() == "1 dead letters will be sent again"
             wait_for(lambda: "secret-a" in names(sub), 10, "the retried event")
             wait_for(lambda: [d["data"]["name"] for d in dead_list(agent)] == ["secret-b"], 10)
+            # Still refused: set aside again, its attempts added up.
+            run_cli("queue", "dead", "retry", "--sink", "cloud", "-c", str(agent.config_path))
+            wait_for(lambda: dead_list(agent)[0]["attempts"] == 6, 10, "a second set-aside")
+            assert not dead_list(agent)[0]["retry"]
 
             refused = run_cli("queue", "dead", "purge", "-c", str(agent.config_path), stdin="")
             assert refused.returncode == 1 and "Refusing without --yes" in refused.stderr
