@@ -324,3 +324,24 @@ def test_dead_letters_count_against_max_events_and_go_oldest_first(store, caplog
     assert dead_letters.counts(cursor.conn) == {}
     assert bounds.dead_letters_dropped == {"cloud": 5} and bounds.dropped == {}
     assert "dropped 5 dead letters (sink cloud: 5)" in caplog.text
+
+
+def test_max_age_drops_dead_letters_with_the_events_of_their_time(store):
+    from agent import dead_letters
+
+    clock = SteppedClock()
+    queue = QueueWriter(store, clock=clock)
+    queue.append(batch("a", 5))
+    cursor = SinkCursor(store, "cloud", "gw")
+    dead_letters.set_aside(cursor.conn, "cloud", [(e, "refused", 3) for e in cursor.read(0, 2)])
+    cursor.advance(5)
+    queue.delete_confirmed(["cloud"])  # their events are gone; the dead letters stay
+    bounds = Bounds(queue, Limits(max_age=7 * 86400), store.state_dir)
+    bounds.housekeeping()
+    assert dead_letters.counts(cursor.conn) == {"cloud": 2}
+    clock.value += 8 * 86400
+    queue.append(batch("a", 3))
+    bounds._last_expire = 0.0  # housekeeping expires every few seconds; now, here
+    bounds.housekeeping()
+    assert dead_letters.counts(cursor.conn) == {}
+    assert bounds.dead_letters_dropped == {"cloud": 2} and queue.usage().events == 3
