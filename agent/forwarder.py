@@ -43,6 +43,8 @@ DRAIN_REPORT_EVERY = 30.0
 OFFLINE_REMINDER = 300.0
 #: Look for dead letters an operator asked to retry this often (seconds).
 RETRY_POLL_EVERY = 1.0
+#: Dead letters named one by one in warnings per sink and minute; then a count.
+DEAD_LETTER_WARNINGS = 10
 
 
 class Forwarder:
@@ -243,9 +245,8 @@ class Forwarder:
             if not events:
                 self._flush(cursor)  # idle: put the position on disk now
             again = {e.position for e in retried}
-            batch = retried + [
-                e for e in events if e.position not in confirmed_ahead and e.position not in again
-            ]
+            skip = confirmed_ahead | again | verdicts.held
+            batch = retried + [e for e in events if e.position not in skip]
             try:
                 if not batch and not events:
                     sink.check_connection()
@@ -314,7 +315,16 @@ class Forwarder:
 
 class _Verdicts:
     """A forwarder's rejected events: refusals counted per event, dead letters set aside,
-    and dead letters an operator asked to retry."""
+    and dead letters an operator asked to retry.
+
+    An event refused ``dead_letter_after`` times in a row is set aside only once
+    an event behind it was confirmed after its first refusal: a destination
+    that refuses everything (an ACL that lost this device) keeps the events
+    queued, not a backlog turned into dead letters. When nothing behind it was
+    sent (a window of 1, a broker that hangs up), it is held out of one round
+    to see whether the events behind it go through. A retried dead letter
+    needs no such proof: it was set aside before.
+    """
 
     def __init__(self, forwarder: Forwarder, cursor: SinkCursor) -> None:
         self.forwarder = forwarder
@@ -322,8 +332,13 @@ class _Verdicts:
         self.cursor = cursor
         #: position → refusals in a row (across reconnects) of an event still unconfirmed.
         self.refusals: dict[int, int] = {}
+        #: Refused events with an event behind them confirmed since their first refusal.
+        self.evidence: set[int] = set()
+        #: Events held out of the next round, to see whether the events behind them go.
+        self.held: set[int] = set()
         self._retries: list[QueuedEvent] = []
         self._next_poll = 0.0
+        self._log = _DeadLetterLog(self.sink.name)
         self.sink.take_rejections()  # left by an earlier forwarder of this sink
 
     def retries(self) -> list[QueuedEvent]:
@@ -353,15 +368,25 @@ class _Verdicts:
     def forget_through(self, position: int) -> None:
         for known in [p for p in self.refusals if p <= position]:
             del self.refusals[known]
+        self.evidence = {p for p in self.evidence if p > position}
+        self.held = {p for p in self.held if p > position}
 
     def judge(self, batch: list[QueuedEvent], confirmed: set[int]) -> tuple[set[int], bool]:
         """Take the sink's rejections of this round: (positions set aside now, whether
         a refusal asked for a backoff)."""
         handed = {e.position for e in batch}
+        rejections = self.sink.take_rejections()
+        self.held.clear()  # held out of this round only
+        for position in confirmed:
+            self.refusals.pop(position, None)
+            self.evidence.discard(position)
+        last = max(confirmed, default=0)
+        self.evidence.update(p for p in self.refusals if p < last)
         dead: list[tuple[QueuedEvent, str, int]] = []
         transient = False
         limit = self.forwarder.dead_letter_after
-        for rejection in self.sink.take_rejections():
+        retried = {e.position for e in self._retries}  # set aside before: no proof needed
+        for rejection in rejections:
             position = rejection.event.position
             if position not in handed or position in confirmed:
                 continue
@@ -369,12 +394,18 @@ class _Verdicts:
                 transient = True
                 continue
             count = self.refusals[position] = self.refusals.get(position, 0) + 1
-            final = rejection.invalid or (limit and count >= limit)
-            if final and all(d[0].position != position for d in dead):
+            if any(d[0].position == position for d in dead):
+                continue
+            proven = position in self.evidence or position in retried
+            if rejection.invalid or (limit and count >= limit and proven):
                 dead.append((rejection.event, rejection.reason, count))
-        for position in confirmed:
-            self.refusals.pop(position, None)
+            elif limit and count >= limit:
+                self.held.add(position)
+        self.evidence.update(p for p in self.refusals if p < last)  # refused first this round
+        if self.held >= handed:
+            self.held.clear()  # nothing behind them to try
         if not dead:
+            self._log.flush()
             return set(), transient
         try:
             dead_letters.set_aside(self.cursor.conn, self.sink.name, dead)
@@ -384,25 +415,59 @@ class _Verdicts:
         self.forwarder.dead_lettered += len(dead)
         for event, reason, count in dead:
             self.refusals.pop(event.position, None)
-            _log_dead_letter(self.sink.name, event, reason, count)
+            self.evidence.discard(event.position)
+            self._log.set_aside(event, reason, count)
         return {event.position for event, _, _ in dead}, transient
 
 
-def _log_dead_letter(sink: str, event: QueuedEvent, reason: str, attempts: int) -> None:
-    log.warning(
-        "sink %s: event %s (%s from source %s) set aside as a dead letter after %d"
-        " attempt%s: %s. The events behind it go on. See it with `edge-agent queue dead list"
-        " --sink %s`; send it again with `edge-agent queue dead retry --sink %s`.",
-        sink,
-        event.id,
-        event.type,
-        event.source,
-        attempts,
-        "" if attempts == 1 else "s",
-        reason,
-        sink,
-        sink,
-    )
+class _DeadLetterLog:
+    """A warning per dead letter, naming the event and the reason; past
+    DEAD_LETTER_WARNINGS a minute, one line a minute says how many more."""
+
+    def __init__(self, sink: str) -> None:
+        self.sink = sink
+        self.since = time.monotonic()
+        self.said = 0
+        self.more = 0
+        self.last = ""
+
+    def set_aside(self, event: QueuedEvent, reason: str, attempts: int) -> None:
+        self.flush()
+        if self.said >= DEAD_LETTER_WARNINGS:
+            self.more += 1
+            self.last = f"event {event.id}: {reason}"
+            return
+        self.said += 1
+        sink = self.sink
+        log.warning(
+            "sink %s: event %s (%s from source %s) set aside as a dead letter after %d"
+            " attempt%s: %s. The events behind it go on. See it with `edge-agent queue dead"
+            " list --sink %s`; send it again with `edge-agent queue dead retry --sink %s`.",
+            sink,
+            event.id,
+            event.type,
+            event.source,
+            attempts,
+            "" if attempts == 1 else "s",
+            reason,
+            sink,
+            sink,
+        )
+
+    def flush(self) -> None:
+        if time.monotonic() - self.since < 60.0:
+            return
+        if self.more:
+            log.warning(
+                "sink %s: %d more events set aside as dead letters in the last minute (the"
+                " last: %s); see `edge-agent queue dead list --sink %s`",
+                self.sink,
+                self.more,
+                self.last,
+                self.sink,
+            )
+        self.since = time.monotonic()
+        self.said = self.more = 0
 
 
 class _DrainReport:

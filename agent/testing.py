@@ -389,9 +389,9 @@ class SinkHarness:
         assert len(confirmed) == 1
 
     Rejections (:meth:`agent.Sink.reject`) are kept in :attr:`rejections`; an
-    event rejected ``dead_letter_after`` times in a row (or once, as invalid)
-    is set aside as the forwarder would, in :attr:`dead_letters` as
-    ``(event, reason)``, and not handed over again.
+    event rejected ``dead_letter_after`` times in a row once an event behind it
+    was confirmed (or once, as invalid) is set aside as the forwarder would, in
+    :attr:`dead_letters` as ``(event, reason)``, and not handed over again.
     """
 
     def __init__(
@@ -441,6 +441,7 @@ class SinkHarness:
     def _judge(self, batch: list[Any], done: set[int], refusals: dict[int, int]) -> set[int]:
         handed = {e.position for e in batch}
         dead: set[int] = set()
+        self._confirmed_up_to = max([getattr(self, "_confirmed_up_to", 0), *done])
         for rejection in self.sink.take_rejections():
             self.rejections.append(rejection)
             position = rejection.event.position
@@ -450,7 +451,9 @@ class SinkHarness:
                 continue
             refusals[position] = refusals.get(position, 0) + 1
             limit = self.dead_letter_after
-            if rejection.invalid or (limit and refusals[position] >= limit):
+            # As the agent: only once an event behind it was delivered.
+            proven = self._confirmed_up_to > position
+            if rejection.invalid or (limit and refusals[position] >= limit and proven):
                 dead.add(position)
                 self.dead_letters.append((rejection.event, rejection.reason))
         return dead

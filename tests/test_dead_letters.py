@@ -134,9 +134,10 @@ def test_an_event_refused_by_an_acl_is_set_aside_retried_and_purged(tmp_path, ag
     ("limit", "attempts", "why"),
     [
         # Announced in CONNACK (Maximum Packet Size): never sent, set aside at once.
-        ("max_packet_size 2000", 1, "the broker takes at most 2000"),
-        # Not announced: Mosquitto hangs up on it; found by sending suspects one at a time.
-        ("message_size_limit 1000", 3, "dropped the connection while it was the only message"),
+        ("max_packet_size 2000", (1, 1), "the broker takes at most 2000"),
+        # Not announced: Mosquitto hangs up on it; found by sending suspects one at a time,
+        # set aside after 3 such losses once the events behind it went through (a 4th try).
+        ("message_size_limit 1000", (3, 4), "the broker dropped the connection while it was"),
     ],
 )
 def test_an_oversize_event_is_set_aside_and_the_rest_flow(
@@ -152,7 +153,7 @@ def test_an_oversize_event_is_set_aside_and_the_rest_flow(
             agent.start()
             wait_for(lambda: set(names(sub)) == {"ok0", "ok1", "ok2", "ok3"}, 20, "the rest")
             [dead] = wait_for(lambda: dead_list(agent), 10, "the dead letter")
-            assert dead["data"]["name"] == "big" and dead["attempts"] == attempts
+            assert dead["data"]["name"] == "big" and attempts[0] <= dead["attempts"] <= attempts[1]
             assert why in dead["reason"]
     finally:
         broker.stop()
@@ -172,6 +173,23 @@ def test_a_topic_mqtt_forbids_is_set_aside_at_once_without_reconnecting(
         assert "70005 bytes long; MQTT takes at most 65535" in dead[1]["reason"]
         assert agent.terminate() == 0
     assert "lost 127.0.0.1" not in agent.log()  # the connection was never dropped
+
+
+def test_a_broker_that_refuses_everything_turns_nothing_into_dead_letters(tmp_path, agent_process):
+    """An ACL that lost this device is the destination's fault, not the events': they stay
+    queued, to flow once it is fixed, instead of becoming a backlog of dead letters."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\n")  # nothing may be published
+    os.chmod(acl, 0o644)
+    broker = broker_with(tmp_path, f"acl_file {acl}")
+    fill_queue(tmp_path / "state", named("n0", "n1", "n2"))
+    try:
+        agent = agent_process(agent_config(tmp_path, broker.port, "edge/{source}/{type}"))
+        agent.start()
+        wait_for(lambda: agent.log().count("broker refused") >= 5, 20, "5 rounds of refusals")
+        assert dead_list(agent) == [] and agent.queued() == 3
+    finally:
+        broker.stop()
 
 
 def test_the_brokers_receive_maximum_caps_the_window(tmp_path):
