@@ -362,25 +362,27 @@ def build_messages(
     # Batches: runs of consecutive events for one topic, within the count and size limits.
     content_type = "application/json" if data_only else BATCH
     limit = min(config.batch_max_bytes, config.max_message_bytes)
-    groups: list[tuple[str, list[QueuedEvent], list[bytes], int]] = []
+    # (topic, events, bodies, payload bytes, bytes of the packet besides the payload)
+    groups: list[tuple[str, list[QueuedEvent], list[bytes], int, int]] = []
     for event in events:
         topic = topics.topic(event)
         body = (event.data_json if data_only else event.to_cloudevent_json()).encode("utf-8")
+        more = _id_property_bytes(event) if v5 else 0
         if groups:
-            last_topic, members, bodies, size = groups[-1]
+            last_topic, members, bodies, size, overhead = groups[-1]
             if (
                 last_topic == topic
                 and len(members) < config.batch_max_events
                 and size + len(body) + 1 <= limit
-                and size + len(body) + 1 + _overhead(topic, members, event, content_type, v5)
-                <= max_packet
+                and size + len(body) + 1 + overhead + more <= max_packet
             ):
                 members.append(event)
                 bodies.append(body)
-                groups[-1] = (topic, members, bodies, size + len(body) + 1)
+                groups[-1] = (topic, members, bodies, size + len(body) + 1, overhead + more)
                 continue
-        groups.append((topic, [event], [body], len(body) + 2))
-    for topic, members, bodies, _size in groups:
+        overhead = _packet_overhead(topic, content_type, v5) + more
+        groups.append((topic, [event], [body], len(body) + 2, overhead))
+    for topic, members, bodies, _size, _overhead in groups:
         try:
             props = (
                 PackedProperties(content_type, [("id", e.id) for e in members], expiry)
@@ -394,15 +396,16 @@ def build_messages(
     return messages
 
 
-def _overhead(
-    topic: str, members: list[QueuedEvent], event: QueuedEvent, content_type: str, v5: bool
-) -> int:
-    """At most how many bytes a batch's PUBLISH packet takes besides its payload."""
+def _packet_overhead(topic: str, content_type: str, v5: bool) -> int:
+    """At most how many bytes a batch's PUBLISH packet takes besides its payload and
+    its events' ``id`` properties."""
     fixed = 1 + 4 + 2 + len(topic.encode("utf-8", "replace")) + 2
-    if not v5:
-        return fixed
-    ids = sum(7 + len(e.id) for e in [*members, event])  # 0x26, two lengths, "id", the id
-    return fixed + 4 + 3 + len(content_type) + 5 + ids
+    return fixed + (4 + 3 + len(content_type) + 5 if v5 else 0)
+
+
+def _id_property_bytes(event: QueuedEvent) -> int:
+    """The ``id`` user property of one event in a batch: 0x26, two lengths, "id", the id."""
+    return 7 + len(event.id)
 
 
 def _unpackable(exc: Exception) -> str:

@@ -192,6 +192,17 @@ def test_a_broker_that_refuses_everything_turns_nothing_into_dead_letters(tmp_pa
         broker.stop()
 
 
+def test_batches_fit_the_brokers_maximum_packet_size(tmp_path):
+    broker = broker_with(tmp_path, "max_packet_size 4000")
+    try:
+        config = {"port": broker.port, "batch_max_events": 100, "topic": "edge/{source}"}
+        harness = SinkHarness(MqttSink, config)
+        confirmed = harness.deliver(named(*(f"n{i}" for i in range(200))), timeout=30)
+        assert len(confirmed) == 200 and harness.dead_letters == []
+    finally:
+        broker.stop()
+
+
 def test_the_brokers_receive_maximum_caps_the_window(tmp_path):
     broker = broker_with(tmp_path, "max_inflight_messages 5")
     try:
