@@ -105,27 +105,35 @@ def test_an_event_refused_by_an_acl_is_set_aside_retried_and_purged(tmp_path, ag
 
             wait_for(lambda: status()["dead_letters"] == 2, 15, "status to show 2 dead letters")
 
-            # The operator allows secret-a and sends it again.
+            # retry writes to the queue: refused while the agent runs, naming it.
+            cli = ("-c", str(agent.config_path))
+            busy = run_cli("queue", "dead", "retry", "--id", dead[0]["id"], *cli)
+            assert busy.returncode == 1 and f"in use by pid {agent.pid}" in busy.stderr
+
+            # The operator allows secret-a, stops the agent, retries it, starts the agent.
             acl.write_text("topic readwrite edge/#\ntopic deny edge/test-gw/inbox/secret-b\n")
             broker.reload()
             wait_for(lambda: "Reloading config" in Path(broker.log_path).read_text(), 10, "reload")
-            retry = run_cli(
-                "queue", "dead", "retry", "--id", dead[0]["id"], "-c", str(agent.config_path)
-            )
-            assert retry.stdout.strip() == "1 dead letters will be sent again"
+            assert agent.terminate() == 0
+            retry = run_cli("queue", "dead", "retry", "--id", dead[0]["id"], *cli)
+            assert retry.stdout.strip() == "1 dead letters will be sent again when the agent starts"
+            agent.start()
             wait_for(lambda: "secret-a" in names(sub), 10, "the retried event")
             wait_for(lambda: [d["data"]["name"] for d in dead_list(agent)] == ["secret-b"], 10)
-            # Still refused: set aside again, its attempts added up.
-            run_cli("queue", "dead", "retry", "--sink", "cloud", "-c", str(agent.config_path))
+
+            # secret-b, still refused: set aside again, its attempts added up.
+            assert agent.terminate() == 0
+            run_cli("queue", "dead", "retry", "--sink", "cloud", *cli)
+            agent.start()
             wait_for(lambda: dead_list(agent)[0]["attempts"] == 6, 10, "a second set-aside")
             assert not dead_list(agent)[0]["retry"]
+            assert agent.terminate() == 0
 
-            refused = run_cli("queue", "dead", "purge", "-c", str(agent.config_path), stdin="")
+            refused = run_cli("queue", "dead", "purge", *cli, stdin="")
             assert refused.returncode == 1 and "Refusing without --yes" in refused.stderr
-            purged = run_cli("queue", "dead", "purge", "--yes", "-c", str(agent.config_path))
+            purged = run_cli("queue", "dead", "purge", "--yes", *cli)
             assert purged.stdout.strip() == "deleted 1 dead letters"
             assert dead_list(agent) == []
-            assert agent.terminate() == 0
     finally:
         broker.stop()
 
