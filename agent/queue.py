@@ -625,10 +625,8 @@ class QueueWriter:
         except sqlite3.Error as exc:
             log.debug("WAL checkpoint skipped: %s", exc)
 
-    def _drop_through(
-        self, position_query: str, args: tuple, *, events: bool = True, dead_letters: bool = True
-    ) -> tuple[Counter[str], Counter[str]]:
-        """Delete events and/or dead letters up to the position the query gives.
+    def _drop_through(self, position_query: str, args: tuple) -> tuple[Counter[str], Counter[str]]:
+        """Delete events and dead letters up to the position the query gives.
 
         Returns (events deleted per source, dead letters deleted per sink); the
         latter are also added to :attr:`dead_letters_dropped`.
@@ -641,28 +639,24 @@ class QueueWriter:
             if row is None or row[0] is None:
                 self.conn.execute("COMMIT")
                 return counts, dead
-            if events:
-                counts.update(
-                    dict(
-                        self.conn.execute(
-                            "SELECT source, COUNT(*) FROM events WHERE position <= ?"
-                            " GROUP BY source",
-                            (row[0],),
-                        ).fetchall()
-                    )
+            counts.update(
+                dict(
+                    self.conn.execute(
+                        "SELECT source, COUNT(*) FROM events WHERE position <= ? GROUP BY source",
+                        (row[0],),
+                    ).fetchall()
                 )
-                self.conn.execute("DELETE FROM events WHERE position <= ?", (row[0],))
-            if dead_letters:
-                dead.update(
-                    dict(
-                        self.conn.execute(
-                            "SELECT sink, COUNT(*) FROM dead_letters WHERE position <= ?"
-                            " GROUP BY sink",
-                            (row[0],),
-                        ).fetchall()
-                    )
+            )
+            self.conn.execute("DELETE FROM events WHERE position <= ?", (row[0],))
+            dead.update(
+                dict(
+                    self.conn.execute(
+                        "SELECT sink, COUNT(*) FROM dead_letters WHERE position <= ? GROUP BY sink",
+                        (row[0],),
+                    ).fetchall()
                 )
-                self.conn.execute("DELETE FROM dead_letters WHERE position <= ?", (row[0],))
+            )
+            self.conn.execute("DELETE FROM dead_letters WHERE position <= ?", (row[0],))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
