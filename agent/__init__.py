@@ -5,7 +5,7 @@ What a plugin author imports::
     from agent import Source, Sink, Processor, Event, QueuedEvent, hookimpl, option, Duration
 """
 
-from agent.api import Processor, Sink, Source, SourceContext
+from agent.api import Processor, Rejection, Sink, Source, SourceContext
 from agent.errors import SinkUnavailable
 from agent.event import Event, QueuedEvent
 from agent.hookspecs import hookimpl
@@ -19,6 +19,7 @@ __all__ = [
     "Event",
     "Processor",
     "QueuedEvent",
+    "Rejection",
     "Sink",
     "SinkUnavailable",
     "Source",

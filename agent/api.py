@@ -32,6 +32,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.errors import QueueError
@@ -248,6 +249,18 @@ class Source:
         return self.context.status()
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """A sink's verdict on one event it could not deliver (see :meth:`Sink.reject`)."""
+
+    event: QueuedEvent
+    reason: str
+    #: The destination refused it for a reason that will not go away by itself.
+    permanent: bool = True
+    #: It cannot be sent at all (too large, a topic the destination cannot take).
+    invalid: bool = False
+
+
 class Sink:
     """Base class of sink plugins.
 
@@ -261,6 +274,10 @@ class Sink:
     ``open`` or ``publish`` when the destination cannot take events now: the
     forwarder logs the reason once, calls ``close``, and retries ``open``
     with a backoff between :attr:`retry_min` and :attr:`retry_max` seconds.
+
+    For one event the destination will not take, call :meth:`reject` instead:
+    the events behind it go on, and after ``[queue] dead_letter_after``
+    attempts (at once, for an invalid one) it is set aside as a dead letter.
 
     Attributes set for you: ``name``, ``config``, ``agent_id``, ``log`` and
     ``stopping`` (set when the agent must stop now: cut long waits short).
@@ -304,6 +321,40 @@ class Sink:
         backoff) before the next one.
         """
         raise NotImplementedError
+
+    def reject(
+        self, event: QueuedEvent, reason: str, *, permanent: bool = True, invalid: bool = False
+    ) -> None:
+        """Say why ``event`` was not delivered, so it does not hold back the events behind it.
+
+        Call it from :meth:`publish` (or from a callback that runs inside it),
+        for an event of the batch that is not among those returned; it may
+        also be called just before ``publish`` raises, for the event that
+        broke the connection. ``reason`` is for the operator: what the
+        destination said ("0x87 Not authorized", "no queue is bound").
+
+        - ``permanent=True`` (the default): the destination refused it and
+          will refuse it again (not authorised, unroutable). It is sent again
+          and, after ``[queue] dead_letter_after`` such refusals in a row, set
+          aside as a dead letter; the other events go on meanwhile.
+        - ``invalid=True``: it cannot be sent at all (larger than the
+          destination takes, a name the protocol forbids). Set aside at once.
+        - ``permanent=False``: a refusal for now (quota exceeded, server
+          busy). It is sent again after a backoff, and never set aside.
+
+        A sink that never calls it keeps working as before: an event not
+        returned is simply handed over again.
+        """
+        self.__dict__.setdefault("_rejections", []).append(
+            Rejection(event, reason, permanent=permanent or invalid, invalid=invalid)
+        )
+
+    def take_rejections(self) -> list[Rejection]:
+        """The rejections made since the last call (the forwarder takes them after each
+        :meth:`publish`; :class:`agent.testing.SinkHarness` too)."""
+        taken = self.__dict__.get("_rejections") or []
+        self.__dict__["_rejections"] = []
+        return taken
 
     def check_connection(self) -> None:
         """Raise :class:`agent.errors.SinkUnavailable` if the connection is known to be lost.

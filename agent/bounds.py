@@ -13,6 +13,9 @@ commit and calls :meth:`Bounds.housekeeping` between commits.
 - ``when_full = "drop_oldest"`` makes room by deleting the oldest events
   (counted per source, logged at most once a minute); ``"block"`` makes
   sources wait until sinks confirm enough to make room.
+- Dead letters (:mod:`agent.dead_letters`) count against ``max_events`` and
+  ``max_bytes``, and are dropped with the events, oldest first (by their
+  event's place in the queue), and by ``max_age``; counted per sink.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class Bounds:
         #: The same, per (source, reason): reason "queue_full" or "max_age".
         self.dropped_by_reason: Counter[tuple[str, str]] = Counter()
         self._unreported: Counter[str] = Counter()
+        self._dead_reported: Counter[str] = Counter()
+        self._why = ""
         self._last_warning = 0.0
         self._last_expire = 0.0
         #: Why the queue cannot grow now (events wait or old ones are dropped), or None.
@@ -124,9 +129,11 @@ class Bounds:
             return False
         average = (usage.live_bytes / usage.events) if usage.events else needed / max(count, 1)
         to_drop = max(excess_events, math.ceil(excess_bytes / max(average, 1.0)))
+        dead_before = sum(self.queue.dead_letters_dropped.values())
         dropped = self.queue.drop_oldest(to_drop)
+        dead = sum(self.queue.dead_letters_dropped.values()) - dead_before
         self._count_drops(dropped, f"the queue is full ({reason})", "queue_full")
-        short = sum(dropped.values()) < to_drop
+        short = sum(dropped.values()) + dead < to_drop
         # Nothing (or too little) left to drop: the events wait for room.
         waits = short and (reason.startswith("disk") or excess_events > 0)
         self._set_full(reason, "nothing is left to drop" if waits else None)
@@ -234,7 +241,8 @@ class Bounds:
         self._report()
 
     def _count_drops(self, dropped: Counter[str], why: str, reason: str) -> None:
-        if not dropped:
+        dead = self.queue.dead_letters_dropped - self._dead_reported
+        if not dropped and not dead:
             return
         self.dropped.update(dropped)
         self.dropped_by_reason.update({(s, reason): n for s, n in dropped.items()})
@@ -242,10 +250,28 @@ class Bounds:
         self._why = why
         self._report()
 
+    @property
+    def dead_letters_dropped(self) -> Counter[str]:
+        """Dead letters dropped since start, per sink."""
+        return self.queue.dead_letters_dropped
+
     def _report(self) -> None:
-        if not self._unreported or time.monotonic() - self._last_warning < WARN_EVERY:
+        dead = self.queue.dead_letters_dropped - self._dead_reported
+        quiet = time.monotonic() - self._last_warning < WARN_EVERY
+        if (not self._unreported and not dead) or quiet:
             return
         self._last_warning = time.monotonic()
+        if dead:
+            self._dead_reported.update(dead)
+            log.warning(
+                "dropped %d dead letters (%s): %s; %d dropped since start",
+                sum(dead.values()),
+                ", ".join(f"sink {s}: {n}" for s, n in dead.most_common()),
+                self._why,
+                sum(self.queue.dead_letters_dropped.values()),
+            )
+        if not self._unreported:
+            return
         total = sum(self._unreported.values())
         per_source = ", ".join(f"{s}: {n}" for s, n in self._unreported.most_common())
         log.warning(

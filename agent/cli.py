@@ -250,7 +250,7 @@ def status(config_path: str | None, as_json: bool) -> None:
 
 @cli.group()
 def queue() -> None:
-    """Look into the backlog on disk: stats, peek, purge."""
+    """Look into the backlog on disk: stats, peek, purge, and dead letters."""
 
 
 def _store(config: Config):
@@ -285,6 +285,7 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
             "oldest": stats.oldest_time,
             "newest": stats.newest_time,
             "sinks": stats.sink_backlog,
+            "dead_letters": stats.dead_letters,
         }
         click.echo(json.dumps(data))
         return
@@ -292,7 +293,9 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
     click.echo(f"oldest {stats.oldest_time or '-'}, newest {stats.newest_time or '-'}")
     for sink, backlog in sorted(stats.sink_backlog.items()):
         configured = "" if sink in {s.name for s in config.sinks} else " (no longer configured)"
-        click.echo(f"sink {sink}: {backlog} waiting{configured}")
+        dead = stats.dead_letters.get(sink, 0)
+        dead_text = f", {dead} dead letters (edge-agent queue dead list)" if dead else ""
+        click.echo(f"sink {sink}: {backlog} waiting{dead_text}{configured}")
 
 
 @queue.command("peek")
@@ -324,35 +327,12 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
     it. The queue has one writer at a time: stop the agent first (purge refuses
     while it runs, naming its pid), then start it again.
     """
-    from datetime import UTC, datetime, timedelta
-
     from agent.queue import purge, purge_plan
-    from agent.units import parse_duration
 
     config = _state(config_path)
     store = _store(config)
-    lock = StateDirLock(config.agent.state_dir)
-    try:
-        lock.acquire(
-            doing="stop it first (systemctl stop edge-agent), purge, then start it again:"
-            " the queue has one writer at a time"
-        )
-    except AgentError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        cutoff = datetime.now(UTC) - timedelta(seconds=parse_duration(before))
-        before_text = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    except ValueError:
-        try:
-            parsed = datetime.fromisoformat(before.replace("Z", "+00:00"))
-        except ValueError:
-            raise click.BadParameter(
-                'expected a time such as "2026-11-20T00:00:00Z" or an age such as "7d"',
-                param_hint="--before",
-            ) from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        before_text = parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _held = _lock(config, "purge")  # until the command ends
+    before_text = _before(before)
     try:
         taken, through = purge_plan(store, sink, before_text)
     except AgentError as exc:
@@ -360,13 +340,183 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
     if not taken:
         click.echo(f"sink {sink} has no events queued before {before_text}; nothing to purge")
         return
-    question = f"Purge {taken} events queued before {before_text} from sink {sink}'s backlog?"
-    if not yes:
-        if not sys.stdin.isatty():
-            raise click.ClickException(f"{question} Refusing without --yes (no terminal to ask).")
-        click.confirm(question, abort=True)
+    _ask(f"Purge {taken} events queued before {before_text} from sink {sink}'s backlog?", yes)
     purge(store, sink, through)
     click.echo(f"purged {taken} events from sink {sink}")
+
+
+def _lock(config: Config, doing: str) -> StateDirLock:
+    """The state dir's lock, for a command that writes to the queue; refused (naming the
+    agent's pid) while the agent runs: the queue has one writer at a time."""
+    lock = StateDirLock(config.agent.state_dir)
+    try:
+        lock.acquire(
+            doing=f"stop it first (systemctl stop edge-agent), {doing}, then start it again:"
+            " the queue has one writer at a time"
+        )
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    return lock
+
+
+def _before(before: str) -> str:
+    """``--before``: a time ("2026-11-20T00:00:00Z") or an age ("7d") → RFC 3339 UTC text."""
+    from datetime import timedelta
+
+    from agent.units import parse_duration
+
+    try:
+        cutoff = datetime.now(UTC) - timedelta(seconds=parse_duration(before))
+        return cutoff.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(before.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            'expected a time such as "2026-11-20T00:00:00Z" or an age such as "7d"',
+            param_hint="--before",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ask(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.ClickException(f"{question} Refusing without --yes (no terminal to ask).")
+    click.confirm(question, abort=True)
+
+
+@queue.group("dead")
+def queue_dead() -> None:
+    """Dead letters: events a sink could never deliver, set aside so the rest flow."""
+
+
+def _dead_connection(config_path: str | None, doing: str | None = None):
+    """(a connection to the queue, the state dir's lock or None), for dead letters.
+
+    ``doing``: the command writes, so it takes the lock (keep it until done) and is
+    refused while the agent runs."""
+    config = _state(config_path)
+    store = _store(config)
+    lock = _lock(config, doing) if doing is not None else None
+    try:
+        conn = store.connect()
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letters'").fetchone() is None:
+        conn.close()
+        raise click.ClickException(
+            f"the queue {store.path} has no dead letters: an older version made it; this"
+            " version adds them when the agent starts"
+        )
+    return conn, lock
+
+
+@queue_dead.command("list")
+@config_option
+@click.option("--sink", default=None, help="Only this sink's dead letters.")
+@click.option("-n", "count", default=None, type=int, help="At most this many, oldest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (with the data).")
+def queue_dead_list(config_path: str | None, sink: str | None, count: int | None, as_json: bool):
+    """Each dead letter: sink, event, why it was set aside, attempts, when."""
+    from agent import dead_letters
+
+    conn, _ = _dead_connection(config_path)
+    try:
+        found = dead_letters.listing(conn, sink, count)
+    finally:
+        conn.close()
+    if as_json:
+        rows = [
+            {
+                "sink": d.sink,
+                "id": d.id,
+                "source": d.source,
+                "type": d.type,
+                "time": d.time,
+                "subject": d.subject,
+                "sequence": d.sequence,
+                "data": json.loads(d.data_json),
+                "reason": d.reason,
+                "attempts": d.attempts,
+                "dead_at": d.dead_at,
+                "retry": d.retry,
+            }
+            for d in found
+        ]
+        click.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    if not found:
+        click.echo(f"no dead letters{f' for sink {sink}' if sink else ''}")
+        return
+    for d in found:
+        state = ", retry asked" if d.retry else ""
+        click.echo(
+            f"sink {d.sink}: event {d.id} ({d.type} from {d.source}, {d.time}),"
+            f" set aside {d.dead_at} after {d.attempts} attempt{'s' if d.attempts != 1 else ''}"
+            f"{state}"
+        )
+        click.echo(f"  reason: {d.reason}")
+
+
+@queue_dead.command("retry")
+@config_option
+@click.option("--sink", default=None, help="Only this sink's dead letters.")
+@click.option("--id", "ids", multiple=True, help="Only the dead letter of this event (repeatable).")
+def queue_dead_retry(config_path: str | None, sink: str | None, ids: tuple[str, ...]) -> None:
+    """Send dead letters again, ahead of the sink's other events, when the agent starts.
+
+    The queue has one writer at a time: stop the agent first (retry refuses
+    while it runs, naming its pid), then start it again. Confirmed, they are
+    gone; refused again, they are set aside again.
+    """
+    from agent import dead_letters
+
+    conn, _held = _dead_connection(config_path, "retry")
+    try:
+        marked = dead_letters.request_retry(conn, sink, ids)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        conn.close()
+    which = f" of sink {sink}" if sink else ""
+    click.echo(f"{marked} dead letters{which} will be sent again when the agent starts")
+
+
+@queue_dead.command("purge")
+@config_option
+@click.option("--sink", default=None, help="Only this sink's dead letters.")
+@click.option(
+    "--before",
+    default=None,
+    help='Only those set aside before this: a time ("2026-11-20T00:00:00Z") or an age ("7d").',
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def queue_dead_purge(config_path: str | None, sink: str | None, before: str | None, yes: bool):
+    """Delete dead letters for good (stop the agent first: one writer at a time)."""
+    from agent import dead_letters
+
+    before_text = _before(before) if before else None
+    conn, _held = _dead_connection(config_path, "purge dead letters")
+    try:
+        count = dead_letters.purge_count(conn, sink, before_text)
+        which = (f" of sink {sink}" if sink else "") + (
+            f" set aside before {before_text}" if before_text else ""
+        )
+        if not count:
+            click.echo(f"no dead letters{which}; nothing to purge")
+            return
+        _ask(f"Delete {count} dead letters{which} for good?", yes)
+        deleted = dead_letters.purge(conn, sink, before_text)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        conn.close()
+    click.echo(f"deleted {deleted} dead letters{which}")
 
 
 def main() -> None:

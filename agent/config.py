@@ -89,6 +89,13 @@ class QueueSettings:
         doc="Stop growing the queue while the filesystem has less than this free."
         " Default: 64MiB, or 10% of a smaller filesystem's size.",
     )
+    dead_letter_after: int = option(
+        3,
+        min=0,
+        doc="Set an event aside as a dead letter after a sink's destination refused it this"
+        " many times in a row, so the events behind it flow (an event that cannot be sent"
+        " at all goes at once); 0: never, the sink keeps trying.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,13 @@ cursor, hands it to the sink, and advances the cursor over the events the sink
 confirmed without a gap. Events confirmed after a gap are remembered so they
 are not sent twice while the agent runs; everything unconfirmed is sent again,
 in order, after a reconnect or a restart.
+
+An event the sink rejects (:meth:`agent.api.Sink.reject`) is sent again; after
+``dead_letter_after`` refusals in a row, or at once when it cannot be sent at
+all, it is set aside as a dead letter (:mod:`agent.dead_letters`) and the
+cursor moves over it as over a confirmed one. Dead letters an operator asked
+to retry are sent ahead of the other events. Events the queue's bounds
+dropped are forgotten, never sent again from memory.
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 
+from agent import dead_letters
 from agent.api import Sink
 from agent.backoff import Backoff
 from agent.counters import Latency, utf8_len
@@ -32,6 +41,10 @@ DRAIN_REPORT_MIN = 10_000
 DRAIN_REPORT_EVERY = 30.0
 #: While a sink stays unreachable, repeat the "offline" line this often.
 OFFLINE_REMINDER = 300.0
+#: Look for dead letters an operator asked to retry this often (seconds).
+RETRY_POLL_EVERY = 1.0
+#: Dead letters named one by one in warnings per sink and minute; then a count.
+DEAD_LETTER_WARNINGS = 10
 
 
 class Forwarder:
@@ -43,10 +56,15 @@ class Forwarder:
         store: QueueStore,
         *,
         on_confirmed: Callable[[], None],
+        dead_letter_after: int = 3,
     ) -> None:
         self.sink = sink
         self.store = store
         self.on_confirmed = on_confirmed
+        #: Refusals in a row after which an event is set aside; 0: never.
+        self.dead_letter_after = dead_letter_after
+        #: Events set aside as dead letters since start.
+        self.dead_lettered = 0
         self.wake = threading.Event()
         self.connected = False
         self.confirmed = 0
@@ -80,6 +98,7 @@ class Forwarder:
         self.reconnects = old.reconnects
         self.errors = old.errors
         self.latency = old.latency
+        self.dead_lettered = old.dead_lettered
 
     def drain(self, deadline: float) -> None:
         """Keep sending until the backlog is empty or ``deadline`` (monotonic), then end."""
@@ -171,10 +190,12 @@ class Forwarder:
         backoff = Backoff(sink.retry_min, sink.retry_max)
         outage = _Outage(sink, cursor)
         report = _DrainReport(sink.name, cursor)
-        confirmed_ahead: set[int] = set()
+        verdicts = _Verdicts(self, cursor)
+        confirmed_ahead: set[int] = set()  # confirmed or set aside, after a gap
         # position → when handed to the sink (read, and handed over the same round)
         sent_at: dict[int, float] = {}
         unsent: collections.deque[QueuedEvent] = collections.deque()
+        dropped_through = self.store.dropped_through
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
                 if self._drain_deadline is not None:
@@ -197,6 +218,14 @@ class Forwarder:
                 report.start(cursor.backlog(), self.confirmed)
 
             self.wake.clear()
+            if self.store.dropped_through != dropped_through:
+                # The bounds deleted events from disk: what is gone is never sent again.
+                dropped_through = self.store.dropped_through
+                while unsent and unsent[0].position <= dropped_through:
+                    gone = unsent.popleft().position
+                    confirmed_ahead.discard(gone)
+                    sent_at.pop(gone, None)
+                verdicts.forget_through(dropped_through)
             # Read ahead only what is new: events already read and not yet
             # confirmed stay in `unsent`, in queue order.
             while unsent and unsent[0].position <= cursor.position:
@@ -209,14 +238,17 @@ class Forwarder:
                     sent_at[event.position] = now
                 unsent.extend(fresh)
             events = list(unsent)
+            retried = verdicts.retries()
             self.last_progress = time.monotonic()
-            if not events and self._drain_deadline is not None:
+            if not events and not retried and self._drain_deadline is not None:
                 return
             if not events:
                 self._flush(cursor)  # idle: put the position on disk now
-            batch = [e for e in events if e.position not in confirmed_ahead]
+            again = {e.position for e in retried}
+            skip = confirmed_ahead | again | verdicts.held
+            batch = retried + [e for e in events if e.position not in skip]
             try:
-                if not events:
+                if not batch and not events:
                     sink.check_connection()
                     outage.ended()  # connected, and nothing was refused
                     backoff.reset()
@@ -226,6 +258,11 @@ class Forwarder:
                 sent = {e.position for e in batch}
                 positions = {event.position for event in result} & sent
             except Exception as exc:
+                # A rejection made before it raised (the event that broke the connection)
+                # still counts.
+                set_aside, _ = verdicts.judge(batch, set())
+                verdicts.retried_done(set(), set_aside & again)
+                confirmed_ahead |= set_aside - again
                 self.last_error = _reason(exc)
                 self.errors += 1
                 outage.failed(f"lost {sink.target}: {self.last_error}")
@@ -233,7 +270,6 @@ class Forwarder:
                 self._pause(backoff.next())
                 continue
             self.confirmed += len(positions)
-            confirmed_ahead |= positions
             if positions:
                 self.confirmed_bytes += sum(
                     utf8_len(e.data_json) for e in result if e.position in positions
@@ -241,6 +277,9 @@ class Forwarder:
                 handed = [sent_at.pop(p) for p in positions if p in sent_at]
                 if handed:
                     self.latency.observe(time.monotonic() - min(handed))
+            set_aside, transient = verdicts.judge(batch, positions)
+            verdicts.retried_done(positions & again, set_aside & again)
+            confirmed_ahead |= (positions | set_aside) - again
             # The read events are consecutive in the queue: the cursor moves over
             # the confirmed prefix; confirmations after a gap wait in the set.
             prefix = []
@@ -257,19 +296,178 @@ class Forwarder:
                     log.error("sink %s: %s; trying again", sink.name, exc)
                     self._pause(1.0)
                 self.on_confirmed()
-            if batch and not positions:
-                # Nothing confirmed: the sink has said why (a refusal, say). Wait
-                # before sending again so a refusing destination is not hammered.
-                self.last_error = f"none of {len(batch)} events confirmed"
-                self.errors += 1
+            if (batch and not positions and not set_aside) or transient:
+                # Nothing confirmed (the sink has said why: a refusal, say), or a
+                # refusal for now: wait before sending again so a refusing
+                # destination is not hammered.
+                if not positions:
+                    self.last_error = f"none of {len(batch)} events confirmed"
+                    self.errors += 1
                 self._pause(backoff.next())
                 now = time.monotonic()  # the wait was not publish latency
                 for event in batch:
                     sent_at[event.position] = now
-            elif positions:
+            elif positions or set_aside:
                 backoff.reset()
                 outage.ended()
                 report.progress(self.confirmed)
+
+
+class _Verdicts:
+    """A forwarder's rejected events: refusals counted per event, dead letters set aside,
+    and dead letters an operator asked to retry.
+
+    An event refused ``dead_letter_after`` times in a row is set aside only once
+    an event behind it was confirmed after its first refusal: a destination
+    that refuses everything (an ACL that lost this device) keeps the events
+    queued, not a backlog turned into dead letters. When nothing behind it was
+    sent (a window of 1, a broker that hangs up), it is held out of one round
+    to see whether the events behind it go through. A retried dead letter
+    needs no such proof: it was set aside before.
+    """
+
+    def __init__(self, forwarder: Forwarder, cursor: SinkCursor) -> None:
+        self.forwarder = forwarder
+        self.sink = forwarder.sink
+        self.cursor = cursor
+        #: position → refusals in a row (across reconnects) of an event still unconfirmed.
+        self.refusals: dict[int, int] = {}
+        #: Refused events with an event behind them confirmed since their first refusal.
+        self.evidence: set[int] = set()
+        #: Events held out of the next round, to see whether the events behind them go.
+        self.held: set[int] = set()
+        self._retries: list[QueuedEvent] = []
+        self._next_poll = 0.0
+        self._log = _DeadLetterLog(self.sink.name)
+        self.sink.take_rejections()  # left by an earlier forwarder of this sink
+
+    def retries(self) -> list[QueuedEvent]:
+        """Dead letters to send again, ahead of the other events (polled about once a second)."""
+        now = time.monotonic()
+        if self._retries or now >= self._next_poll:
+            self._next_poll = now + RETRY_POLL_EVERY
+            try:
+                self._retries = dead_letters.retries(
+                    self.cursor.conn, self.sink.name, self.sink.agent_id, self.sink.max_batch
+                )
+            except sqlite3.Error as exc:
+                log.warning("sink %s: cannot read dead letters to retry: %s", self.sink.name, exc)
+        return list(self._retries)
+
+    def retried_done(self, confirmed: set[int], set_aside_again: set[int]) -> None:
+        """Retried dead letters confirmed (deleted now) or set aside again."""
+        if confirmed:
+            try:
+                dead_letters.delivered(self.cursor.conn, self.sink.name, confirmed)
+            except QueueError as exc:
+                log.warning("sink %s: %s; a retried dead letter stays listed", self.sink.name, exc)
+        if confirmed or set_aside_again:
+            done = confirmed | set_aside_again
+            self._retries = [e for e in self._retries if e.position not in done]
+
+    def forget_through(self, position: int) -> None:
+        for known in [p for p in self.refusals if p <= position]:
+            del self.refusals[known]
+        self.evidence = {p for p in self.evidence if p > position}
+        self.held = {p for p in self.held if p > position}
+
+    def judge(self, batch: list[QueuedEvent], confirmed: set[int]) -> tuple[set[int], bool]:
+        """Take the sink's rejections of this round: (positions set aside now, whether
+        a refusal asked for a backoff)."""
+        handed = {e.position for e in batch}
+        rejections = self.sink.take_rejections()
+        self.held.clear()  # held out of this round only
+        for position in confirmed:
+            self.refusals.pop(position, None)
+            self.evidence.discard(position)
+        last = max(confirmed, default=0)
+        self.evidence.update(p for p in self.refusals if p < last)
+        dead: list[tuple[QueuedEvent, str, int]] = []
+        transient = False
+        limit = self.forwarder.dead_letter_after
+        retried = {e.position for e in self._retries}  # set aside before: no proof needed
+        for rejection in rejections:
+            position = rejection.event.position
+            if position not in handed or position in confirmed:
+                continue
+            if not rejection.permanent:
+                transient = True
+                continue
+            count = self.refusals[position] = self.refusals.get(position, 0) + 1
+            if any(d[0].position == position for d in dead):
+                continue
+            proven = position in self.evidence or position in retried
+            if rejection.invalid or (limit and count >= limit and proven):
+                dead.append((rejection.event, rejection.reason, count))
+            elif limit and count >= limit:
+                self.held.add(position)
+        self.evidence.update(p for p in self.refusals if p < last)  # refused first this round
+        if self.held >= handed:
+            self.held.clear()  # nothing behind them to try
+        if not dead:
+            self._log.flush()
+            return set(), transient
+        try:
+            dead_letters.set_aside(self.cursor.conn, self.sink.name, dead)
+        except QueueError as exc:
+            log.error("sink %s: %s; the events are sent again", self.sink.name, exc)
+            return set(), transient
+        self.forwarder.dead_lettered += len(dead)
+        for event, reason, count in dead:
+            self.refusals.pop(event.position, None)
+            self.evidence.discard(event.position)
+            self._log.set_aside(event, reason, count)
+        return {event.position for event, _, _ in dead}, transient
+
+
+class _DeadLetterLog:
+    """A warning per dead letter, naming the event and the reason; past
+    DEAD_LETTER_WARNINGS a minute, one line a minute says how many more."""
+
+    def __init__(self, sink: str) -> None:
+        self.sink = sink
+        self.since = time.monotonic()
+        self.said = 0
+        self.more = 0
+        self.last = ""
+
+    def set_aside(self, event: QueuedEvent, reason: str, attempts: int) -> None:
+        self.flush()
+        if self.said >= DEAD_LETTER_WARNINGS:
+            self.more += 1
+            self.last = f"event {event.id}: {reason}"
+            return
+        self.said += 1
+        sink = self.sink
+        log.warning(
+            "sink %s: event %s (%s from source %s) set aside as a dead letter after %d"
+            " attempt%s: %s. The events behind it go on. See it with `edge-agent queue dead"
+            " list --sink %s`; send it again with `edge-agent queue dead retry --sink %s`.",
+            sink,
+            event.id,
+            event.type,
+            event.source,
+            attempts,
+            "" if attempts == 1 else "s",
+            reason,
+            sink,
+            sink,
+        )
+
+    def flush(self) -> None:
+        if time.monotonic() - self.since < 60.0:
+            return
+        if self.more:
+            log.warning(
+                "sink %s: %d more events set aside as dead letters in the last minute (the"
+                " last: %s); see `edge-agent queue dead list --sink %s`",
+                self.sink,
+                self.more,
+                self.last,
+                self.sink,
+            )
+        self.since = time.monotonic()
+        self.said = self.more = 0
 
 
 class _DrainReport:

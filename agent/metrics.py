@@ -92,6 +92,21 @@ SINK_METRICS = {
     ),
     "reconnects": ("edge_agent_sink_reconnects", "Connections after the first.", "counter"),
     "refused": ("edge_agent_sink_refused_events", "Events the destination refused.", "counter"),
+    "dead_letters": (
+        "edge_agent_sink_dead_letters",
+        "Dead letters of a sink now: events it could never deliver, set aside.",
+        "gauge",
+    ),
+    "dead_lettered": (
+        "edge_agent_sink_dead_lettered_events",
+        "Events a sink set aside as dead letters since start.",
+        "counter",
+    ),
+    "dead_letters_dropped": (
+        "edge_agent_sink_dead_letters_dropped",
+        "Dead letters of a sink dropped by the queue's bounds (full, max_age).",
+        "counter",
+    ),
     "errors": (
         "edge_agent_sink_errors",
         "Failed connects and publishes, and rounds of which nothing was confirmed.",

@@ -64,3 +64,34 @@ def m002_age_clock(db: Database) -> None:
         """
     )
     db.execute("CREATE TABLE age_marks (position INTEGER PRIMARY KEY, clock REAL NOT NULL)")
+
+
+@migrations()
+def m003_dead_letters(db: Database) -> None:
+    # Events a sink could never deliver, set aside per sink so the events behind
+    # them flow. A copy of the event, so it outlives the event's deletion from
+    # `events` (once every other sink has it) and can be retried later.
+    # `retry` = 1: an operator asked to send it again; the sink's forwarder
+    # sends it ahead of its other events.
+    db.execute(
+        """
+        CREATE TABLE dead_letters (
+            sink TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            source TEXT NOT NULL,
+            type TEXT NOT NULL,
+            time TEXT NOT NULL,
+            subject TEXT,
+            sequence INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            dead_at TEXT NOT NULL,
+            retry INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (sink, position)
+        )
+        """
+    )
+    # Bounds drop the oldest first, by position, across events and dead letters.
+    db.execute("CREATE INDEX dead_letters_position ON dead_letters (position)")

@@ -20,12 +20,13 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlite_utils import Database
 
+from agent import dead_letters
 from agent.clock import AgeClock
 from agent.errors import QueueCorrupt, QueueError, QueueVanished
 from agent.event import Event, QueuedEvent
@@ -57,7 +58,8 @@ AGE_MARK_EVERY = 60.0
 
 @dataclass(frozen=True)
 class Usage:
-    """How big the queue is now: events, bytes in live pages, bytes of the WAL file."""
+    """How big the queue is now: events (dead letters included), bytes in live pages,
+    bytes of the WAL file."""
 
     events: int
     live_bytes: int
@@ -72,6 +74,8 @@ class QueueStats:
     oldest_time: str | None
     newest_time: str | None
     sink_backlog: dict[str, int]
+    #: Dead letters per sink (see :mod:`agent.dead_letters`).
+    dead_letters: dict[str, int] = field(default_factory=dict)
 
 
 class QueueStore:
@@ -87,6 +91,9 @@ class QueueStore:
         #: agent ran (see :meth:`QueueWriter.record_lost`); None if there was none.
         self.lost: dict[str, Any] | None = None
         self.lost_path = os.path.join(state_dir, LOST_FILE)
+        #: The highest position the bounds dropped (drop_oldest, max_age) in this
+        #: process: forwarders forget what they hold in memory up to it.
+        self.dropped_through = 0
 
     def connect(self, *, sync: str | None = None) -> sqlite3.Connection:
         """A new connection for the calling thread, with the durability settings checked.
@@ -291,6 +298,8 @@ class QueueWriter:
         self._sequences: dict[str, int] = dict(
             self.conn.execute("SELECT source, last FROM source_sequences").fetchall()
         )
+        #: Dead letters dropped by the bounds since start, per sink.
+        self.dead_letters_dropped: Counter[str] = Counter()
         saved = self.conn.execute("SELECT boot_id, offset, last FROM age_clock").fetchone()
         #: What max_age is measured on (agent/clock.py); injectable for tests.
         self.clock = clock or AgeClock.resume(saved)
@@ -551,6 +560,7 @@ class QueueWriter:
             "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
         ).fetchone()
         events = 0 if low is None else high - low + 1
+        events += conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         try:
             wal = os.stat(self.wal_path).st_size
         except OSError:
@@ -558,15 +568,29 @@ class QueueWriter:
         return Usage(events, (pages - free) * page_size, wal)
 
     def drop_oldest(self, count: int) -> Counter[str]:
-        """Delete the ``count`` oldest events; return how many per source."""
+        """Delete the ``count`` oldest events and dead letters; return events per source.
+
+        Dead letters are taken by their event's place in the queue, with the
+        events; how many per sink is added to :attr:`dead_letters_dropped`.
+        """
         if count <= 0:
             return Counter()
-        return self._drop_through(
-            "SELECT position FROM events ORDER BY position LIMIT 1 OFFSET ?", (count - 1,)
-        ) or self._drop_through("SELECT MAX(position) FROM events", ())
+        dropped, dead = self._drop_through(
+            "SELECT position FROM (SELECT position FROM events UNION ALL"
+            " SELECT position FROM dead_letters) ORDER BY position LIMIT 1 OFFSET ?",
+            (count - 1,),
+        )
+        if not dropped and not dead:  # fewer than `count`: all of them
+            dropped, dead = self._drop_through(
+                "SELECT MAX(position) FROM (SELECT MAX(position) AS position FROM events"
+                " UNION ALL SELECT MAX(position) FROM dead_letters)",
+                (),
+            )
+        return dropped
 
     def drop_older_than(self, max_age: float) -> Counter[str]:
-        """Delete the events accepted more than ``max_age`` seconds ago on the age clock.
+        """Delete the events (and dead letters) accepted more than ``max_age`` seconds ago
+        on the age clock; return the events deleted per source.
 
         Ages are measured on a clock the wall clock's steps do not move
         (agent/clock.py), so NTP fixing a device's time never expires a
@@ -580,14 +604,16 @@ class QueueWriter:
         ).fetchone()
         if row[0] is None:
             return Counter()
-        return self._drop_through("SELECT ?", (row[0],))
+        # Dead letters go with the events accepted as long ago (by their place in the queue).
+        return self._drop_through("SELECT ?", (row[0],))[0]
 
     def forget_age_marks(self) -> None:
-        """Delete the age marks that cover only events already gone."""
+        """Delete the age marks that cover only events and dead letters already gone."""
         try:
             self.conn.execute(
-                "DELETE FROM age_marks"
-                " WHERE position < (SELECT COALESCE(MIN(position), 1e18) FROM events)"
+                "DELETE FROM age_marks WHERE position < (SELECT COALESCE(MIN(position), 1e18)"
+                " FROM (SELECT MIN(position) AS position FROM events"
+                " UNION ALL SELECT MIN(position) FROM dead_letters))"
             )
         except sqlite3.Error as exc:
             log.debug("old age marks not deleted: %s", exc)
@@ -599,14 +625,21 @@ class QueueWriter:
         except sqlite3.Error as exc:
             log.debug("WAL checkpoint skipped: %s", exc)
 
-    def _drop_through(self, position_query: str, args: tuple) -> Counter[str]:
+    def _drop_through(self, position_query: str, args: tuple) -> tuple[Counter[str], Counter[str]]:
+        """Delete events and dead letters up to the position the query gives.
+
+        Returns (events deleted per source, dead letters deleted per sink); the
+        latter are also added to :attr:`dead_letters_dropped`.
+        """
+        counts: Counter[str] = Counter()
+        dead: Counter[str] = Counter()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             row = self.conn.execute(position_query, args).fetchone()
             if row is None or row[0] is None:
                 self.conn.execute("COMMIT")
-                return Counter()
-            counts = Counter(
+                return counts, dead
+            counts.update(
                 dict(
                     self.conn.execute(
                         "SELECT source, COUNT(*) FROM events WHERE position <= ? GROUP BY source",
@@ -615,11 +648,23 @@ class QueueWriter:
                 )
             )
             self.conn.execute("DELETE FROM events WHERE position <= ?", (row[0],))
+            dead.update(
+                dict(
+                    self.conn.execute(
+                        "SELECT sink, COUNT(*) FROM dead_letters WHERE position <= ? GROUP BY sink",
+                        (row[0],),
+                    ).fetchall()
+                )
+            )
+            self.conn.execute("DELETE FROM dead_letters WHERE position <= ?", (row[0],))
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             raise QueueError(f"cannot drop old events: {exc}") from exc
-        return counts
+        self.dead_letters_dropped.update(dead)
+        if counts or dead:
+            self.store.dropped_through = max(self.store.dropped_through, row[0])
+        return counts, dead
 
     def vacuum_step(self, min_free_pages: int, step_pages: int, keep_bytes: int = 0) -> None:
         """Give up to ``step_pages`` free pages back to the filesystem, once enough are free.
@@ -842,9 +887,13 @@ def _read_stats(conn: sqlite3.Connection) -> QueueStats:
     low, high = conn.execute(
         "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
     ).fetchone()
+    try:
+        dead = dead_letters.counts(conn)
+    except sqlite3.OperationalError:  # a damaged file of a version before dead letters
+        dead = {}
     if low is None:
         backlog = {sink: 0 for (sink,) in conn.execute("SELECT sink FROM sink_cursors")}
-        return QueueStats(0, None, None, backlog)
+        return QueueStats(0, None, None, backlog, dead)
     time_at = "SELECT time FROM events WHERE position = ?"
     oldest = conn.execute(time_at, (low,)).fetchone()[0]
     newest = conn.execute(time_at, (high,)).fetchone()[0]
@@ -852,7 +901,7 @@ def _read_stats(conn: sqlite3.Connection) -> QueueStats:
         sink: max(0, high - max(position, low - 1))
         for sink, position in conn.execute("SELECT sink, position FROM sink_cursors")
     }
-    return QueueStats(high - low + 1, oldest, newest, backlog)
+    return QueueStats(high - low + 1, oldest, newest, backlog, dead)
 
 
 def peek(store: QueueStore, count: int, agent_id: str) -> list[QueuedEvent]:

@@ -380,7 +380,12 @@ class Agent:
                 exc,
             )
             return None
-        forwarder = Forwarder(sink, self.store, on_confirmed=self.writer.request_cleanup)
+        forwarder = Forwarder(
+            sink,
+            self.store,
+            on_confirmed=self.writer.request_cleanup,
+            dead_letter_after=self.config.queue.dead_letter_after,
+        )
         retired = self.retired.pop(("sink", instance.name), None)
         if retired is not None:
             forwarder.carry_over(retired)

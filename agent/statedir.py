@@ -4,10 +4,11 @@
 opens the queue, and writes its pid into the file. The kernel releases the
 lock when the process ends, however it ends, so a stale lock file never keeps
 an agent from starting. A second agent on the same state directory, or a
-command that writes to the queue (``queue purge``), finds the lock taken and
-refuses, naming the pid that holds it.
+command that writes to the queue (``queue purge``, ``queue dead retry|purge``),
+finds the lock taken and refuses, naming the pid that holds it.
 
-Read-only commands (``status``, ``queue stats``, ``queue peek``) take no lock.
+Read-only commands (``status``, ``queue stats``, ``queue peek``, ``queue dead
+list``) take no lock.
 """
 
 from __future__ import annotations

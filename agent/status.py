@@ -61,6 +61,11 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "bytes": f.confirmed_bytes,
                 "reconnects": f.reconnects,
                 "refused": getattr(f.sink, "refused", 0),
+                "dead_letters": stats.dead_letters.get(f.name, 0),
+                "dead_lettered": f.dead_lettered,
+                "dead_letters_dropped": (
+                    bounds.dead_letters_dropped.get(f.name, 0) if bounds is not None else 0
+                ),
                 "errors": f.errors,
                 "warnings": problems.get("sink", f.name),
                 "latency": {"count": f.latency.count, **f.latency.percentiles()},
@@ -204,7 +209,7 @@ def render(data: dict[str, Any]) -> str:
     for copy in queue["damaged_copies"]:
         lines.append(f"  WARNING: a damaged queue was moved aside to {copy}")
     table = [
-        ("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "ERRORS/WARN",
+        ("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "DEAD", "ERRORS/WARN",
          "LATENCY p50/p99", "LAST ERROR"),
     ]  # fmt: skip
     for name, sink in data["sinks"].items():
@@ -217,14 +222,15 @@ def render(data: dict[str, Any]) -> str:
                 str(sink["confirmed"]),
                 str(sink["reconnects"]),
                 str(sink["refused"]),
+                str(sink.get("dead_letters", "-")),
                 _problems(sink),
                 _latency(sink.get("latency")),
                 sink["last_error"] or "-",
             )
         )
-    table.append(("",) * 9)
+    table.append(("",) * 10)
     table.append(
-        ("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "GAPS", "", "ERRORS/WARN", "", "LAST ERROR")
+        ("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "GAPS", "", "", "ERRORS/WARN", "", "LAST ERROR")
     )
     for name, source in data["sources"].items():
         table.append(
@@ -235,6 +241,7 @@ def render(data: dict[str, Any]) -> str:
                 str(source["restarts"]),
                 str(source.get("gaps", "-")),
                 "",
+                "",
                 _problems(source),
                 "",
                 source["last_error"] or "-",
@@ -244,6 +251,17 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
     for row in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for name, sink in data["sinks"].items():
+        if sink.get("dead_letters"):
+            lines.append(
+                f"sink {name}: {sink['dead_letters']} dead letters"
+                f" (see: edge-agent queue dead list --sink {name})"
+            )
+        if sink.get("dead_letters_dropped"):
+            lines.append(
+                f"sink {name}: {sink['dead_letters_dropped']} dead letters dropped by the"
+                " queue's bounds"
+            )
     for name, source in data["sources"].items():
         if source.get("counters"):
             counters = sorted(source["counters"].items())

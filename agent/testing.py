@@ -387,6 +387,11 @@ class SinkHarness:
         harness = SinkHarness(MySink, {"path": str(tmp_path / "out.jsonl")})
         confirmed = harness.deliver([Event(type="t.x", source="s", data={"n": 1})])
         assert len(confirmed) == 1
+
+    Rejections (:meth:`agent.Sink.reject`) are kept in :attr:`rejections`; an
+    event rejected ``dead_letter_after`` times in a row once an event behind it
+    was confirmed (or once, as invalid) is set aside as the forwarder would, in
+    :attr:`dead_letters` as ``(event, reason)``, and not handed over again.
     """
 
     def __init__(
@@ -396,29 +401,62 @@ class SinkHarness:
         *,
         name: str = "test",
         agent_id: str = "test-agent",
+        dead_letter_after: int = 3,
     ) -> None:
         built = plugin_config(sink_class, config, name)
         self.agent_id = agent_id
+        self.dead_letter_after = dead_letter_after
         self.sink = sink_class(name=name, config=built, agent_id=agent_id)
+        #: Every rejection the sink made, in order (:class:`agent.Rejection`).
+        self.rejections: list[Any] = []
+        #: (event, reason) of each event set aside, in order.
+        self.dead_letters: list[tuple[Any, str]] = []
 
     def deliver(self, events: list[Any], timeout: float = 10.0) -> list[Any]:
-        """Publish ``events`` until all are confirmed or ``timeout`` passes.
+        """Publish ``events`` until each is confirmed or set aside, or ``timeout`` passes.
 
         Returns the events the sink confirmed, as :class:`agent.QueuedEvent`.
+        An exception from ``open()`` or ``publish()`` goes to the caller.
         """
         pending = queued_events(events, self.agent_id)
         confirmed: list[Any] = []
+        refusals: dict[int, int] = {}
         deadline = time.monotonic() + timeout
         self.sink.open()
         try:
             while pending and time.monotonic() < deadline:
                 batch = pending[: self.sink.max_batch]
-                done = {e.position for e in self.sink.publish(batch)}
+                try:
+                    done = {e.position for e in self.sink.publish(batch)}
+                except Exception:
+                    self._judge(batch, set(), refusals)  # what it rejected before raising
+                    raise
                 confirmed += [e for e in batch if e.position in done]
-                pending = [e for e in pending if e.position not in done]
+                dead = self._judge(batch, done, refusals)
+                pending = [e for e in pending if e.position not in done | dead]
         finally:
             self.sink.close()
         return confirmed
+
+    def _judge(self, batch: list[Any], done: set[int], refusals: dict[int, int]) -> set[int]:
+        handed = {e.position for e in batch}
+        dead: set[int] = set()
+        self._confirmed_up_to = max([getattr(self, "_confirmed_up_to", 0), *done])
+        for rejection in self.sink.take_rejections():
+            self.rejections.append(rejection)
+            position = rejection.event.position
+            if position not in handed or position in done or position in dead:
+                continue
+            if not rejection.permanent:
+                continue
+            refusals[position] = refusals.get(position, 0) + 1
+            limit = self.dead_letter_after
+            # As the agent: only once an event behind it was delivered.
+            proven = self._confirmed_up_to > position
+            if rejection.invalid or (limit and refusals[position] >= limit and proven):
+                dead.add(position)
+                self.dead_letters.append((rejection.event, rejection.reason))
+        return dead
 
 
 def shutdown_socket(sock: socket.socket) -> None:

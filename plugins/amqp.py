@@ -1,9 +1,13 @@
 """The ``amqp`` sink: events to RabbitMQ (AMQP 0-9-1), confirmed by publisher confirms.
 
 An event counts as delivered only when the broker confirms it (basic.ack
-after ``confirm_delivery``); a nack, or an unroutable message returned to us
-(``mandatory``), keeps it queued. Messages are persistent by default, so the
-broker writes them to disk before it confirms them to durable queues.
+after ``confirm_delivery``). A nack, or an unroutable message returned to us
+(``mandatory``), is a refusal: the event is rejected (:meth:`agent.Sink.reject`),
+sent again, and set aside as a dead letter after ``[queue] dead_letter_after``
+refusals, while the events behind it go on. A routing key longer than AMQP
+takes (255 bytes) is rejected as invalid at once. Messages are persistent by
+default, so the broker writes them to disk before it confirms them to durable
+queues.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from agent.tls import describe_tls_error, find_verify_error
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 FIELDS = ("agent", "source", "type")
+#: An AMQP 0-9-1 routing key is a short string: at most 255 bytes.
+MAX_ROUTING_KEY = 255
 
 
 class AmqpSink(Sink):
@@ -46,8 +52,8 @@ class AmqpSink(Sink):
         persistent: bool = option(True, doc="delivery_mode 2: the broker keeps it on disk.")
         mandatory: bool = option(
             True,
-            doc="A message no queue takes is returned and stays queued here, rather than"
-            " being dropped by the broker.",
+            doc="A message no queue takes is returned and kept here (sent again, then set"
+            " aside as a dead letter), rather than being dropped by the broker.",
         )
         payload: Literal["cloudevent", "data"] = option(
             "cloudevent", doc='"cloudevent": the whole envelope; "data": the data alone.'
@@ -128,6 +134,14 @@ class AmqpSink(Sink):
         confirmed = []
         for event in events:
             key = routing_key(config.routing_key, event)
+            if len(key.encode("utf-8")) > MAX_ROUTING_KEY:
+                self.reject(
+                    event,
+                    f"the routing key is {len(key.encode('utf-8'))} bytes long; AMQP takes at"
+                    f" most {MAX_ROUTING_KEY}",
+                    invalid=True,
+                )
+                continue
             body = event.data_json if config.payload == "data" else event.to_cloudevent_json()
             properties = pika.BasicProperties(
                 content_type="application/cloudevents+json"
@@ -150,19 +164,21 @@ class AmqpSink(Sink):
             except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
                 self.refused += 1
                 why = (
-                    "no queue took it"
+                    "returned unroutable: no queue is bound for it"
                     if isinstance(exc, pika.exceptions.UnroutableError)
-                    else "nacked"
+                    else "nacked by the broker"
                 )
+                self.reject(event, f"{why} (exchange {config.exchange!r}, routing key {key!r})")
                 self.log.warning(
-                    "the broker did not take event %s (routing key %s: %s); it stays queued"
-                    " and is sent again (%d refused since start)",
+                    "the broker did not take event %s (routing key %s: %s); it is sent again,"
+                    " and set aside as a dead letter after [queue] dead_letter_after refusals"
+                    " (%d refused since start)",
                     event.id,
                     key,
                     why,
                     self.refused,
                 )
-                break
+                continue
             except (pika.exceptions.AMQPError, OSError) as exc:
                 if confirmed:
                     break  # keep what was confirmed; the next call notices the loss

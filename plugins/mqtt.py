@@ -14,6 +14,19 @@ while it waits for acknowledgements, and about once a second while idle
 from one thread while paho's thread reads the acknowledgements took twice
 the CPU per message: every message and every acknowledgement crossed threads.
 
+One event never holds back the others. A message that cannot be sent (a
+topic MQTT forbids, larger than ``max_message_bytes`` or the broker's Maximum
+Packet Size) is rejected as invalid before it is sent; a refusal in a PUBACK
+(reason code 0x80 or above) is rejected as permanent, except "quota exceeded",
+"server busy" and "packet identifier in use", which are for now. A message the
+broker answers by dropping the connection (Mosquitto 2.0 does so for one over
+its ``message_size_limit``, which it does not announce) is found by sending
+carefully: when a connection is lost for a protocol error, or before it
+confirmed anything, the messages then in flight are suspects, sent one at a
+time on the next connections; a connection lost while a suspect was the only
+message in flight rejects it as permanent. The forwarder sets rejected events
+aside as dead letters (see :meth:`agent.Sink.reject`).
+
 The options and how events become messages are in :mod:`plugins.mqtt_messages`.
 """
 
@@ -33,10 +46,20 @@ from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
 from agent.tls import describe_tls_error
-from plugins.mqtt_messages import MqttConfig, TopicCache, build_messages
+from plugins.mqtt_messages import (
+    MQTT_MAX_PACKET,
+    MqttConfig,
+    TopicCache,
+    build_messages,
+    message_problem,
+)
 
 #: poll() events that send the sink to loop_read: data, or a hang-up or error it reports.
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+#: PUBACK reason codes that refuse a message for now: sent again after a backoff.
+TRANSIENT_REFUSALS = {0x89: "server busy", 0x91: "packet identifier in use", 0x97: "quota exceeded"}
+#: DISCONNECT reason codes that blame what the client sent (MQTT 5).
+_PROTOCOL_DISCONNECTS = {0x81, 0x82, 0x90, 0x95, 0x99}
 
 
 class MqttSink(Sink):
@@ -65,6 +88,15 @@ class MqttSink(Sink):
         self._disconnect_reason: str | None = None
         self._inflight: dict[int, QueuedEvent] = {}  # queue position -> event, this connection
         self._mids: dict[int, list[int]] = {}  # paho message id -> positions it carries
+        self._protocol_error = False  # the connection ended for a protocol error
+        self._loss_judged = False  # _judge_loss() ran for this connection
+        self._confirmed_here = 0  # messages confirmed on this connection
+        #: Positions in flight when a connection was lost suspiciously: sent one at a time.
+        self._suspects: set[int] = set()
+        #: The broker's Maximum Packet Size (MQTT 5 CONNACK), else MQTT's largest.
+        self.max_packet = MQTT_MAX_PACKET
+        #: The most messages in flight at once on any connection (at most ``window``).
+        self.most_inflight = 0
         #: Messages the broker refused (a reason code of 0x80 or above), since start.
         self.refused = 0
         if config.tls is not None and config.tls.insecure:
@@ -89,6 +121,7 @@ class MqttSink(Sink):
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._disconnect_reason = str(reason_code)
+        self._protocol_error |= getattr(reason_code, "value", 0) in _PROTOCOL_DISCONNECTS
         self._connected = False
         self._connack.append(None)  # ends a wait in open()
 
@@ -139,6 +172,10 @@ class MqttSink(Sink):
         """The connection is unusable (paho said why in ``rc``): always False."""
         if self._disconnect_reason is None or self._connected:
             self._disconnect_reason = mqtt.error_string(rc)
+        # paho's answer to a packet it cannot take, such as the PUBACK with 0x95
+        # (packet too large) that Mosquitto 2.0 sends for a message over its
+        # message_size_limit, a code MQTT 5 does not allow in a PUBACK.
+        self._protocol_error |= rc == MQTTErrorCode.MQTT_ERR_PROTOCOL
         self._connected = False
         return False
 
@@ -208,6 +245,8 @@ class MqttSink(Sink):
         self._disconnect_reason = None
         self._inflight = {}
         self._mids = {}
+        self._protocol_error = self._loss_judged = False
+        self._confirmed_here = 0
         self._client = client
         properties = None
         if v5 and config.session_expiry:
@@ -239,6 +278,8 @@ class MqttSink(Sink):
             window = min(window, receive_maximum)  # paho ignores the broker's limit
         self.window = max(1, window)
         self.max_batch = self.window * config.batch_max_events
+        max_packet = getattr(connack_properties, "MaximumPacketSize", None) if v5 else None
+        self.max_packet = min(max_packet or MQTT_MAX_PACKET, MQTT_MAX_PACKET)
         if not self._connected:
             raise SinkUnavailable(
                 f"connection lost right after CONNACK ({self._disconnect_reason})"
@@ -278,23 +319,39 @@ class MqttSink(Sink):
         sent again, new ones fill the free places, and the call returns as
         soon as acknowledgements arrive (waiting at most ``ack_timeout`` for
         the first). Waiting for a whole batch instead would leave the line idle
-        while the last acknowledgements trickle in.
+        while the last acknowledgements trickle in. A message that cannot be
+        sent is rejected as invalid (see the module docstring), not sent.
         """
         client = self._client
         if client is None or not self._connected:
+            self._judge_loss()
             raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
         config = self.config
+        if self._suspects:  # forget those confirmed or set aside meanwhile
+            self._suspects &= {e.position for e in events}
+        window = 1 if self._suspects else self.window
         fresh = [e for e in events if e.position not in self._inflight]
-        for message in build_messages(config, fresh, self._topics):
-            if len(self._mids) >= self.window:
+        for message in build_messages(config, fresh, self._topics, self.max_packet):
+            if len(self._mids) >= window:
                 break
-            info = client.publish(
-                message.topic,
-                message.payload,
-                qos=config.qos,
-                retain=config.retain,
-                properties=message.properties,
+            problem = message_problem(
+                message, config.qos, config.max_message_bytes, self.max_packet
             )
+            if problem is None:
+                try:
+                    info = client.publish(
+                        message.topic,
+                        message.payload,
+                        qos=config.qos,
+                        retain=config.retain,
+                        properties=message.properties,
+                    )
+                except ValueError as exc:  # paho refuses the message itself
+                    problem = f"the MQTT library cannot send it: {exc}"
+            if problem is not None:
+                for event in message.events:
+                    self.reject(event, problem, invalid=True)
+                continue
             if info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
                 self._lost(info.rc)
                 if not self._inflight:
@@ -305,12 +362,46 @@ class MqttSink(Sink):
             for event in message.events:
                 self._inflight[event.position] = event
             self._mids[info.mid] = [event.position for event in message.events]
+        self.most_inflight = max(self.most_inflight, len(self._mids))
         return self._collect_acks()
+
+    def _judge_loss(self) -> None:
+        """The connection is lost: find the message the broker could not take, if one was.
+
+        Brokers read packets in order and answer them in order; but when the
+        broker hangs up, the acknowledgements of the messages before the bad one
+        may be lost with the connection. So a loss for a protocol error, or one
+        before anything was confirmed, makes the messages in flight suspects,
+        sent one at a time from then on; a loss while one suspect (or, after a
+        protocol error, one message) was alone in flight rejects it. After
+        ``dead_letter_after`` such losses in a row, the forwarder sets it aside.
+        A loss after confirmations (an ordinary outage) suspects nothing.
+        """
+        if self._loss_judged or not self._mids:
+            return
+        self._loss_judged = True
+        in_flight = list(self._mids.values())
+        if len(in_flight) == 1 and (
+            self._protocol_error or any(p in self._suspects for p in in_flight[0])
+        ):
+            for position in in_flight[0]:
+                event = self._inflight.get(position)
+                if event is not None:
+                    self.reject(
+                        event,
+                        "the broker dropped the connection while it was the only message in"
+                        f" flight ({self._disconnect_reason}): a message the broker cannot"
+                        " take, such as one over its message_size_limit (set max_message_bytes"
+                        " to that limit)",
+                    )
+        if self._protocol_error or not self._confirmed_here:
+            self._suspects.update(p for positions in in_flight for p in positions)
 
     def _collect_acks(self) -> list[QueuedEvent]:
         """Wait for the first acknowledgement (up to ack_timeout), then take all that came."""
         confirmed: list[QueuedEvent] = []
         refused: list[str] = []
+        transient = False
         deadline = time.monotonic() + self.config.ack_timeout
         acks = self._acks
         mids = self._mids
@@ -325,21 +416,32 @@ class MqttSink(Sink):
                 continue
             events = [self._inflight.pop(p) for p in positions if p in self._inflight]
             if reason_code.is_failure:
+                code = getattr(reason_code, "value", 0)
+                why = f"the broker refused it: {reason_code} (0x{code:02X})"
+                for event in events:
+                    self.reject(event, why, permanent=code not in TRANSIENT_REFUSALS)
+                transient |= code in TRANSIENT_REFUSALS
                 refused += [f"{event.id}: {reason_code}" for event in events]
             else:
                 confirmed += events
+                self._confirmed_here += 1
+                self._suspects.difference_update(positions)
         acks.clear()
         if refused:
             self.refused += len(refused)
             self.log.warning(
-                "broker refused %d events (%d since start); they stay queued and are sent"
-                " again: %s",
+                "broker refused %d events (%d since start); %s: %s",
                 len(refused),
                 self.refused,
+                "they are sent again after a backoff"
+                if transient
+                else "they are sent again, and set aside as dead letters after"
+                " [queue] dead_letter_after refusals",
                 "; ".join(refused[:3]),
             )
         if self._mids and not confirmed and not refused and not self.stopping.is_set():
             if not self._connected:
+                self._judge_loss()
                 raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
             raise SinkUnavailable(f"no acknowledgement within {self.config.ack_timeout:g}s")
         confirmed.sort(key=lambda e: e.position)
@@ -350,6 +452,7 @@ class MqttSink(Sink):
         if self._connected:
             self._service(0.0)
         if not self._connected:
+            self._judge_loss()
             raise SinkUnavailable(
                 f"connection lost ({self._disconnect_reason or 'unknown reason'})"
             )

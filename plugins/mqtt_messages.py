@@ -6,6 +6,7 @@ templates, payload modes and batching can be read (and tested) on their own.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,12 @@ from typing import Any, Literal
 from agent import ByteSize, Duration, QueuedEvent, option
 
 TOPIC_FIELDS = ("agent", "source", "type")
+#: The largest MQTT packet: a fixed header byte, 4 bytes of length, 268,435,455 bytes.
+MQTT_MAX_PACKET = 1 + 4 + 268_435_455
+#: The largest UTF-8 string MQTT carries (a topic, a property), in bytes.
+MQTT_MAX_STRING = 65_535
+# Control characters (C0, DEL, C1), and the wildcards: a topic may hold none of them.
+_NOT_IN_TOPIC = re.compile(r"[\x00-\x1f\x7f-\x9f+#]")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _UNSAFE_IN_TOPIC = re.compile(r"[+#\x00]")
 STRUCTURED = "application/cloudevents+json"
@@ -107,7 +114,16 @@ class MqttConfig:
         100,
         min=1,
         max=65535,
-        doc="Messages sent before their acknowledgements arrive. 1 keeps strict order.",
+        doc="Messages sent before their acknowledgements arrive. 1 keeps strict order. The"
+        " broker's Receive Maximum (MQTT 5) lowers it.",
+    )
+    max_message_bytes: ByteSize = option(
+        ByteSize(256 * 1024**2),
+        min=1,
+        max=MQTT_MAX_PACKET,
+        doc="Largest payload sent; a larger event is set aside as a dead letter at once."
+        " Set it to the broker's own limit (Mosquitto's message_size_limit, which it does"
+        " not announce); the Maximum Packet Size an MQTT 5 broker announces applies too.",
     )
     connect_timeout: Duration = option(10.0, above=0, doc="How long a connection attempt may take.")
     ack_timeout: Duration = option(
@@ -246,29 +262,91 @@ def _varint(value: int) -> bytes:
 
 @dataclass
 class Message:
-    """One MQTT message and the events it carries."""
+    """One MQTT message and the events it carries; ``problem`` says why it cannot be sent."""
 
     topic: str
     payload: bytes
     properties: PackedProperties | None
     events: list[QueuedEvent]
+    problem: str | None = None
+
+    def packet_size(self, qos: int) -> int:
+        """Bytes of the PUBLISH packet that carries it."""
+        remaining = 2 + len(self.topic.encode("utf-8")) + (2 if qos else 0) + len(self.payload)
+        if self.properties is not None:
+            remaining += len(self.properties.pack())
+        return 1 + len(_varint(remaining)) + remaining
+
+
+@functools.lru_cache(maxsize=4096)  # most events share a few topics: check each once
+def topic_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be an MQTT topic name, or None if it can."""
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"the topic {topic[:200]!r} is not valid UTF-8 (a lone surrogate)"
+    found = _NOT_IN_TOPIC.search(topic)
+    if found:
+        return (
+            f"the topic {topic[:200]!r} holds {found.group(0)!r}, which MQTT forbids in a"
+            " topic name (control characters, the wildcards + and #)"
+        )
+    if size > MQTT_MAX_STRING:
+        return f"the topic is {size} bytes long; MQTT takes at most {MQTT_MAX_STRING}"
+    if not size:
+        return "the topic is empty"
+    return None
+
+
+def message_problem(message: Message, qos: int, max_payload: int, max_packet: int) -> str | None:
+    """Why ``message`` cannot be sent (its topic, its size), or None if it can."""
+    if message.problem:
+        return message.problem
+    problem = topic_problem(message.topic)
+    if problem:
+        return problem
+    if len(message.payload) > max_payload:
+        return (
+            f"the message is {len(message.payload)} bytes, over max_message_bytes"
+            f" ({max_payload} bytes)"
+        )
+    props = len(message.properties.pack()) if message.properties is not None else 0
+    if len(message.payload) + 4 * len(message.topic) + props + 16 <= max_packet:
+        return None  # fits whatever the topic's UTF-8 length: no need to count exactly
+    size = message.packet_size(qos)
+    if size > max_packet:
+        return f"the message takes a {size}-byte packet; the broker takes at most {max_packet}"
+    return None
 
 
 def build_messages(
-    config: MqttConfig, events: list[QueuedEvent], topics: TopicCache | None = None
+    config: MqttConfig,
+    events: list[QueuedEvent],
+    topics: TopicCache | None = None,
+    max_packet: int = MQTT_MAX_PACKET,
 ) -> list[Message]:
-    """Events in queue order → messages; consecutive events for one topic share a batch."""
+    """Events in queue order → messages; consecutive events for one topic share a batch.
+
+    A batch stays within ``batch_max_bytes``, ``max_message_bytes`` and
+    ``max_packet`` (the broker's Maximum Packet Size). An event that cannot
+    become a message (a property MQTT cannot carry) gets one with a ``problem``.
+    """
     v5 = config.protocol == "5"
     topics = topics or TopicCache(config.topic)
     expiry = config.message_expiry
     messages: list[Message] = []
     if config.payload == "binary":
         for event in events:
-            attributes = event.attributes()
-            content_type = attributes.pop("datacontenttype")
             topic = topics.topic(event)
-            props = PackedProperties(content_type, list(attributes.items()), expiry)
-            messages.append(Message(topic, event.data_json.encode("utf-8"), props, [event]))
+            try:
+                attributes = event.attributes()
+                content_type = attributes.pop("datacontenttype")
+                props = PackedProperties(content_type, list(attributes.items()), expiry)
+                payload = event.data_json.encode("utf-8")
+            except (UnicodeEncodeError, OverflowError) as exc:
+                messages.append(Message(topic, b"", None, [event], _unpackable(exc)))
+                continue
+            messages.append(Message(topic, payload, props, [event]))
         return messages
     data_only = config.payload == "data"
     if config.batch_max_events == 1:
@@ -276,30 +354,64 @@ def build_messages(
         for event in events:
             topic = topics.topic(event)
             body = event.data_json if data_only else event.to_cloudevent_json()
-            props = PackedProperties(content_type, [("id", event.id)], expiry) if v5 else None
-            messages.append(Message(topic, body.encode("utf-8"), props, [event]))
+            try:
+                props = PackedProperties(content_type, [("id", event.id)], expiry) if v5 else None
+                payload = body.encode("utf-8")
+            except (UnicodeEncodeError, OverflowError) as exc:
+                messages.append(Message(topic, b"", None, [event], _unpackable(exc)))
+                continue
+            messages.append(Message(topic, payload, props, [event]))
         return messages
     # Batches: runs of consecutive events for one topic, within the count and size limits.
-    groups: list[tuple[str, list[QueuedEvent], list[bytes], int]] = []
+    content_type = "application/json" if data_only else BATCH
+    limit = min(config.batch_max_bytes, config.max_message_bytes)
+    # (topic, events, bodies, payload bytes, bytes of the packet besides the payload)
+    groups: list[tuple[str, list[QueuedEvent], list[bytes], int, int]] = []
     for event in events:
         topic = topics.topic(event)
         body = (event.data_json if data_only else event.to_cloudevent_json()).encode("utf-8")
+        more = _id_property_bytes(event) if v5 else 0
         if groups:
-            last_topic, members, bodies, size = groups[-1]
+            last_topic, members, bodies, size, overhead = groups[-1]
             if (
                 last_topic == topic
                 and len(members) < config.batch_max_events
-                and size + len(body) + 1 <= config.batch_max_bytes
+                and size + len(body) + 1 <= limit
+                and size + len(body) + 1 + overhead + more <= max_packet
             ):
                 members.append(event)
                 bodies.append(body)
-                groups[-1] = (topic, members, bodies, size + len(body) + 1)
+                groups[-1] = (topic, members, bodies, size + len(body) + 1, overhead + more)
                 continue
-        groups.append((topic, [event], [body], len(body) + 2))
-    content_type = "application/json" if data_only else BATCH
-    for topic, members, bodies, _size in groups:
-        props = (
-            PackedProperties(content_type, [("id", e.id) for e in members], expiry) if v5 else None
-        )
+        overhead = _packet_overhead(topic, content_type, v5) + more
+        groups.append((topic, [event], [body], len(body) + 2, overhead))
+    for topic, members, bodies, _size, _overhead in groups:
+        try:
+            props = (
+                PackedProperties(content_type, [("id", e.id) for e in members], expiry)
+                if v5
+                else None
+            )
+        except (UnicodeEncodeError, OverflowError) as exc:
+            messages.append(Message(topic, b"", None, members, _unpackable(exc)))
+            continue
         messages.append(Message(topic, b"[" + b",".join(bodies) + b"]", props, members))
     return messages
+
+
+def _packet_overhead(topic: str, content_type: str, v5: bool) -> int:
+    """At most how many bytes a batch's PUBLISH packet takes besides its payload and
+    its events' ``id`` properties."""
+    fixed = 1 + 4 + 2 + len(topic.encode("utf-8", "replace")) + 2
+    return fixed + (4 + 3 + len(content_type) + 5 if v5 else 0)
+
+
+def _id_property_bytes(event: QueuedEvent) -> int:
+    """The ``id`` user property of one event in a batch: 0x26, two lengths, "id", the id."""
+    return 7 + len(event.id)
+
+
+def _unpackable(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return f"an MQTT property of it is not valid UTF-8: {exc.reason}"
+    return f"an MQTT property of it is longer than MQTT takes ({MQTT_MAX_STRING} bytes)"

@@ -76,17 +76,27 @@ def test_events_are_published_persistent_and_confirmed(exchange):
     assert properties.headers["ce_source"] == "edge-agent://gw-01/inbox"
 
 
-def test_a_message_no_queue_takes_stays_queued(exchange, caplog):
-    name, _channel, _queue = exchange
+def test_an_event_no_queue_takes_is_set_aside_and_the_rest_flow(exchange):
+    name, channel, queue = exchange
+    channel.queue_bind(queue, name, routing_key="inbox.#")
     config = {
         "url": URL.format(port=5672),
         "exchange": name,
         "declare_exchange": False,
-        "routing_key": "nobody.listens.{type}",
+        "routing_key": "{source}.{type}",
     }
+    lost = Event(type="file.created", source="lost", data={"n": 99})
+    batch = events(4)
+    batch.insert(2, lost)
     harness = SinkHarness(AmqpSink, config, agent_id="gw-01")
-    assert harness.deliver(events(2), timeout=2) == []
-    assert "no queue took it" in caplog.text
+    confirmed = harness.deliver(batch)
+    assert [e.data["n"] for e in confirmed] == [0, 1, 2, 3]
+    assert [m[2]["data"]["n"] for m in received(channel, queue)] == [0, 1, 2, 3]
+    # Returned unroutable (mandatory) three times: set aside, with why.
+    assert len(harness.rejections) == 3
+    [(event, reason)] = harness.dead_letters
+    assert event.id == lost.id
+    assert "unroutable" in reason and "'lost.file.created'" in reason
 
 
 def test_wrong_credentials_are_reported():

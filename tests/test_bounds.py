@@ -304,3 +304,44 @@ def test_max_events_is_never_overshot_by_a_commit(store, policy):
             "SELECT last FROM source_sequences WHERE source = 'big'"
         ).fetchone() == (501,)
         conn.close()
+
+
+def test_dead_letters_count_against_max_events_and_go_oldest_first(store, caplog):
+    from agent import dead_letters
+
+    queue = QueueWriter(store)
+    bounds = Bounds(queue, Limits(max_events=20), store.state_dir)
+    queue.append(batch("a", 10))
+    cursor = SinkCursor(store, "cloud", "gw")
+    # The first 5 events could never be delivered to "cloud": set aside, and confirmed.
+    dead = [(event, "0x87 Not authorized", 3) for event in cursor.read(0, 5)]
+    dead_letters.set_aside(cursor.conn, "cloud", dead)
+    cursor.advance(10)
+    queue.delete_confirmed(["cloud"])
+    assert queue.usage().events == 5  # the 5 dead letters; their events are gone
+    queue.append(batch("b", 15))
+    assert bounds.admit(5, 5 * 200)  # 20 + 5 > 20: the 5 oldest go, the dead letters
+    assert dead_letters.counts(cursor.conn) == {}
+    assert bounds.dead_letters_dropped == {"cloud": 5} and bounds.dropped == {}
+    assert "dropped 5 dead letters (sink cloud: 5)" in caplog.text
+
+
+def test_max_age_drops_dead_letters_with_the_events_of_their_time(store):
+    from agent import dead_letters
+
+    clock = SteppedClock()
+    queue = QueueWriter(store, clock=clock)
+    queue.append(batch("a", 5))
+    cursor = SinkCursor(store, "cloud", "gw")
+    dead_letters.set_aside(cursor.conn, "cloud", [(e, "refused", 3) for e in cursor.read(0, 2)])
+    cursor.advance(5)
+    queue.delete_confirmed(["cloud"])  # their events are gone; the dead letters stay
+    bounds = Bounds(queue, Limits(max_age=7 * 86400), store.state_dir)
+    bounds.housekeeping()
+    assert dead_letters.counts(cursor.conn) == {"cloud": 2}
+    clock.value += 8 * 86400
+    queue.append(batch("a", 3))
+    bounds._last_expire = 0.0  # housekeeping expires every few seconds; now, here
+    bounds.housekeeping()
+    assert dead_letters.counts(cursor.conn) == {}
+    assert bounds.dead_letters_dropped == {"cloud": 2} and queue.usage().events == 3
