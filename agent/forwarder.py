@@ -67,6 +67,11 @@ class Forwarder:
         self.dead_lettered = 0
         self.wake = threading.Event()
         self.connected = False
+        #: When the publish call under way started (monotonic), or None: a call that
+        #: lasts is a destination that stopped answering (see Agent.warn_stalled).
+        self.publishing_since: float | None = None
+        #: Set once the stall of the current publish call was logged.
+        self.stall_warned = False
         self.confirmed = 0
         #: Size of the confirmed events' data (as stored: JSON), in bytes.
         self.confirmed_bytes = 0
@@ -254,7 +259,11 @@ class Forwarder:
                     backoff.reset()
                     self.wake.wait(1.0)
                     continue
-                result = sink.publish(batch) if batch else []
+                self.publishing_since = time.monotonic()
+                try:
+                    result = sink.publish(batch) if batch else []
+                finally:
+                    self.publishing_since = None
                 sent = {e.position for e in batch}
                 positions = {event.position for event in result} & sent
             except Exception as exc:

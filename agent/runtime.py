@@ -48,6 +48,8 @@ DAMAGED_REMINDER = 3600.0
 #: A writer or forwarder whose loop has not turned for this long is stuck.
 STUCK_AFTER = 120.0
 STATUS_EVERY = 5.0
+#: A publish call waiting this long (seconds) for its answer is called stalled.
+STALLED_AFTER = 10.0
 #: The source name of events the agent makes itself (queue.gap).
 AGENT_SOURCE = "agent"
 #: How long start-up (and a reload) waits for sources to listen before READY=1.
@@ -484,6 +486,7 @@ class Agent:
                     or "the queue writer stopped unexpectedly; exiting so systemd restarts us"
                 )
             self.slow.report_stuck()
+            self.warn_stalled()
             flush_folded()
             stuck = self.stuck()
             if not stuck:
@@ -497,6 +500,34 @@ class Agent:
             if time.monotonic() - last_reminder >= DAMAGED_REMINDER:
                 last_reminder = time.monotonic()
                 self._remind_damaged()
+
+    def warn_stalled(self) -> None:
+        """Say once when a sink's publish call has waited STALLED_AFTER s for an answer.
+
+        A connection can stay open while nothing comes back (a stalled link, a
+        broker that hangs): the sink still says "connected" until its heartbeat
+        or keepalive gives up, which takes up to twice that interval. Status
+        shows the wait at once (``stalled_for``), and this line tells why the
+        backlog grows.
+        """
+        now = time.monotonic()
+        for forwarder in self.forwarders:
+            since = forwarder.publishing_since
+            if since is None:
+                forwarder.stall_warned = False
+                continue
+            if now - since < STALLED_AFTER:
+                continue
+            if not forwarder.stall_warned:
+                forwarder.stall_warned = True
+                log.warning(
+                    "sink %s: %s has not answered for %.0fs while events were being sent;"
+                    " the connection may be stalled. Events stay queued; the connection is"
+                    " dropped and made again once its heartbeat or keepalive runs out.",
+                    forwarder.name,
+                    forwarder.sink.target,
+                    now - since,
+                )
 
     def reload(self) -> None:
         """SIGHUP: read the config file again and apply it (see :mod:`agent.reload`)."""

@@ -19,6 +19,8 @@ from agent.statedir import holder
 STATUS_FILE = "status.json"
 #: A snapshot older than this many status intervals means the agent is not running.
 STALE_AFTER = 4
+#: A sink whose publish call waits longer than this (s) shows "no answer Ns" as its state.
+STALLED_SHOWN_AFTER = 5.0
 
 
 def _now() -> str:
@@ -56,6 +58,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
             f.name: {
                 "target": f.sink.target,
                 "connected": f.connected,
+                "stalled_for": _waiting(f.publishing_since),
                 "backlog": stats.sink_backlog.get(f.name, 0),
                 "confirmed": f.confirmed,
                 "bytes": f.confirmed_bytes,
@@ -97,6 +100,11 @@ def snapshot(agent: Any) -> dict[str, Any]:
             for p in agent.processors
         },
     }
+
+
+def _waiting(since: float | None) -> float | None:
+    """Seconds a publish call has been waiting for its answer, or None when none is."""
+    return None if since is None else round(time.monotonic() - since, 1)
 
 
 def _by_reason(counts: Any) -> dict[str, dict[str, int]]:
@@ -214,6 +222,9 @@ def render(data: dict[str, Any]) -> str:
     ]  # fmt: skip
     for name, sink in data["sinks"].items():
         state = "connected" if sink["connected"] else "offline"
+        stalled = sink.get("stalled_for")
+        if stalled is not None and stalled >= STALLED_SHOWN_AFTER:
+            state = f"no answer {stalled:.0f}s"
         table.append(
             (
                 f"{name} ({sink['target']})",

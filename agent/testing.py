@@ -512,6 +512,8 @@ class CuttableProxy:
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         self._pumps: list[threading.Thread] = []
         self._listener: Listener | None = None
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def start(self) -> CuttableProxy:
         self._listener = Listener(self.port, self._handle)
@@ -543,6 +545,7 @@ class CuttableProxy:
     def _pump(self, source, target, pair, done) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 target.sendall(data)
         except OSError:
             pass
@@ -571,12 +574,21 @@ class CuttableProxy:
             for sock in pair:
                 shutdown_socket(sock)
 
+    def stall(self) -> None:
+        """Stop passing bytes on, keeping every connection open (a link that hangs)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Pass bytes on again after stall(), those held back first."""
+        self._flowing.set()
+
     def restore(self) -> None:
         if self._listener is None:
             self._listener = Listener(self.port, self._handle)
 
     def stop(self) -> None:
         self.cut()
+        self._flowing.set()  # a stalled pump sees its sockets shut and ends
         with self._lock:
             pumps = list(self._pumps)
         for pump in pumps:

@@ -97,6 +97,12 @@ class AmqpSink(Sink):
         )
         #: Messages nacked or returned by the broker, since start.
         self.refused = 0
+        if not self.config.mandatory:
+            self.log.warning(
+                "mandatory = false: the broker drops an event no queue is bound for without"
+                " a word, and it counts here as delivered; set mandatory = true to keep such"
+                " events (refused, then set aside as dead letters)"
+            )
 
     @property
     def target(self) -> str:

@@ -7,6 +7,7 @@ import socket
 import uuid
 
 import pytest
+from conftest import run_cli
 
 from agent import Event
 from agent.testing import CuttableProxy, SinkHarness, wait_for
@@ -129,5 +130,56 @@ def test_a_cut_connection_is_noticed_and_reopened(exchange):
         got: list = []
         wait_for(lambda: got.extend(received(channel, queue)) or len(got) >= 3, 5, "3 messages")
         assert sorted(m[2]["data"]["n"] for m in got) == [0, 1, 2]
+    finally:
+        proxy.stop()
+
+
+def test_a_stalled_connection_shows_in_status_and_the_log_within_seconds(
+    exchange, tmp_path, agent_process
+):
+    """The link hangs (socket open, no bytes): status says so and a warning tells, long
+    before a 60 s heartbeat ends the connection; then the event arrives."""
+    name, channel, queue = exchange
+    proxy = CuttableProxy(5672).start()
+    (tmp_path / "inbox").mkdir()
+    agent = agent_process(
+        f"""
+        [agent]
+        id = "gw-01"
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.file]]
+        name = "inbox"
+        paths = ["{tmp_path / "inbox"}"]
+        events = ["created"]
+
+        [[sinks.amqp]]
+        name = "rabbit"
+        url = "{URL.format(port=proxy.port)}"
+        exchange = "{name}"
+        declare_exchange = false
+        heartbeat = 60
+        """
+    )
+    try:
+        agent.start()
+        agent.wait_started()
+        proxy.stall()
+        (tmp_path / "inbox" / "a.csv").write_text("1")
+
+        def stalled_for() -> float:
+            result = run_cli("status", "--json", "-c", str(agent.config_path))
+            sink = json.loads(result.stdout)["status"]["sinks"]["rabbit"]
+            return sink["stalled_for"] or 0
+
+        wait_for(lambda: stalled_for() >= 5, 20, "status to show the sink waiting")
+        result = run_cli("status", "-c", str(agent.config_path))
+        assert "no answer" in result.stdout, result.stdout
+        agent.wait_log("has not answered for", timeout=20)
+        proxy.resume()
+        got: list = []
+        wait_for(lambda: got.extend(received(channel, queue)) or got, 20, "the event")
+        assert got[0][2]["data"]["path"].endswith("a.csv")
+        assert agent.terminate() == 0
     finally:
         proxy.stop()
