@@ -244,6 +244,10 @@ FAULTS: dict[str, Callable[[World, random.Random], str]] = {
     "sabotage": sabotage,
 }
 DEFAULT_FAULTS = [name for name in FAULTS if name != "sabotage"]
+#: The shortest fault window: what is made this soon after a fault is counted under it.
+MIN_WINDOW = 2.0
+#: ... and what is made this soon after a fault was cleared.
+AFTERMATH = 1.0
 
 
 # -- the run --------------------------------------------------------------------------
@@ -291,8 +295,8 @@ class Run:
             world.start_agent(stopped)
 
     def soak(self, kinds: list[str], seconds: float) -> None:
-        end = time.time() + seconds
-        while time.time() < end:
+        finish = time.time() + seconds
+        while time.time() < finish:
             kind = self.rng.choice(kinds)
             quiet = self.rng.uniform(1.0, 3.0)
             self.check_agent()
@@ -307,6 +311,11 @@ class Run:
                 self.say(f"FINDING: {kind} failed: {exc}")
                 self.recover()
             finally:
+                # What is made just after a fault is cleared still meets its aftermath (an
+                # overflowed inotify queue being read); a fault of an instant (a rotation,
+                # a reload) counts for a while.
+                until = max(window.start + MIN_WINDOW, time.time() + AFTERMATH)
+                time.sleep(max(0.0, until - time.time()))
                 window.end = time.time()
             time.sleep(quiet)  # between faults: the agent catches up
         self.check_agent()
