@@ -187,7 +187,8 @@ def covers(gap: dict, item: Produced) -> bool:
     The gap must name the serial's place (``path``), if it names one, and its time
     window must hold the moment the serial was made: ``from``/``to`` or
     ``since``/``until`` where given, else anything made before the gap was reported
-    (its ``time``). Count-only gaps (``queue.gap``) are handled by :func:`account`.
+    (its ``time``). Gaps that give a count and no place (``queue.gap``: ``events``
+    between ``oldest`` and ``newest``) are handled by :func:`account`.
     """
     data = gap.get("data") or {}
     if not isinstance(data, dict):
@@ -266,8 +267,11 @@ def account(
         for gap in gaps:
             data = gap.get("data") or {}
             if isinstance(data, dict) and "path" not in data and "events" in data:
-                limit = data.get("events") or 0  # a queue.gap: so many events, no place
-                if counted[gap["id"]] < limit and item.at <= (_time(gap.get("time")) or 0):
+                # A queue.gap: so many events lost, made between oldest and newest.
+                limit = data.get("events") or 0
+                start = (_time(data.get("oldest")) or 1.0) - 1.0  # event time >= made
+                end = _time(data.get("newest")) or _time(gap.get("time")) or 0.0
+                if counted[gap["id"]] < limit and start <= item.at <= end:
                     counted[gap["id"]] += 1
                     cls = "gap"
                     break
