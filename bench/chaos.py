@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import atexit  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
 import sqlite3  # noqa: E402
@@ -424,8 +425,12 @@ def report(run: Run, drained: bool, folder: str) -> int:
     print()
     print(markdown(table))
     if verdict.reasons:
-        print("\ndead letters by reason:")
-        for reason, count in verdict.reasons.most_common():
+        # Reasons name the topic or the size: one line per kind of reason.
+        kinds = Counter()
+        for reason, count in verdict.reasons.items():
+            kinds[re.sub(r"\d{4,}", "N", re.sub(r"'[^']*'", "'...'", reason))] += count
+        print("\ndead letters (one per event) by reason:")
+        for reason, count in kinds.most_common():
             print(f"  {count:6,}  {reason}")
     if verdict.gaps:
         print(f"\ngap events ({len(verdict.gaps)}):")
