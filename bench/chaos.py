@@ -47,6 +47,7 @@ from bench.chaos_oracle import (  # noqa: E402
     read_dead_letters,
     read_queued,
     rows,
+    serial_text,
     serials_in,
 )
 from bench.chaos_world import EXEC_TIMEOUT, MAX_PACKET, Producers, World  # noqa: E402
@@ -202,30 +203,34 @@ def hup(world: World, rng: random.Random) -> str:
 
 def sabotage(world: World, rng: random.Random) -> str:
     """Not a fault of the world: deletes one queued event behind the agent's back, to show
-    that the oracle reports a silent loss (the run must fail)."""
+    that the oracle reports a silent loss (the run must fail). The link is cut, so the
+    event cannot leave; the agent is stopped meanwhile, so no copy of it stays in memory."""
     assert world.proxy is not None
     world.proxy.cut()
     try:
+        serial = world.write_line(world.app_log)
+        pattern = f"%{serial_text(serial)}%"
 
-        def delete_one() -> int | None:
-            conn = sqlite3.connect(world.db_path, timeout=10)
+        def queued() -> bool:
+            conn = sqlite3.connect(f"file:{world.db_path}?mode=ro", uri=True, timeout=10)
             try:
-                with conn:
-                    row = conn.execute(
-                        "SELECT position, data FROM events WHERE data LIKE '%ser-%'"
-                        " ORDER BY position DESC LIMIT 1"
-                    ).fetchone()
-                    if row is None:
-                        return None
-                    conn.execute("DELETE FROM events WHERE position = ?", (row[0],))
-                    return min(serials_in(row[1]))
+                query = "SELECT 1 FROM events WHERE data LIKE ?"
+                return conn.execute(query, (pattern,)).fetchone() is not None
             finally:
                 conn.close()
 
-        serial = wait_for(delete_one, 30, "a queued event to delete")
+        wait_for(queued, 30, f"the agent to queue serial {serial}")
+        stopped = world.stop_agent(signal.SIGTERM)
+        try:
+            conn = sqlite3.connect(world.db_path, timeout=10)
+            with conn:
+                conn.execute("DELETE FROM events WHERE data LIKE ?", (pattern,))
+            conn.close()
+        finally:
+            world.start_agent(stopped)
     finally:
         world.proxy.restore()
-    return f"deleted the queued event of serial {serial} from queue.db"
+    return f"deleted the queued event of serial {serial} from queue.db while the agent was down"
 
 
 FAULTS: dict[str, Callable[[World, random.Random], str]] = {
