@@ -88,7 +88,7 @@ class Agent:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> None:
         def ready() -> bool:
             if not self.running():
                 code = self.process.returncode if self.process else None
