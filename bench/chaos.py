@@ -42,6 +42,7 @@ from bench.chaos_oracle import (  # noqa: E402
     Received,
     Window,
     account,
+    attribute,
     markdown,
     queued_count,
     read_dead_letters,
@@ -406,7 +407,7 @@ def report(run: Run, drained: bool, folder: str) -> int:
     queued = read_queued(world.db_path)
     assert world.subscriber is not None
     received = Received.from_payloads(m.payload for m in list(world.subscriber.messages))
-    verdict = account(run_ledger(run), received, dead, queued, world.stops, EXEC_TIMEOUT)
+    verdict = account(world.ledger, received, dead, queued, world.stops, EXEC_TIMEOUT)
     if args.keep:  # for a look afterwards: what arrived, what was made, the faults
         with open(os.path.join(folder, "received.jsonl"), "w") as handle:
             for message in world.subscriber.messages:
@@ -417,7 +418,7 @@ def report(run: Run, drained: bool, folder: str) -> int:
         with open(os.path.join(folder, "faults.jsonl"), "w") as handle:
             for window in run.windows:
                 handle.write(json.dumps(window.__dict__) + "\n")
-    table = rows(run_ledger(run), verdict, run.windows, args.kinds)
+    table = rows(world.ledger, verdict, run.windows, args.kinds)
     total = table[-1]
 
     print("\n===== edge-agent chaos soak")
@@ -442,10 +443,10 @@ def report(run: Run, drained: bool, folder: str) -> int:
         for gap in verdict.gaps[:20]:
             print(f"  {gap.get('type')} from {gap.get('source')}: {gap.get('data')}")
     lost = [s for s, c in verdict.classes.items() if c in ("silent", "stuck")]
-    ledger = run_ledger(run)
+    ledger = world.ledger
     if lost:
         by_kind = Counter(
-            (_fault_at(run, ledger.items[s].at), ledger.items[s].producer, verdict.classes[s])
+            (attribute(ledger.items[s], run.windows), ledger.items[s].producer, verdict.classes[s])
             for s in lost
         )
         print("\nsilent losses and stuck events by fault, producer:")
@@ -457,7 +458,7 @@ def report(run: Run, drained: bool, folder: str) -> int:
             when = item.at - run.began
             print(
                 f"  ser-{serial:09d} {verdict.classes[serial]:6} {item.producer:5} at"
-                f" {when:7.1f}s ({_fault_at(run, item.at)}) {item.where!r}"
+                f" {when:7.1f}s ({attribute(item, run.windows)}) {item.where!r}"
             )
     if verdict.unknown_serials:
         run.findings.append(f"{len(verdict.unknown_serials)} serials seen but never produced")
@@ -501,17 +502,6 @@ def report(run: Run, drained: bool, folder: str) -> int:
         info,
     )
     return 1 if failed else 0
-
-
-def run_ledger(run: Run) -> Ledger:
-    return run.world.ledger
-
-
-def _fault_at(run: Run, at: float) -> str:
-    for window in run.windows:
-        if window.start <= at <= (window.end or float("inf")):
-            return window.kind
-    return "none"
 
 
 def interrupted(signum: int, frame: object) -> None:
