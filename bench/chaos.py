@@ -158,6 +158,20 @@ def rotate_down(world: World, rng: random.Random) -> str:
     return f"agent stopped, app.log rotated twice {between:.1f}s apart, started"
 
 
+def rotate_lost(world: World, rng: random.Random) -> str:
+    # A loss that is certain: the agent is killed, app.log goes on growing, and is rotated
+    # and its old generation deleted before the agent is back (logrotate with "rotate 0",
+    # or a compressing rotation). The lines it had not read are gone: a log.gap is due.
+    between = rng.uniform(0.3, 1.5)
+    stopped = world.stop_agent(signal.SIGKILL)
+    try:
+        time.sleep(between)  # the producer writes lines the agent will never read
+        world.rotate(copytruncate=False, keep=False)
+    finally:
+        world.start_agent(stopped)
+    return f"SIGKILL, {between:.1f}s of lines, app.log rotated and the old one deleted, started"
+
+
 def inotify_burst(world: World, rng: random.Random) -> str:
     # The agent is stopped (SIGSTOP) while the burst is written, as a starved agent on a
     # busy device would be: the kernel's queue overflows for certain.
@@ -243,6 +257,7 @@ FAULTS: dict[str, Callable[[World, random.Random], str]] = {
     "rotate": rotate,
     "copytruncate": copytruncate,
     "rotate-down": rotate_down,
+    "rotate-lost": rotate_lost,
     "inotify-burst": inotify_burst,
     "poison-acl": poison_acl,
     "poison-oversize": poison_oversize,

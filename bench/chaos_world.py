@@ -354,10 +354,11 @@ class World:
             self.ledger.note(serial, "tail", path, at)
         return serial
 
-    def rotate(self, copytruncate: bool) -> None:
+    def rotate(self, copytruncate: bool, keep: bool = True) -> None:
         """logrotate on app.log: generations shift up (app.log.1 → app.log.2 ...), then
         app.log is renamed to app.log.1, or copied there and truncated (no line is
-        written between the copy and the truncation: the producer waits)."""
+        written between the copy and the truncation: the producer waits). ``keep=False``
+        deletes app.log.1 afterwards, unread lines and all (logrotate's "rotate 0")."""
         with self.log_lock:
             numbers = []
             for name in os.listdir(self.logs):
@@ -372,7 +373,10 @@ class World:
                 os.truncate(self.app_log, 0)
             else:
                 os.rename(self.app_log, self.app_log + ".1")
+                # Created while the old file still exists, so it cannot reuse its inode.
                 open(self.app_log, "a").close()
+                if not keep:
+                    os.unlink(self.app_log + ".1")
             self.rotations += 1
 
     def exec_serials(self) -> None:
