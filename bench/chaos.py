@@ -172,6 +172,19 @@ def rotate_lost(world: World, rng: random.Random) -> str:
     return f"SIGKILL, {between:.1f}s of lines, app.log rotated and the old one deleted, started"
 
 
+def log_replaced(world: World, rng: random.Random) -> str:
+    # As rotate-lost, but app.log is deleted and created again under the same name: the
+    # new file may reuse the old inode number, and must not be taken for a truncation.
+    between = rng.uniform(0.3, 1.5)
+    stopped = world.stop_agent(signal.SIGKILL)
+    try:
+        time.sleep(between)  # the producer writes lines the agent will never read
+        world.replace_log()
+    finally:
+        world.start_agent(stopped)
+    return f"SIGKILL, {between:.1f}s of lines, app.log deleted and created again, started"
+
+
 def inotify_burst(world: World, rng: random.Random) -> str:
     # The agent is stopped (SIGSTOP) while the burst is written, as a starved agent on a
     # busy device would be: the kernel's queue overflows for certain.
@@ -258,6 +271,7 @@ FAULTS: dict[str, Callable[[World, random.Random], str]] = {
     "copytruncate": copytruncate,
     "rotate-down": rotate_down,
     "rotate-lost": rotate_lost,
+    "log-replaced": log_replaced,
     "inotify-burst": inotify_burst,
     "poison-acl": poison_acl,
     "poison-oversize": poison_oversize,

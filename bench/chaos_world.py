@@ -379,6 +379,14 @@ class World:
                     os.unlink(self.app_log + ".1")
             self.rotations += 1
 
+    def replace_log(self) -> None:
+        """Delete app.log and create it anew, unread lines and all; the new file may get
+        the old one's inode number back."""
+        with self.log_lock:
+            os.unlink(self.app_log)
+            open(self.app_log, "a").close()
+            self.rotations += 1
+
     def exec_serials(self) -> None:
         """Note the serials the exec command printed (its own ledger) in the ledger."""
         path = os.path.join(self.exec_dir, "ledger")
