@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.toml
 
-.PHONY: run test lint test-tools rabbitmq bench clean
+.PHONY: run test lint test-tools rabbitmq bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,13 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 
 bench: $(VENV)/.installed-bench test-tools
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# The chaos soak (not part of make test or make bench): faults against the real agent for
+# CHAOS_MINUTES (default 10), then an account of every event made; exit 1 on a silent
+# loss. As root (the agent's state dir goes on a tmpfs). CHAOS_ARGS="--seed N --faults ...".
+CHAOS_ARGS ?=
+chaos: $(VENV)/.installed-bench test-tools
+	$(BIN)/python bench/chaos.py $(if $(CHAOS_MINUTES),--minutes $(CHAOS_MINUTES)) $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info
