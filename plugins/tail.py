@@ -217,7 +217,9 @@ class TailSource(Source):
             self._report_lost(state, checkpoint={item.key: item.checkpoint()})
             after.setdefault(path, []).append(("time", state["time"]))
         else:
-            self._report_lost(state, checkpoint={item.key: item.checkpoint()}, truncated=True)
+            self._report_lost(
+                state, checkpoint={item.key: item.checkpoint()}, truncated=True, stopped=True
+            )
 
     def _adopt(
         self, tailed: dict[str, Tailed], rotated: list[tuple[tuple, Tailed]]
@@ -243,12 +245,19 @@ class TailSource(Source):
         return False
 
     def _report_lost(
-        self, state: dict, *, checkpoint: dict[str, str | None], truncated: bool = False
+        self,
+        state: dict,
+        *,
+        checkpoint: dict[str, str | None],
+        truncated: bool = False,
+        stopped: bool = False,
     ) -> None:
         """A followed file is gone before it was read to its end: one log.gap.
 
-        ``truncated``: the file is still there but was truncated, and no plain copy
-        of it was found; a gap only if a compressed copy is found, else a log line.
+        ``truncated``: the file is still there but was truncated (or replaced), and no
+        plain copy of it was found. A gap if a compressed copy is found, or if that
+        happened while the agent was ``stopped`` (what was written to it meanwhile
+        cannot be known); seen while running, only a log line.
         """
         path, head, fingerprint = state["path"], state.get("head", 0), state.get("fingerprint")
         data: dict = {"path": path, "from_offset": state["offset"]}
@@ -257,11 +266,20 @@ class TailSource(Source):
             for _, candidate, is_compressed in reversed(generations(path))
             if is_compressed and head and digest(compressed_head(candidate, head)) == fingerprint
         ]
-        if truncated and not compressed:
+        if truncated and not compressed and not stopped:
             self.log.info("%s was truncated or replaced; reading it from its start", path)
             self.save_checkpoint(checkpoint)
             return
-        if truncated:
+        if truncated and not compressed:
+            # Truncated in place, or deleted and made again (its inode number can come
+            # back) while the agent was down: lines written after from_offset before
+            # that cannot be known, so the loss is possible, and consumers are told.
+            data["reason"] = (
+                "truncated or replaced while the agent was stopped, and no copy of it was"
+                " found: lines written to it after from_offset before that were not read;"
+                " it is read again from its start"
+            )
+        elif truncated:
             data["compressed"] = compressed[0]
             data["reason"] = (
                 f"truncated after it was copied to {compressed[0]}, which is compressed and"
