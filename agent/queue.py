@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -866,6 +866,41 @@ def salvage_stats(path: str) -> dict[str, Any]:
     finally:
         conn.close()
     return found
+
+
+def iter_checkpoints(store: QueueStore, source: str, prefix: str) -> Iterator[tuple[str, str]]:
+    """One source's checkpoints whose key starts with ``prefix``, in key order (by code
+    point), read in pages from an index range: a large set never sits in memory at once."""
+    conn = store.connect()
+    try:
+        upper = _after_prefix(prefix)
+        if upper is None:
+            cursor = conn.execute(
+                "SELECT key, value FROM checkpoints WHERE source = ? AND key >= ?"
+                " AND substr(key, 1, ?) = ? AND key != ? ORDER BY key",
+                (source, prefix, len(prefix), prefix, INSTANCE_KEY),
+            )
+        else:
+            cursor = conn.execute(
+                "SELECT key, value FROM checkpoints WHERE source = ? AND key >= ? AND key < ?"
+                " AND key != ? ORDER BY key",
+                (source, prefix, upper, INSTANCE_KEY),
+            )
+        while rows := cursor.fetchmany(1000):
+            yield from rows
+    finally:
+        conn.close()
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The smallest text above every text starting with ``prefix`` (None: no upper bound
+    is cheap to write, for an empty prefix or one ending in the last code points)."""
+    if not prefix:
+        return None
+    last = ord(prefix[-1]) + 1
+    if last > 0x10FFFF or 0xD800 <= last <= 0xDFFF:
+        return None
+    return prefix[:-1] + chr(last)
 
 
 def read_stats(store: QueueStore) -> QueueStats:
