@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from stat import S_ISLNK
 from typing import Any, Literal, TypeVar
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -317,7 +318,7 @@ class FileSource(Source):
                     continue
                 observer.unschedule(watch)
                 del watches[path]
-                problems.setdefault(path, "it was deleted")
+                problems.setdefault(path, "deleted")
             self._lost.discard(path)
             reason = self._unwatchable(path)
             if reason is None:
@@ -586,10 +587,11 @@ class FileSource(Source):
             data["src_path"] = src["path"]
             if "path_base64" in src:
                 data["src_path_base64"] = src["path_base64"]
-            updates[index_key(*os.path.split(src_path))] = None
+            if self.config.catch_up:
+                updates[index_key(*os.path.split(src_path))] = None
         if event.is_directory:
             data["is_directory"] = True
-        key = index_key(*os.path.split(fs_path))
+        key = index_key(*os.path.split(fs_path)) if self.config.catch_up else ""
         if kind == "deleted":
             updates[key] = None
             return self.event(f"file.{kind}", data, subject=data["path"])
@@ -597,7 +599,8 @@ class FileSource(Source):
             st = os.lstat(fs_path)
             updates[key] = entry_value(st)
             if not event.is_directory:
-                data["size"] = os.stat(fs_path).st_size if os.path.islink(fs_path) else st.st_size
+                # The index keeps the link itself; the event tells the size of its target.
+                data["size"] = os.stat(fs_path).st_size if S_ISLNK(st.st_mode) else st.st_size
         except FileNotFoundError:
             updates[key] = None
             self.log.info(

@@ -193,6 +193,8 @@ class Scan:
                 for entry in entries:
                     if only is not None and entry.name != only:
                         continue
+                    if self.source.stopping.is_set():
+                        return []  # nothing of this folder committed: the next scan does it
                     try:
                         is_dir = entry.is_dir(follow_symlinks=False)
                         if is_dir:
