@@ -223,8 +223,13 @@ class FileSource(Source):
 
     def wanted(self, path: str, root: str) -> bool:
         """True if ``path`` passes the include and exclude patterns."""
+        if not self.config.include and not self.config.exclude:
+            return True
         name = os.path.basename(path)
-        relative = os.path.relpath(path, root) if root != path else name
+        if path.startswith(root + os.sep):
+            relative = path[len(root) + 1 :]
+        else:
+            relative = os.path.relpath(path, root) if root != path else name
 
         def matches(patterns: list[str]) -> bool:
             return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(relative, p) for p in patterns)

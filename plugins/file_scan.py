@@ -16,6 +16,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _json_string
 from typing import TYPE_CHECKING, Any
 
 from agent import Event
@@ -50,14 +51,15 @@ def _untext(text: str) -> str:
     return os.fsdecode(base64.b64decode(text[1:])) if text.startswith("\0") else text
 
 
-def index_key(folder: str, name: str) -> str:
-    """The index key of ``name`` in ``folder``."""
-    return json.dumps([_text(folder), _text(name)], ensure_ascii=False, separators=(",", ":"))
-
-
 def folder_prefix(folder: str) -> str:
     """The prefix every index key of an entry directly in ``folder`` starts with."""
-    return index_key(folder, "")[:-2]
+    return f"[{_json_string(_text(folder))},"
+
+
+def index_key(folder: str, name: str, prefix: str | None = None) -> str:
+    """The index key of ``name`` in ``folder`` (``prefix``: its folder_prefix, if known):
+    the JSON text ``["<folder>","<name>"]``."""
+    return f"{prefix or folder_prefix(folder)}{_json_string(_text(name))}]"
 
 
 def key_path(key: str) -> str:
@@ -115,6 +117,7 @@ class _Found:
     path: str
     value: str
     root: str
+    drains: int = 0  # Scan.drains when it was found
 
 
 class Scan:
@@ -145,6 +148,8 @@ class Scan:
         self._appeared: dict[str, _Found] = {}
         self._vanished: dict[str, _Found] = {}
         self.completed = False
+        #: How many times live events were handled during the scan so far.
+        self.drains = 0
 
     # -- walking -----------------------------------------------------------------
 
@@ -177,9 +182,13 @@ class Scan:
             stack.extend(sorted(subfolders, reverse=True))
             full = len(self._events) >= EVENTS_PER_COMMIT or len(self._updates) >= ROWS_PER_COMMIT
             # Commit before live events are handled, so that theirs come last in the index.
-            if (full or self.source.pending.qsize()) and not self._commit():
+            if self.source.pending.qsize():
+                if not self._commit():
+                    return False
+                self.between_folders()
+                self.drains += 1
+            elif full and not self._commit():
                 return False
-            self.between_folders()
         return True
 
     def _scan_folder(self, root: str, folder: str, only: str | None) -> list[str]:
@@ -188,6 +197,7 @@ class Scan:
         keep_folders = config.recursive or config.directories
         subfolders: list[str] = []
         disk: list[_Found] = []
+        prefix = folder_prefix(folder)
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
@@ -207,8 +217,8 @@ class Scan:
                         value = entry_value(entry.stat(follow_symlinks=False))
                     except FileNotFoundError:
                         continue  # gone since the listing
-                    key = index_key(folder, entry.name)
-                    disk.append(_Found(key, entry.path, value, root))
+                    key = index_key(folder, entry.name, prefix)
+                    disk.append(_Found(key, entry.path, value, root, self.drains))
         except FileNotFoundError:
             return []  # the folder went away: its parent's next scan sees it
         except OSError as exc:
@@ -220,7 +230,8 @@ class Scan:
             for found in disk:
                 self._appear(found)
             return subfolders
-        prefix = index_key(folder, only) if only is not None else folder_prefix(folder)
+        if only is not None:
+            prefix = index_key(folder, only, prefix)
         indexed = self.source.checkpoint_range(prefix)
         self._merge(root, disk, indexed)
         return subfolders
@@ -296,7 +307,7 @@ class Scan:
         if self.silent or not (is_dir_value(value) or self.source.wanted(path, root)):
             self._updates[key] = None
             return
-        gone = _Found(key, path, value, root)
+        gone = _Found(key, path, value, root, self.drains)
         ident = identity(value)
         new = self._appeared.pop(ident, None)
         if new is not None and _same_file(value, new.value):
@@ -326,7 +337,13 @@ class Scan:
         self._flush_appeared()
 
     def _current(self, found: _Found) -> str | None:
-        """The entry's value now, or None if it is gone or another file took its place."""
+        """The entry's value now, or None if it is gone or another file took its place.
+
+        Looked at again only if live events were handled since it was found: else
+        a change since is still to come as a live event, after this one.
+        """
+        if found.drains == self.drains:
+            return found.value
         try:
             value = entry_value(os.lstat(found.path))
         except OSError:
