@@ -146,9 +146,10 @@ def measure(folder: str, port: int, count: int, args: argparse.Namespace) -> tup
     finally:
         agent.stop()
     for scan in scans:
+        said = re.search(r"\d+ files(; reported .*)?", scan.line)
         print(
             f"  {scan.what:>16}: scan {scan.seconds:6.1f}s, peak RSS {scan.peak_rss:6.1f} MiB"
-            f"  ({scan.line.split('inbox: ', 1)[-1][:110]})",
+            f"  ({said.group(0) if said else scan.line})",
             flush=True,
         )
     print(

@@ -48,6 +48,10 @@ EventKind = Literal["created", "modified", "closed", "deleted", "moved"]
 BATCH_MAX = 500
 #: At most one overflow warning per this many seconds (the others are counted in it).
 OVERFLOW_LOG_INTERVAL = 60.0
+#: After an overflow, rescan once none came for this many seconds...
+OVERFLOW_QUIET = 1.0
+#: ... or this long after the first one, if they keep coming.
+OVERFLOW_WAIT_MAX = 30.0
 _WAKE = object()  # put in the hand-off to wake the source's thread
 T = TypeVar("T")
 
@@ -220,6 +224,9 @@ class FileSource(Source):
         self._gap_from = 0.0
         self._overflows_unlogged = 0
         self._overflow_logged = -OVERFLOW_LOG_INTERVAL
+        self._loss_first: float | None = None  # monotonic: first overflow not yet recovered
+        self._loss_due: float | None = None  # monotonic: when to recover
+        self._loss_from = self._loss_to = 0.0  # wall clock: the loss's window
 
     def wanted(self, path: str, root: str) -> bool:
         """True if ``path`` passes the include and exclude patterns."""
@@ -284,10 +291,12 @@ class FileSource(Source):
                         self._scan(back, "back")
                     next_check = time.monotonic() + self.config.retry_missing
                 if self._overflow.is_set():
-                    self._after_overflow(list(watches))
+                    self._noticed_overflow(list(watches))
+                if self._loss_due is not None and time.monotonic() >= self._loss_due:
+                    self._recover(list(watches))
                 if self.unsettled:
                     self._check_unsettled()
-                wait = 0.5 if self.unsettled else 1.0
+                wait = 0.5 if self.unsettled or self._loss_due else 1.0
                 self._emit_pending(timeout=min(wait, self.config.retry_missing))
             self._emit_pending(timeout=0)  # commit what was collected before stopping
         finally:
@@ -456,7 +465,8 @@ class FileSource(Source):
         key = baseline_key(root)
         return any(k == key for k, _ in self.checkpoint_range(key))
 
-    def _after_overflow(self, roots: list[str]) -> None:
+    def _noticed_overflow(self, roots: list[str]) -> None:
+        """Count and log an overflow; recover once they stop (see OVERFLOW_QUIET)."""
         self._overflow.clear()
         self.count("overflows")
         self._overflows_unlogged += 1
@@ -471,6 +481,17 @@ class FileSource(Source):
             )
             self._overflow_logged = now
             self._overflows_unlogged = 0
+        if self._loss_first is None:
+            self._loss_first = now
+            self._loss_from = self._gap_from
+        self._loss_to = self._overflow_at
+        # In a burst the queue overflows again and again: one scan once it is over
+        # finds everything, where a scan after each overflow would be outdated at once.
+        self._loss_due = min(self._loss_first + OVERFLOW_WAIT_MAX, now + OVERFLOW_QUIET)
+
+    def _recover(self, roots: list[str]) -> None:
+        """Rescan after overflows (or, without catch_up, report the loss as file.gap)."""
+        self._loss_first = self._loss_due = None
         if self.config.catch_up:
             self._emit_pending(timeout=0)  # what arrived before the loss, first
             self._scan(roots, "overflow")
@@ -481,8 +502,8 @@ class FileSource(Source):
                 {
                     "path": root,
                     "reason": "inotify queue overflowed",
-                    "from": _rfc3339(self._gap_from),
-                    "to": _rfc3339(self._overflow_at),
+                    "from": _rfc3339(self._loss_from),
+                    "to": _rfc3339(self._loss_to),
                 },
                 subject=root,
             )

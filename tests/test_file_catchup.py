@@ -244,9 +244,10 @@ def test_files_in_a_watched_folder_made_again_are_reported(
     made = set(touch_many(inbox, 50, "again"))
     wait_for(lambda: made <= paths_of(received(subscriber), "file.created"), 15, "50 files")
 
-    # Gone for a while this time (noticed), then back.
+    # Gone for a while this time (noticed, and its parent watched), then back.
+    noticed = agent.run_log().count("cannot watch")
     shutil.rmtree(inbox)
-    agent.wait_log("cannot watch")
+    wait_for(lambda: agent.run_log().count("cannot watch") > noticed, 10, "the loss noticed")
     inbox.mkdir()
     made = set(touch_many(inbox, 50, "later"))
     wait_for(lambda: made <= paths_of(received(subscriber), "file.created"), 15, "50 more")
