@@ -2,7 +2,7 @@
 
 The index is one checkpoint per file (and per folder below a recursive watch):
 key ``["<folder>","<name>"]`` (JSON text), value ``"<dev>:<inode> <size>
-<mtime_ns>"`` for a file, ``"<dev>:<inode> dir"`` for a folder. A folder's
+<mtime_ns>"`` for a file, ``"<dev>:<inode> dir <mtime_ns>"`` for a folder. A folder's
 entries are one key range, so a scan compares the index with the disk one folder
 at a time (a merge of two sorted lists) and never holds the whole index in memory.
 """
@@ -74,7 +74,7 @@ def baseline_key(root: str) -> str:
 
 def entry_value(st: os.stat_result) -> str:
     if stat.S_ISDIR(st.st_mode):
-        return f"{st.st_dev}:{st.st_ino} dir"
+        return f"{st.st_dev}:{st.st_ino} dir {st.st_mtime_ns}"
     return f"{st.st_dev}:{st.st_ino} {st.st_size} {st.st_mtime_ns}"
 
 
@@ -83,14 +83,12 @@ def identity(value: str) -> str:
 
 
 def is_dir_value(value: str) -> bool:
-    return value.endswith(" dir")
+    return value.split(" ", 2)[1] == "dir"
 
 
 def _same_file(old: str, new: str) -> bool:
-    """Could ``new`` be ``old`` renamed? The same inode, and for a file the same size and
-    mtime (a rename changes neither), since a deleted file's inode number is soon reused."""
-    if is_dir_value(old) or is_dir_value(new):
-        return is_dir_value(old) and is_dir_value(new)
+    """Could ``new`` be ``old`` renamed? The same inode, size (a file's) and mtime: a
+    rename changes none of them, and a deleted file's inode number is soon reused."""
     return old == new
 
 

@@ -92,6 +92,31 @@ def test_a_scan_applies_include_exclude_and_recursive_as_live_events_do(tmp_path
     assert base64.b64decode(raw.data["path_base64"]) == os.fsencode(inbox) + b"/bad-\xff.csv"
 
 
+def test_a_scan_reports_folders_trees_gone_and_folders_moved(tmp_path):
+    inbox = tmp_path / "inbox"
+    (inbox / "gone" / "deeper").mkdir(parents=True)
+    (inbox / "mv").mkdir()
+    for name in ("gone/a", "gone/deeper/b", "mv/c"):
+        (inbox / name).write_text("x")
+    config = {"directories": True, "events": ["created", "deleted", "moved"]}
+    index = baseline(inbox, config)
+    shutil.rmtree(inbox / "gone")
+    (inbox / "mv").rename(inbox / "mv2")
+    (inbox / "new").mkdir()  # may well get the inode "gone" had: not a move
+
+    with SourceHarness(FileSource, {"paths": [str(inbox)], **config}, checkpoints=index) as h:
+        h.wait_for_events(7)
+    assert {(e.type, e.data["path"], e.data.get("src_path")) for e in h.events} == {
+        ("file.deleted", str(inbox / "gone"), None),
+        ("file.deleted", str(inbox / "gone/deeper"), None),
+        ("file.deleted", str(inbox / "gone/a"), None),
+        ("file.deleted", str(inbox / "gone/deeper/b"), None),
+        ("file.moved", str(inbox / "mv2"), str(inbox / "mv")),
+        ("file.moved", str(inbox / "mv2/c"), str(inbox / "mv/c")),
+        ("file.created", str(inbox / "new"), None),
+    }
+
+
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
 def test_changes_while_stopped_are_reported_at_start_with_scan(
     tmp_path, subscriber, running_broker, agent_process, stop
