@@ -214,7 +214,7 @@ class FileSource(Source):
         # Events name absolute paths, whatever the working directory was.
         self.paths = [os.path.abspath(p) for p in self.config.paths]
         #: Files found by a scan, waiting for their mtime to settle before file.closed.
-        self.unsettled: dict[str, str] = {}
+        self.unsettled: dict[str, tuple[str, str]] = {}  # path: (index key, value)
         #: When the source last received an event from watchdog (for file.gap's "from").
         self.last_event_at = time.time()
         self._wake = threading.Event()
@@ -512,7 +512,8 @@ class FileSource(Source):
         """Report file.closed for scanned files whose mtime has settled and not changed."""
         now = time.time()
         events = []
-        for path, value in list(self.unsettled.items()):
+        updates: dict[str, str | None] = {}
+        for path, (key, value) in list(self.unsettled.items()):
             if now - int(value.rsplit(" ", 1)[1]) / 1e9 < SETTLE_SECONDS:
                 continue
             del self.unsettled[path]
@@ -522,7 +523,9 @@ class FileSource(Source):
                 continue
             if current == value:  # else it is being written: its close is seen live
                 events.append(scan_event(self, "file.closed", path, value))
-        self.commit_retrying(events, {})
+                if self.config.catch_up:
+                    updates[key] = value
+        self.commit_retrying(events, updates)
 
     def commit_retrying(self, events: Sequence[Event], updates: Mapping[str, str | None]) -> bool:
         """Commit events and index updates, trying again while the queue cannot take them.

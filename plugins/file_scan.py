@@ -395,7 +395,11 @@ class Scan:
         if time.time() - mtime >= SETTLE_SECONDS or len(source.unsettled) >= UNSETTLED_MAX:
             self._report("file.closed", found.path, found.value)
         else:
-            source.unsettled[found.path] = found.value
+            source.unsettled[found.path] = (found.key, found.value)
+            if self.use_index:
+                # Indexed with mtime 0 until file.closed is sent: if the agent stops
+                # first, the next scan sees a change and reports it then.
+                self._updates[found.key] = found.value.rsplit(" ", 1)[0] + " 0"
 
     def _report(self, type: str, path: str, value: str, *, size: bool = True, **extra: Any) -> None:
         self._events.append(scan_event(self.source, type, path, value, size=size, **extra))
