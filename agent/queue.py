@@ -45,6 +45,8 @@ Checkpoint = tuple[str, str, str | None]
 #: the agent was stopped is recognised (agent/reload.py). It moves with a rename.
 INSTANCE_KEY = "edge-agent:instance"
 BUSY_TIMEOUT_MS = 10_000
+#: The size of the checkpoints table is measured again at most this often (seconds).
+CHECKPOINT_SIZE_EVERY = 10.0
 #: After a checkpoint, the WAL file is cut back to this size.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
 #: Events per INSERT statement. One statement of many rows is one sqlite3_step,
@@ -300,6 +302,9 @@ class QueueWriter:
         )
         #: Dead letters dropped by the bounds since start, per sink.
         self.dead_letters_dropped: Counter[str] = Counter()
+        self._checkpoints_size = 0
+        self._checkpoints_changed = True
+        self._checkpoints_measure_at = 0.0
         saved = self.conn.execute("SELECT boot_id, offset, last FROM age_clock").fetchone()
         #: What max_age is measured on (agent/clock.py); injectable for tests.
         self.clock = clock or AgeClock.resume(saved)
@@ -427,6 +432,8 @@ class QueueWriter:
             self._rollback()
             raise QueueError(f"cannot commit {len(events)} events to the queue: {exc}") from exc
         self._sequences = sequences
+        if checkpoints:
+            self._checkpoints_changed = True
 
     def skip_sequences(self, counts: Counter[str]) -> None:
         """Numbers for events dropped before they were queued: the loss shows in ``sequence``.
@@ -565,7 +572,28 @@ class QueueWriter:
             wal = os.stat(self.wal_path).st_size
         except OSError:
             wal = 0
-        return Usage(events, (pages - free) * page_size, wal)
+        live = max(0, (pages - free) * page_size - self._checkpoint_bytes())
+        return Usage(events, live, wal)
+
+    def _checkpoint_bytes(self) -> int:
+        """Bytes the checkpoints take: not part of the backlog that max_bytes bounds (the
+        file source keeps an index of every file there). Measured again after they
+        changed, at most every CHECKPOINT_SIZE_EVERY seconds or 100 times as long as the
+        last measurement took (it reads every page of the table: 0.2 s for a million)."""
+        now = time.monotonic()
+        if not self._checkpoints_changed or now < self._checkpoints_measure_at:
+            return self._checkpoints_size
+        try:
+            self._checkpoints_size = self.conn.execute(
+                "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat('main', 1)"
+                " WHERE name IN ('checkpoints', 'sqlite_autoindex_checkpoints_1')"
+            ).fetchone()[0]
+        except sqlite3.Error:  # an SQLite built without dbstat: checkpoints count too
+            self._checkpoints_size = 0
+        took = time.monotonic() - now
+        self._checkpoints_changed = False
+        self._checkpoints_measure_at = now + max(CHECKPOINT_SIZE_EVERY, 100 * took)
+        return self._checkpoints_size
 
     def drop_oldest(self, count: int) -> Counter[str]:
         """Delete the ``count`` oldest events and dead letters; return events per source.

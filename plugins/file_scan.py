@@ -109,7 +109,11 @@ class ScanResult:
         return self.created + self.changed + self.deleted + self.moved
 
 
-@dataclass
+class _Stopped(Exception):
+    """The source was told to stop during a scan."""
+
+
+@dataclass(slots=True)
 class _Found:
     key: str
     path: str
@@ -154,16 +158,17 @@ class Scan:
     def run(self, roots: list[str]) -> bool:
         """Scan ``roots``; False if the source was told to stop first (nothing is lost:
         what was not committed is found again by the next scan)."""
-        for root in roots:
-            if not self._scan_root(root):
-                return False
-        self._flush_candidates()
-        if not self._commit():
+        try:
+            for root in roots:
+                self._scan_root(root)
+            self._flush_candidates()
+            self._commit()
+        except _Stopped:
             return False
         self.completed = True
         return True
 
-    def _scan_root(self, root: str) -> bool:
+    def _scan_root(self, root: str) -> None:
         if os.path.isdir(root):
             stack = [root]
             only = None
@@ -171,23 +176,20 @@ class Scan:
             stack = [os.path.dirname(root)]
             only = os.path.basename(root)
         else:
-            return True  # gone: looked at again when it comes back
+            return  # gone: looked at again when it comes back
         while stack:
             if self.source.stopping.is_set():
-                return False
+                raise _Stopped
             folder = stack.pop()
             subfolders = self._scan_folder(root, folder, only)
             stack.extend(sorted(subfolders, reverse=True))
-            full = len(self._events) >= EVENTS_PER_COMMIT or len(self._updates) >= ROWS_PER_COMMIT
             # Commit before live events are handled, so that theirs come last in the index.
             if self.source.pending.qsize():
-                if not self._commit():
-                    return False
+                self._commit()
                 self.between_folders()
                 self.drains += 1
-            elif full and not self._commit():
-                return False
-        return True
+            else:
+                self._commit_if_full()
 
     def _scan_folder(self, root: str, folder: str, only: str | None) -> list[str]:
         """Compare one folder with its index range; return the sub-folders to scan."""
@@ -249,6 +251,7 @@ class Scan:
                 self._compare(root, found, row[1])
                 found = next(on_disk, None)
                 row = next(indexed, None)
+            self._commit_if_full()  # a folder of a million files is not one transaction
 
     # -- differences -------------------------------------------------------------
 
@@ -404,12 +407,18 @@ class Scan:
     def _report(self, type: str, path: str, value: str, *, size: bool = True, **extra: Any) -> None:
         self._events.append(scan_event(self.source, type, path, value, size=size, **extra))
 
-    def _commit(self) -> bool:
+    def _commit_if_full(self) -> None:
+        if len(self._events) >= EVENTS_PER_COMMIT or len(self._updates) >= ROWS_PER_COMMIT:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit what the scan found so far; _Stopped if the source is stopping first."""
         events, self._events = self._events, []
         updates, self._updates = self._updates, {}
         if not self.use_index:
             updates = {}
-        return self.source.commit_retrying(events, updates)
+        if not self.source.commit_retrying(events, updates):
+            raise _Stopped
 
 
 def scan_event(

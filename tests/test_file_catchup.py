@@ -215,10 +215,13 @@ def test_a_burst_of_200000_files_is_reported_in_full(
         "200,000 files reported",
     )
     reported = paths_of(received(subscriber), "file.created")
+    with open(f"/proc/{agent.pid}/status") as handle:
+        peak = next(line.split()[1] for line in handle if line.startswith("VmHWM"))
     print(
         f"200,000 files made in {created:.1f}s, all {len(reported & made)} reported after"
         f" {time.monotonic() - started:.1f}s; by a scan:"
-        f" {len(paths_of(received(subscriber), 'file.created', scan=True))}"
+        f" {len(paths_of(received(subscriber), 'file.created', scan=True))};"
+        f" the agent's peak RSS {int(peak) / 1024:.0f} MiB"
     )
     assert agent.terminate() == 0
 
