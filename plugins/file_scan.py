@@ -149,7 +149,6 @@ class Scan:
         self._updates: dict[str, str | None] = {}
         self._appeared: dict[str, _Found] = {}
         self._vanished: dict[str, _Found] = {}
-        self.completed = False
         #: How many times live events were handled during the scan so far.
         self.drains = 0
 
@@ -165,7 +164,6 @@ class Scan:
             self._commit()
         except _Stopped:
             return False
-        self.completed = True
         return True
 
     def _scan_root(self, root: str) -> None:
