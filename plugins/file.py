@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
+from watchdog.version import VERSION_INFO as WATCHDOG_VERSION
 
 from agent import Duration, Event, Source, hookimpl, option
 from agent.backoff import Backoff
@@ -96,6 +97,13 @@ class _OverflowListener(logging.Handler):
             if not self._installed:
                 logging.getLogger("watchdog").addHandler(self)
                 self._installed = True
+                if WATCHDOG_VERSION < (7, 1):
+                    source.log.warning(
+                        "watchdog %s does not say when the kernel's inotify queue overflowed:"
+                        " events lost in a burst go unnoticed until the next start."
+                        " Install watchdog 7.1 or later (pip install 'watchdog>=7.1')",
+                        ".".join(map(str, WATCHDOG_VERSION)),
+                    )
 
     def unregister(self, source: FileSource) -> None:
         with self._lock:
