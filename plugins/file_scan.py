@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string
 from typing import TYPE_CHECKING, Any
@@ -194,7 +194,7 @@ class Scan:
         config = self.config
         keep_folders = config.recursive or config.directories
         subfolders: list[str] = []
-        disk: list[_Found] = []
+        disk: list[tuple[str, str]] = []  # (key, value): lean, a folder may hold millions
         prefix = folder_prefix(folder)
         try:
             with os.scandir(folder) as entries:
@@ -215,56 +215,55 @@ class Scan:
                         value = entry_value(entry.stat(follow_symlinks=False))
                     except FileNotFoundError:
                         continue  # gone since the listing
-                    key = index_key(folder, entry.name, prefix)
-                    disk.append(_Found(key, entry.path, value, root, self.drains))
+                    disk.append((index_key(folder, entry.name, prefix), value))
         except FileNotFoundError:
             return []  # the folder went away: its parent's next scan sees it
         except OSError as exc:
             self.result.unreadable.append(f"{folder}: {exc.strerror}")
             return []
         self.result.folders += 1
-        disk.sort(key=lambda found: found.key)
-        if not self.use_index:
-            for found in disk:
-                self._appear(found)
-            return subfolders
-        if only is not None:
-            prefix = index_key(folder, only, prefix)
-        indexed = self.source.checkpoint_range(prefix)
-        self._merge(root, disk, indexed)
-        return subfolders
+        self.result.files += sum(not is_dir_value(value) for _, value in disk)
+        disk.sort()
 
-    def _merge(self, root: str, disk: list[_Found], indexed: Iterator[tuple[str, str]]) -> None:
+        def found(key: str, value: str) -> _Found:
+            name = _untext(json.loads(key[len(prefix) : -1]))
+            return _Found(key, os.path.join(folder, name), value, root, self.drains)
+
+        if not self.use_index:
+            for key, value in disk:
+                self._appear(found(key, value))
+            return subfolders
+        indexed = self.source.checkpoint_range(
+            prefix if only is None else index_key(folder, only, prefix)
+        )
         on_disk = iter(disk)
-        found = next(on_disk, None)
+        here = next(on_disk, None)
         row = next(indexed, None)
-        while found is not None or row is not None:
-            if row is None or (found is not None and found.key < row[0]):
-                self._appear(found)
-                found = next(on_disk, None)
-            elif found is None or row[0] < found.key:
+        while here is not None or row is not None:
+            if row is None or (here is not None and here[0] < row[0]):
+                self._appear(found(*here))
+                here = next(on_disk, None)
+            elif here is None or row[0] < here[0]:
                 self._vanish(root, row[0], row[1])
                 row = next(indexed, None)
             else:
-                self._compare(root, found, row[1])
-                found = next(on_disk, None)
+                if here[1] != row[1]:
+                    self._compare(root, found(*here), row[1])
+                here = next(on_disk, None)
                 row = next(indexed, None)
             self._commit_if_full()  # a folder of a million files is not one transaction
+        return subfolders
 
     # -- differences -------------------------------------------------------------
 
     def _compare(self, root: str, found: _Found, old: str) -> None:
-        if not is_dir_value(found.value):
-            self.result.files += 1
-        if found.value == old:
-            return
         if is_dir_value(found.value) and is_dir_value(old):
             # The same folder, or one made again: its entries are compared when it is scanned.
             self._updates[found.key] = found.value
             return
         if identity(found.value) != identity(old) or is_dir_value(found.value) != is_dir_value(old):
-            self._vanish(root, found.key, old, counted=True)
-            self._appear(found, counted=True)
+            self._vanish(root, found.key, old)
+            self._appear(found)
             return
         self._updates[found.key] = found.value
         if self.silent or is_dir_value(found.value):
@@ -278,9 +277,7 @@ class Scan:
             return
         self.result.changed += 1
 
-    def _appear(self, found: _Found, *, counted: bool = False) -> None:
-        if not counted and not is_dir_value(found.value):
-            self.result.files += 1
+    def _appear(self, found: _Found) -> None:
         if self.silent:
             self._updates[found.key] = found.value
             return
@@ -298,7 +295,7 @@ class Scan:
         if len(self._appeared) > MOVE_CANDIDATES_MAX:
             self._flush_appeared()
 
-    def _vanish(self, root: str, key: str, value: str, *, counted: bool = False) -> None:
+    def _vanish(self, root: str, key: str, value: str) -> None:
         path = key_path(key)
         if is_dir_value(value):
             for sub_key, sub_value in list(self.source.checkpoint_range(folder_prefix(path))):
