@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,11 +53,14 @@ class SourceContext:
         commit: Callable[[Sequence[Event], Mapping[str, str | None] | None], None],
         read_checkpoints: Callable[[], dict[str, str]],
         status: Callable[[], dict[str, Any]] | None = None,
+        scan_checkpoints: Callable[[str], Iterator[tuple[str, str]]] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.commit = commit
         self.read_checkpoints = read_checkpoints
         self.status = status
+        #: Keys starting with a prefix, in key order, streamed (None: filter read_checkpoints).
+        self.scan_checkpoints = scan_checkpoints
 
 
 class Source:
@@ -240,6 +243,19 @@ class Source:
     def checkpoints(self) -> dict[str, str]:
         """This source instance's committed checkpoint values, as last saved."""
         return self.context.read_checkpoints()
+
+    def checkpoint_range(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """This source's committed checkpoints whose key starts with ``prefix``, as
+        ``(key, value)`` in key order (by code point; ``""``: all of them).
+
+        Read from disk in pages, for a source that keeps many keys (an index of
+        files): one key range is read without loading the rest. Consume it
+        soon: it holds a read snapshot of the queue while it is open.
+        """
+        if self.context.scan_checkpoints is not None:
+            return self.context.scan_checkpoints(prefix)
+        found = self.context.read_checkpoints()
+        return iter(sorted((k, v) for k, v in found.items() if k.startswith(prefix)))
 
     def agent_status(self) -> dict[str, Any]:
         """The running agent's status, as ``edge-agent status --json`` shows it under

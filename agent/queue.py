@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +45,8 @@ Checkpoint = tuple[str, str, str | None]
 #: the agent was stopped is recognised (agent/reload.py). It moves with a rename.
 INSTANCE_KEY = "edge-agent:instance"
 BUSY_TIMEOUT_MS = 10_000
+#: The size of the checkpoints table is measured again at most this often (seconds).
+CHECKPOINT_SIZE_EVERY = 10.0
 #: After a checkpoint, the WAL file is cut back to this size.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
 #: Events per INSERT statement. One statement of many rows is one sqlite3_step,
@@ -300,6 +302,9 @@ class QueueWriter:
         )
         #: Dead letters dropped by the bounds since start, per sink.
         self.dead_letters_dropped: Counter[str] = Counter()
+        self._checkpoints_size = 0
+        self._checkpoints_changed = True
+        self._checkpoints_measure_at = 0.0
         saved = self.conn.execute("SELECT boot_id, offset, last FROM age_clock").fetchone()
         #: What max_age is measured on (agent/clock.py); injectable for tests.
         self.clock = clock or AgeClock.resume(saved)
@@ -427,6 +432,8 @@ class QueueWriter:
             self._rollback()
             raise QueueError(f"cannot commit {len(events)} events to the queue: {exc}") from exc
         self._sequences = sequences
+        if checkpoints:
+            self._checkpoints_changed = True
 
     def skip_sequences(self, counts: Counter[str]) -> None:
         """Numbers for events dropped before they were queued: the loss shows in ``sequence``.
@@ -565,7 +572,28 @@ class QueueWriter:
             wal = os.stat(self.wal_path).st_size
         except OSError:
             wal = 0
-        return Usage(events, (pages - free) * page_size, wal)
+        live = max(0, (pages - free) * page_size - self._checkpoint_bytes())
+        return Usage(events, live, wal)
+
+    def _checkpoint_bytes(self) -> int:
+        """Bytes the checkpoints take: not part of the backlog that max_bytes bounds (the
+        file source keeps an index of every file there). Measured again after they
+        changed, at most every CHECKPOINT_SIZE_EVERY seconds or 100 times as long as the
+        last measurement took (it reads every page of the table: 0.2 s for a million)."""
+        now = time.monotonic()
+        if not self._checkpoints_changed or now < self._checkpoints_measure_at:
+            return self._checkpoints_size
+        try:
+            self._checkpoints_size = self.conn.execute(
+                "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat('main', 1)"
+                " WHERE name IN ('checkpoints', 'sqlite_autoindex_checkpoints_1')"
+            ).fetchone()[0]
+        except sqlite3.Error:  # an SQLite built without dbstat: checkpoints count too
+            self._checkpoints_size = 0
+        took = time.monotonic() - now
+        self._checkpoints_changed = False
+        self._checkpoints_measure_at = now + max(CHECKPOINT_SIZE_EVERY, 100 * took)
+        return self._checkpoints_size
 
     def drop_oldest(self, count: int) -> Counter[str]:
         """Delete the ``count`` oldest events and dead letters; return events per source.
@@ -866,6 +894,41 @@ def salvage_stats(path: str) -> dict[str, Any]:
     finally:
         conn.close()
     return found
+
+
+def iter_checkpoints(store: QueueStore, source: str, prefix: str) -> Iterator[tuple[str, str]]:
+    """One source's checkpoints whose key starts with ``prefix``, in key order (by code
+    point), read in pages from an index range: a large set never sits in memory at once."""
+    conn = store.connect()
+    try:
+        upper = _after_prefix(prefix)
+        if upper is None:
+            cursor = conn.execute(
+                "SELECT key, value FROM checkpoints WHERE source = ? AND key >= ?"
+                " AND substr(key, 1, ?) = ? AND key != ? ORDER BY key",
+                (source, prefix, len(prefix), prefix, INSTANCE_KEY),
+            )
+        else:
+            cursor = conn.execute(
+                "SELECT key, value FROM checkpoints WHERE source = ? AND key >= ? AND key < ?"
+                " AND key != ? ORDER BY key",
+                (source, prefix, upper, INSTANCE_KEY),
+            )
+        while rows := cursor.fetchmany(1000):
+            yield from rows
+    finally:
+        conn.close()
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The smallest text above every text starting with ``prefix`` (None: no upper bound
+    is cheap to write, for an empty prefix or one ending in the last code points)."""
+    if not prefix:
+        return None
+    last = ord(prefix[-1]) + 1
+    if last > 0x10FFFF or 0xD800 <= last <= 0xDFFF:
+        return None
+    return prefix[:-1] + chr(last)
 
 
 def read_stats(store: QueueStore) -> QueueStats:

@@ -35,7 +35,7 @@ from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
 from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
-from agent.queue import INSTANCE_KEY, QueueStore, read_checkpoints, read_stats
+from agent.queue import INSTANCE_KEY, QueueStore, iter_checkpoints, read_checkpoints, read_stats
 from agent.statedir import StateDirLock
 from agent.systemd import Notifier
 from agent.writer import Writer
@@ -235,6 +235,7 @@ class Agent:
                 commit=lambda events, checkpoint: self.commit_events(name, events, checkpoint),
                 read_checkpoints=lambda: read_checkpoints(self.store, name),
                 status=lambda: status.snapshot(self),
+                scan_checkpoints=lambda prefix: iter_checkpoints(self.store, name, prefix),
             )
             return cls(name=name, config=instance.config, context=context)
         return cls(name=instance.name, config=instance.config, agent_id=self.id)

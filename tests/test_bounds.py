@@ -345,3 +345,16 @@ def test_max_age_drops_dead_letters_with_the_events_of_their_time(store):
     bounds.housekeeping()
     assert dead_letters.counts(cursor.conn) == {}
     assert bounds.dead_letters_dropped == {"cloud": 2} and queue.usage().events == 3
+
+
+def test_max_bytes_bounds_the_events_not_the_checkpoints(store):
+    """A source's checkpoints (the file source's index of every file) are not backlog."""
+    queue = QueueWriter(store)
+    index = [("inbox", f'["/var/spool/inbox","f{i:06d}"]', f"2049:{i} 10 0") for i in range(40_000)]
+    queue.append([], index)
+    assert os.path.getsize(store.path) > 4 * 1024 * 1024
+    bounds = Bounds(queue, Limits(max_bytes=2 * 1024 * 1024), store.state_dir)
+    for _ in range(3):
+        assert bounds.admit(100, 100 * 200)
+        queue.append(batch("a", 100))
+    assert not bounds.dropped and queue.usage().events == 300

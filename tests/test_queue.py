@@ -5,7 +5,14 @@ from __future__ import annotations
 import uuid
 
 from agent.event import Event, new_event_id
-from agent.queue import QueueStore, QueueWriter, SinkCursor, count_events, read_stats
+from agent.queue import (
+    QueueStore,
+    QueueWriter,
+    SinkCursor,
+    count_events,
+    iter_checkpoints,
+    read_stats,
+)
 
 
 def events(source: str, count: int) -> list[tuple[Event, str]]:
@@ -168,3 +175,18 @@ def test_a_commit_of_events_is_never_left_at_synchronous_normal(tmp_path):
     writer.append(events("a", 1))
     assert writer.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert count_events(store.path) == 3
+
+
+def test_a_checkpoint_range_is_read_in_key_order_and_only_that_range(tmp_path):
+    store = QueueStore(str(tmp_path))
+    store.open()
+    writer = QueueWriter(store)
+    keys = ['["/a","x"]', '["/a","b"]', '["/a/b","c"]', '["/a-b","d"]', "other", "\U0010ffff"]
+    writer.append([], [("src", key, key.upper()) for key in keys] + [("other", '["/a","z"]', "1")])
+    writer.close()
+    assert list(iter_checkpoints(store, "src", '["/a","')) == [
+        ('["/a","b"]', '["/A","B"]'),
+        ('["/a","x"]', '["/A","X"]'),
+    ]
+    assert [key for key, _ in iter_checkpoints(store, "src", "")] == sorted(keys)
+    assert [key for key, _ in iter_checkpoints(store, "src", "\U0010ffff")] == ["\U0010ffff"]

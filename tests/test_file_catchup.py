@@ -1,0 +1,282 @@
+"""The file source across restarts and bursts: catch-up scans, overflows, folders that
+come back. Real files, real inotify, the real agent, a real Mosquitto and subscriber."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from conftest import mqtt_agent_config, run_cli
+
+from agent.testing import SourceHarness, wait_for
+from plugins.file import FileSource
+
+#: A burst's messages carry up to this many events (a JSON array): fewer round trips.
+#: Only consecutive events bound for one topic share a message, hence CREATED_ONLY.
+BATCHED = 'batch_max_events = 500\nbatch_max_bytes = "1MiB"'
+CREATED_ONLY = 'events = ["created"]'
+
+
+def received(subscriber) -> list[dict]:
+    """Every event the subscriber got, batched messages unpacked."""
+    events: list[dict] = []
+    for message in subscriber.messages[:]:
+        payload = json.loads(message.payload)
+        events.extend(payload if isinstance(payload, list) else [payload])
+    return events
+
+
+def paths_of(events: list[dict], type: str, **data) -> set[str]:
+    return {
+        e["data"]["path"]
+        for e in events
+        if e["type"] == type and all(e["data"].get(k) == v for k, v in data.items())
+    }
+
+
+def touch_many(folder, count: int, prefix: str) -> list[str]:
+    """``count`` empty files, as fast as a Python loop makes them."""
+    paths = [os.path.join(folder, f"{prefix}{i:06d}") for i in range(count)]
+    for path in paths:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    return paths
+
+
+def max_queued_events() -> int:
+    with open("/proc/sys/fs/inotify/max_queued_events") as handle:
+        return int(handle.read())
+
+
+def baseline(folder, config: dict) -> dict[str, str]:
+    """Run the source once on ``folder`` until its first baseline is committed; its index."""
+    with SourceHarness(FileSource, {"paths": [str(folder)], **config}) as harness:
+        wait_for(
+            lambda: any(k.startswith("baseline:") for k in harness.saved_checkpoints),
+            10,
+            "the baseline",
+        )
+        assert harness.events == []  # files already there at the first start are no news
+        return dict(harness.saved_checkpoints)
+
+
+def test_a_scan_applies_include_exclude_and_recursive_as_live_events_do(tmp_path):
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    (inbox / "gone.csv").write_text("x")
+    config = {"include": ["*.csv"], "exclude": ["skip*"], "recursive": False}
+    index = baseline(inbox, config)
+    for name in ("a.csv", "b.txt", "skip.csv", "sub/c.csv"):
+        (inbox / name).write_text("x")
+    (inbox / "gone.csv").unlink()
+    bad = os.fsdecode(b"bad-\xff.csv")
+    (inbox / bad).write_text("x")
+
+    with SourceHarness(FileSource, {"paths": [str(inbox)], **config}, checkpoints=index) as h:
+        h.wait_for_events(3)
+        wait_for(lambda: len([e for e in h.events if e.type == "file.closed"]) == 2, 10, "closed")
+    found = {(e.type, e.data["path"]) for e in h.events}
+    assert found == {
+        ("file.created", str(inbox / "a.csv")),
+        ("file.closed", str(inbox / "a.csv")),
+        ("file.created", str(inbox / "bad-\ufffd.csv")),
+        ("file.closed", str(inbox / "bad-\ufffd.csv")),
+        ("file.deleted", str(inbox / "gone.csv")),
+    }
+    assert all(e.data["scan"] is True for e in h.events)
+    raw = next(e for e in h.events if "path_base64" in e.data)
+    assert base64.b64decode(raw.data["path_base64"]) == os.fsencode(inbox) + b"/bad-\xff.csv"
+
+
+def test_a_scan_reports_folders_trees_gone_and_folders_moved(tmp_path):
+    inbox = tmp_path / "inbox"
+    (inbox / "gone" / "deeper").mkdir(parents=True)
+    (inbox / "mv").mkdir()
+    for name in ("gone/a", "gone/deeper/b", "mv/c"):
+        (inbox / name).write_text("x")
+    config = {"directories": True, "events": ["created", "deleted", "moved"]}
+    index = baseline(inbox, config)
+    shutil.rmtree(inbox / "gone")
+    (inbox / "mv").rename(inbox / "mv2")
+    (inbox / "new").mkdir()  # may well get the inode "gone" had: not a move
+
+    with SourceHarness(FileSource, {"paths": [str(inbox)], **config}, checkpoints=index) as h:
+        h.wait_for_events(7)
+    assert {(e.type, e.data["path"], e.data.get("src_path")) for e in h.events} == {
+        ("file.deleted", str(inbox / "gone"), None),
+        ("file.deleted", str(inbox / "gone/deeper"), None),
+        ("file.deleted", str(inbox / "gone/a"), None),
+        ("file.deleted", str(inbox / "gone/deeper/b"), None),
+        ("file.moved", str(inbox / "mv2"), str(inbox / "mv")),
+        ("file.moved", str(inbox / "mv2/c"), str(inbox / "mv/c")),
+        ("file.created", str(inbox / "new"), None),
+    }
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_changes_while_stopped_are_reported_at_start_with_scan(
+    tmp_path, subscriber, running_broker, agent_process, stop
+):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    old = [inbox / f"old{i}.csv" for i in range(5)]
+    for path in old:
+        path.write_text("row\n")
+    agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port)).start()
+    agent.wait_started()
+    agent.wait_log("indexed 5 files")  # the first run's baseline, committed
+    if stop == "sigterm":
+        assert agent.terminate() == 0
+    else:
+        agent.kill()
+
+    new = touch_many(inbox, 10, "new")
+    for path in old[:3]:
+        path.unlink()
+    old[3].rename(inbox / "renamed.csv")
+    with old[4].open("a") as handle:
+        handle.write("appended\n")
+
+    agent.start()
+    agent.wait_started()
+
+    def complete() -> bool:
+        events = received(subscriber)
+        return (
+            paths_of(events, "file.created", scan=True) >= set(new)
+            and paths_of(events, "file.deleted", scan=True) == {str(p) for p in old[:3]}
+            and paths_of(events, "file.moved", scan=True) == {str(inbox / "renamed.csv")}
+            and str(old[4]) in paths_of(events, "file.closed", scan=True)
+        )
+
+    wait_for(complete, 20, f"the changes made while stopped:\n{agent.run_log()}")
+    events = received(subscriber)
+    moved = next(e for e in events if e["type"] == "file.moved")
+    assert moved["data"]["src_path"] == str(old[3])
+    appended = next(e for e in events if e["type"] == "file.closed" and e["data"]["scan"])
+    assert appended["data"]["size"] == len("row\nappended\n")
+    # The files that were there at the very first start were a baseline, not news.
+    assert not paths_of(events, "file.created") & {str(p) for p in old}
+    assert agent.terminate() == 0
+
+
+@pytest.mark.timeout(240)  # 20 starts and stops of the real agent
+def test_files_made_right_after_ready_are_all_reported_20_times(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port))
+    inbox = tmp_path / "inbox"
+    for round in range(20):
+        agent.start()
+        agent.wait_started()
+        made = set(touch_many(inbox, 300, f"r{round:02d}-"))
+        wait_for(
+            lambda made=made: made <= paths_of(received(subscriber), "file.created"),
+            20,
+            f"round {round}: 300 files reported",
+        )
+        assert agent.terminate() == 0
+
+
+def test_every_subfolder_is_watched_before_ready(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    inbox = tmp_path / "inbox"
+    folders = [inbox / f"d{i:04d}" for i in range(1000)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    agent = agent_process(mqtt_agent_config(tmp_path, running_broker.port, sink=BATCHED))
+    agent.start()
+    agent.wait_started()
+    made = {path for folder in folders for path in touch_many(folder, 1, "f")}
+    wait_for(lambda: made <= paths_of(received(subscriber), "file.created"), 30, "1000 files")
+    # Seen live, not by a scan: every watch was in place before READY.
+    assert not paths_of(received(subscriber), "file.created", scan=True)
+    assert agent.terminate() == 0
+
+
+@pytest.mark.timeout(300)  # a burst of 200,000 files through the real agent and broker
+def test_a_burst_of_200000_files_is_reported_in_full(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    config = mqtt_agent_config(tmp_path, running_broker.port, sink=BATCHED, source=CREATED_ONLY)
+    agent = agent_process(config).start()
+    agent.wait_started()
+    started = time.monotonic()
+    made = set(touch_many(tmp_path / "inbox", 200_000, "b"))
+    created = time.monotonic() - started
+    wait_for(
+        lambda: made <= paths_of(received(subscriber), "file.created"),
+        240,
+        "200,000 files reported",
+    )
+    reported = paths_of(received(subscriber), "file.created")
+    with open(f"/proc/{agent.pid}/status") as handle:
+        peak = next(line.split()[1] for line in handle if line.startswith("VmHWM"))
+    print(
+        f"200,000 files made in {created:.1f}s, all {len(reported & made)} reported after"
+        f" {time.monotonic() - started:.1f}s; by a scan:"
+        f" {len(paths_of(received(subscriber), 'file.created', scan=True))};"
+        f" the agent's peak RSS {int(peak) / 1024:.0f} MiB"
+    )
+    assert agent.terminate() == 0
+
+
+def test_an_overflow_without_catch_up_is_a_gap_event_and_counted(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    config = mqtt_agent_config(
+        tmp_path, running_broker.port, sink=BATCHED, source=f"catch_up = false\n{CREATED_ONLY}"
+    )
+    agent = agent_process(config).start()
+    agent.wait_started()
+    # A stopped agent reads nothing: the kernel's queue overflows for certain.
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        touch_many(tmp_path / "inbox", max_queued_events() + 100, "o")
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+
+    gaps = wait_for(
+        lambda: [e for e in received(subscriber) if e["type"] == "file.gap"], 30, "a file.gap"
+    )
+    data = gaps[0]["data"]
+    assert data["path"] == str(tmp_path / "inbox")
+    assert data["reason"] == "inotify queue overflowed"
+    assert data["from"] <= data["to"] and data["to"].endswith("Z")
+
+    def source_status() -> dict:
+        result = run_cli("status", "-c", str(agent.config_path), "--json")
+        return json.loads(result.stdout)["status"]["sources"]["inbox"]
+
+    status = wait_for(lambda: source_status()["gaps"] >= 1 and source_status(), 15, "status")
+    assert status["counters"]["overflows"] >= 1
+    assert "inotify queue overflowed" in agent.run_log()
+    assert agent.terminate() == 0
+
+
+def test_files_in_a_watched_folder_made_again_are_reported(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    # A minute between looks for missing paths: only the prompt re-watch can pass this.
+    config = mqtt_agent_config(tmp_path, running_broker.port, source='retry_missing = "60s"')
+    agent = agent_process(config).start()
+    agent.wait_started()
+    inbox = tmp_path / "inbox"
+    shutil.rmtree(inbox)
+    inbox.mkdir()
+    made = set(touch_many(inbox, 50, "again"))
+    wait_for(lambda: made <= paths_of(received(subscriber), "file.created"), 15, "50 files")
+
+    # Gone for a while this time (noticed, and its parent watched), then back.
+    noticed = agent.run_log().count("cannot watch")
+    shutil.rmtree(inbox)
+    wait_for(lambda: agent.run_log().count("cannot watch") > noticed, 10, "the loss noticed")
+    inbox.mkdir()
+    made = set(touch_many(inbox, 50, "later"))
+    wait_for(lambda: made <= paths_of(received(subscriber), "file.created"), 15, "50 more")
+    assert agent.terminate() == 0
