@@ -68,8 +68,11 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers: most tests wait on brokers, agents and the kernel, not on a core.
+# Tests that create network devices share one worker (xdist_group "net-devices"):
+# the udev source sees every device on the machine.
 test: $(VENV)/.installed-test test-tools rabbitmq lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 # The benchmarks (not run by CI): every script in bench/, then one table. They start
 # their own brokers and agents on free loopback ports. BENCH_ARGS=--quick: small counts.

@@ -19,7 +19,8 @@ from plugins.exec import ExecSource
 from plugins.serial import SerialSource
 from plugins.udev import UdevSource
 
-pytestmark = pytest.mark.timeout(60)
+# One xdist worker for every test that makes network devices: udev sources see them all.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.xdist_group("net-devices")]
 
 
 # -- udev: veth pairs make real add/remove uevents in subsystem "net" -------------
