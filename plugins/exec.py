@@ -76,20 +76,27 @@ class ExecSource(Source):
         mode: Literal["interval", "stream"] = option(
             "interval", doc='"interval": run every interval; "stream": run once, read lines.'
         )
-        interval: Duration = option(60.0, doc="Time between runs (interval mode).")
-        timeout: Duration = option(10.0, doc="Kill a run that takes longer (interval mode).")
+        interval: Duration = option(60.0, above=0, doc="Time between runs (interval mode).")
+        timeout: Duration = option(
+            10.0, above=0, doc="Kill a run that takes longer (interval mode)."
+        )
         kill_grace: Duration = option(
-            2.0, doc="Time between SIGTERM and SIGKILL when a run is ended."
+            2.0, min=0, doc="Time between SIGTERM and SIGKILL when a run is ended."
         )
         env: dict[str, str] = option({}, doc="Extra environment variables.")
         cwd: str = option("", doc="Working directory. Default: the agent's.")
         max_output_bytes: ByteSize = option(
             ByteSize(1024 * 1024),
+            min=1,
             doc="Most stdout kept per run (per line in stream mode); the rest is cut.",
         )
-        stderr_tail_bytes: int = option(2048, doc="How much of the end of stderr to send.")
-        restart_min: Duration = option(1.0, doc="Shortest wait before restarting (stream mode).")
-        restart_max: Duration = option(60.0, doc="Longest wait before restarting (stream mode).")
+        stderr_tail_bytes: int = option(2048, min=0, doc="How much of the end of stderr to send.")
+        restart_min: Duration = option(
+            1.0, above=0, doc="Shortest wait before restarting (stream mode)."
+        )
+        restart_max: Duration = option(
+            60.0, above=0, doc="Longest wait before restarting (stream mode)."
+        )
 
         def __post_init__(self) -> None:
             if isinstance(self.command, str) and not self.shell:

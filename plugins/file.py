@@ -205,7 +205,7 @@ class FileSource(Source):
         )
         directories: bool = option(False, doc="Report folders being created, deleted or moved too.")
         retry_missing: Duration = option(
-            10.0, doc="How often to look again for a watched path that does not exist yet."
+            10.0, above=0, doc="How often to look again for a watched path that does not exist yet."
         )
         catch_up: bool = option(
             True,

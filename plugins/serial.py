@@ -47,23 +47,26 @@ class SerialSource(Source):
     @dataclass(kw_only=True)
     class Config:
         port: str = option(doc='The device, e.g. "/dev/ttyUSB0" or "/dev/serial/by-id/...".')
-        baudrate: int = option(9600, doc="Line speed.")
+        baudrate: int = option(9600, min=1, doc="Line speed.")
         bytesize: Literal[5, 6, 7, 8] = option(8, doc="Data bits.")
         parity: Literal["none", "even", "odd", "mark", "space"] = option("none", doc="Parity.")
         stopbits: Literal[1, 1.5, 2] = option(1, doc="Stop bits.")
         delimiter: str = option("\n", doc='What ends a line, e.g. "\\r\\n". Kept out of the line.')
         frame_bytes: int = option(
-            0, doc="Read fixed-size frames of this many bytes instead of lines; 0: lines."
+            0, min=0, doc="Read fixed-size frames of this many bytes instead of lines; 0: lines."
         )
         encoding: str = option(
             "utf-8", doc='Text encoding; invalid bytes become U+FFFD. "raw": base64 bytes.'
         )
         max_line_bytes: int = option(
             4096,
+            min=1,
             doc="Longer lines are cut to this; the rest, up to the next delimiter, is dropped,"
             " counted and reported as serial.gap.",
         )
-        reopen_interval: Duration = option(2.0, doc="How often to look for a port that went away.")
+        reopen_interval: Duration = option(
+            2.0, above=0, doc="How often to look for a port that went away."
+        )
 
         def __post_init__(self) -> None:
             if not self.frame_bytes and not self.delimiter:

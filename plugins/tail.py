@@ -75,13 +75,13 @@ class TailSource(Source):
         )
         encoding: str = option("utf-8", doc="Text encoding; invalid bytes become U+FFFD.")
         max_line_bytes: ByteSize = option(
-            65536, doc="Longer lines are cut to this; the rest is dropped and counted."
+            65536, min=1, doc="Longer lines are cut to this; the rest is dropped and counted."
         )
         poll_interval: Duration = option(
-            1.0, doc="How often to look for new, rotated or grown files without a wake-up."
+            1.0, above=0, doc="How often to look for new, rotated or grown files without a wake-up."
         )
         rotate_wait: Duration = option(
-            5.0, doc="How long to keep reading a file after it was renamed or deleted."
+            5.0, min=0, doc="How long to keep reading a file after it was renamed or deleted."
         )
 
     def __init__(self, **kwargs) -> None:

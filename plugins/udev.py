@@ -87,7 +87,9 @@ class UdevSource(Source):
             doc='"udev" for the udev daemon\'s events, "kernel" for the kernel\'s;'
             ' "auto" takes udev\'s where the daemon runs.',
         )
-        retry: Duration = option(60.0, doc="How often to try again when netlink is refused.")
+        retry: Duration = option(
+            60.0, above=0, doc="How often to try again when netlink is refused."
+        )
         receive_buffer: ByteSize = option(
             ByteSize(128 * 1024 * 1024),
             doc="The netlink socket's receive buffer: how many events wait while the agent is"

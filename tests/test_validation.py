@@ -139,3 +139,46 @@ def test_a_relative_state_dir_is_a_warning(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"warning: {path}: agent.state_dir: 'state' is relative" in result.stderr
     assert f"(now {tmp_path}); systemd starts the agent in /" in result.stderr
+
+
+def test_check_names_impossible_source_options_at_their_key_path(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""
+        [agent]
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.file]]
+        paths = ["{tmp_path}"]
+        retry_missing = 0
+
+        [[sources.tail]]
+        paths = ["{tmp_path / "a.log"}"]
+        poll_interval = 0
+        max_line_bytes = 0
+
+        [[sources.serial]]
+        port = "/dev/ttyUSB0"
+        baudrate = 0
+        reopen_interval = 0
+
+        [[sources.exec]]
+        command = ["true"]
+        timeout = 0
+        kill_grace = -1
+
+        [[sinks.stdout]]
+        """.replace("\n        ", "\n")
+    )
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == EX_CONFIG
+    for line in [
+        "sources.file.retry_missing: must be more than 0, got 0",
+        "sources.tail.poll_interval: must be more than 0, got 0",
+        "sources.tail.max_line_bytes: must be at least 1, got 0",
+        "sources.serial.baudrate: must be at least 1, got 0",
+        "sources.serial.reopen_interval: must be more than 0, got 0",
+        "sources.exec.timeout: must be more than 0, got 0",
+    ]:
+        assert f"{path}: {line}\n" in result.stderr, result.stderr
+    assert "sources.exec.kill_grace" in result.stderr
