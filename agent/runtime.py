@@ -36,7 +36,7 @@ from agent.forwarder import Forwarder
 from agent.logfold import flush_folded
 from agent.plugins import PluginHost, SlowReporter
 from agent.queue import INSTANCE_KEY, QueueStore, iter_checkpoints, read_checkpoints, read_stats
-from agent.statedir import StateDirLock
+from agent.statedir import StateDirBusy, StateDirLock
 from agent.systemd import Notifier
 from agent.writer import Writer
 
@@ -486,6 +486,10 @@ class Agent:
                     self.writer.failure
                     or "the queue writer stopped unexpectedly; exiting so systemd restarts us"
                 )
+            try:
+                self.lock.check()
+            except StateDirBusy as exc:
+                raise QueueError(str(exc)) from None
             self.slow.report_stuck()
             self.warn_stalled()
             flush_folded()

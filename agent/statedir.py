@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 
 from agent.errors import AgentError, QueueError
 
 LOCK_FILE = "lock"
+
+log = logging.getLogger("edge_agent")
 
 
 class StateDirBusy(AgentError):
@@ -85,6 +88,43 @@ class StateDirLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def check(self) -> None:
+        """Take the lock again if its file was deleted or replaced (a clean-up job, a
+        person); raise :class:`StateDirBusy` if another agent took it meanwhile.
+
+        A lock on a file that no longer has its name guards nothing: a second
+        agent would make a new file and lock that. Called about once a second.
+        """
+        if self._fd is None or not os.path.isdir(self.state_dir):
+            return  # a state dir that is gone is the queue's check's to report
+        try:
+            named = os.stat(self.path)
+            held = os.fstat(self._fd)
+            if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # cannot tell now; the next check can
+        old, self._fd = self._fd, None
+        try:
+            self.acquire(
+                "another agent started on this state dir after its lock file was deleted;"
+                " this one stops so that only one runs"
+            )
+        except QueueError:
+            self._fd = old  # cannot make the file now: keep what we have, try again later
+            return
+        except StateDirBusy:
+            os.close(old)
+            raise
+        os.close(old)
+        log.warning(
+            "the state dir's lock file %s was deleted or replaced while the agent ran; it"
+            " was made and locked again. Leave it in place: it keeps a second agent off.",
+            self.path,
+        )
 
     def release(self) -> None:
         """Let go of the lock (the kernel also does when the process ends)."""

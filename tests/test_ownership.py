@@ -31,6 +31,22 @@ def test_a_second_agent_on_the_same_state_dir_exits_1_naming_the_first(
     assert first.terminate() == 0
 
 
+def test_a_deleted_lock_file_is_taken_again_so_a_second_agent_still_cannot_run(
+    tmp_path, running_broker, agent_process
+):
+    first = agent_process(mqtt_agent_config(tmp_path, running_broker.port)).start()
+    first.wait_started()
+    lock = first.state_dir / "lock"
+    lock.unlink()  # a clean-up job, a person tidying up
+    first.wait_log("lock file", timeout=10)
+    assert "was made and locked again" in first.run_log()
+    assert lock.exists() and lock.read_text().strip() == str(first.pid)
+    second = run_cli("run", "-c", str(first.config_path))
+    assert second.returncode == 1
+    assert f"is in use by pid {first.pid}" in second.stderr
+    assert first.terminate() == 0
+
+
 def test_status_says_not_running_at_once_after_a_stop_and_reads_past_a_broken_config(
     tmp_path, running_broker, agent_process
 ):
