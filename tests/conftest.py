@@ -89,6 +89,11 @@ class AgentProcess:
         """What the agent logged since its last start."""
         return self.log()[getattr(self, "_started_at", 0) :]
 
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until this run is ready: every source listens (READY=1 was sent)."""
+        text = "ready: every source listens"
+        wait_for(lambda: text in self.run_log(), timeout, f"{text!r} in:\n{self.run_log()}")
+
     def wait_started(self, timeout: float = 10.0) -> None:
         """Wait until this run is ready (every source listens) and a sink is connected."""
         for text in ("ready: every source listens", "connected to"):

@@ -49,6 +49,7 @@ def test_backlog_while_broker_is_down_arrives_in_order(
     agent.wait_started()
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
 
     paths = make_files(tmp_path / "inbox", 500)
     wait_for(lambda: agent.queued() >= 1000, 30, "1000 events (created + closed) queued")
@@ -69,6 +70,7 @@ def test_sigkill_with_backlog_loses_nothing(tmp_path, subscriber, running_broker
     agent.wait_started()
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
     paths = make_files(tmp_path / "inbox", 300)
     wait_for(lambda: agent.queued() >= 600, 30, "600 events queued")
     agent.kill()
@@ -91,6 +93,7 @@ def test_offline_at_start_says_so_once_and_buffers(tmp_path, agent_process):
 
     agent = agent_process(mqtt_agent_config(tmp_path, free_port())).start()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
     make_files(tmp_path / "inbox", 5)
     wait_for(lambda: agent.queued() == 10, 15, "10 events queued")
     assert agent.process is not None and agent.process.poll() is None, "the agent keeps running"
@@ -105,6 +108,7 @@ def test_sigterm_commits_and_exits_zero_within_grace(tmp_path, running_broker, a
     agent.wait_started()
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
     make_files(tmp_path / "inbox", 50)
     wait_for(lambda: agent.queued() == 100, 15, "100 events queued")
 

@@ -45,6 +45,7 @@ def test_status_while_connected_and_while_the_broker_is_down(
 
     running_broker.stop()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
     (tmp_path / "inbox" / "b.csv").write_text("2")
     wait_for(
         lambda: (
@@ -75,6 +76,7 @@ def test_queue_stats_peek_and_purge(tmp_path, agent_process):
     agent = agent_process(mqtt_agent_config(tmp_path, free_port()))
     agent.start()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
     for name in ("a", "b", "c"):
         (tmp_path / "inbox" / f"{name}.csv").write_text("1")
     wait_for(lambda: agent.queued() == 6, 10, "6 events")
@@ -126,6 +128,7 @@ def test_json_logs_for_shippers(tmp_path, agent_process):
     )
     agent = agent_process(config).start()
     agent.wait_log("Offline", timeout=15)
+    agent.wait_ready()  # the file source watches: files made now are seen
     assert agent.terminate() == 0
     entries = [json.loads(line) for line in agent.log().splitlines() if line.strip()]
     assert {"time", "level", "logger", "message"} <= set(entries[0])
