@@ -363,8 +363,11 @@ def check_state_dir(config: Config) -> None:
     nearest = path
     while not os.path.exists(nearest):
         nearest = os.path.dirname(nearest)
+    disk = _filesystem_problem(nearest) if os.path.isdir(nearest) else None
     if not os.path.isdir(nearest):
         problems.append((key, f"{nearest} is not a directory, so {path} cannot be made"))
+    elif disk is not None:
+        problems.append((key, f"{nearest} is on {disk}, so {path} cannot hold the queue"))
     elif not os.access(nearest, os.W_OK | os.X_OK):
         user = _user()
         what = path if nearest == path else f"{nearest}, where {path} would be made,"
@@ -377,6 +380,20 @@ def check_state_dir(config: Config) -> None:
         )
     if problems:
         raise ConfigError([ConfigProblem(file, k, message) for k, message in problems])
+
+
+def _filesystem_problem(folder: str) -> str | None:
+    """Why ``folder``'s filesystem cannot hold a queue (read-only, or no disk behind it
+    like /proc and /sys, where even root cannot make files), or None."""
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return None  # cannot tell: the start will say
+    if info.f_flag & os.ST_RDONLY:
+        return "a read-only filesystem"
+    if info.f_blocks == 0:
+        return "a virtual filesystem with no disk behind it (such as /proc or /sys)"
+    return None
 
 
 def _user() -> str:

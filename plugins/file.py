@@ -214,6 +214,10 @@ class FileSource(Source):
             " big to index); a loss is then reported as a file.gap event.",
         )
 
+        def __post_init__(self) -> None:
+            if not self.paths:
+                raise ValueError("paths is empty: give at least one folder or file to watch")
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.pending: queue.Queue = queue.Queue(maxsize=10_000)

@@ -84,6 +84,10 @@ class TailSource(Source):
             5.0, min=0, doc="How long to keep reading a file after it was renamed or deleted."
         )
 
+        def __post_init__(self) -> None:
+            if not self.paths:
+                raise ValueError("paths is empty: give at least one file (or glob) to follow")
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         try:

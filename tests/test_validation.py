@@ -109,18 +109,20 @@ def test_check_names_every_impossible_value_at_its_key_path(tmp_path, keepalive)
     assert "sinks.mqtt: reconnect_min (10s) is more than reconnect_max (1s)" in fixed
 
 
-@pytest.mark.parametrize("where", ["under a file", "read-only"])
+@pytest.mark.parametrize("where", ["under a file", "read-only", "in /proc"])
 def test_check_refuses_a_state_dir_that_cannot_be_written(tmp_path, where):
     if where == "under a file":
         (tmp_path / "a-file").write_text("")
         state, why = tmp_path / "a-file" / "state", f"{tmp_path / 'a-file'} is not a directory"
+    elif where == "in /proc":  # even root cannot make a folder there
+        state, why = "/proc/edge-agent-state", "/proc is on a virtual filesystem with no disk"
     else:
         mount = tmp_path / "ro"
         mount.mkdir()
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)])
         if done.returncode != 0:
             pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-        state, why = mount / "state", f"{mount}, where {mount / 'state'} would be made, is not"
+        state, why = mount / "state", f"{mount} is on a read-only filesystem"
     path = tmp_path / "agent.toml"
     path.write_text(f'[agent]\nstate_dir = "{state}"\n[[sinks.stdout]]\n')
     try:
@@ -152,6 +154,10 @@ def test_check_names_impossible_source_options_at_their_key_path(tmp_path):
         paths = ["{tmp_path}"]
         retry_missing = 0
 
+        [[sources.file]]
+        name = "nothing"
+        paths = []
+
         [[sources.tail]]
         paths = ["{tmp_path / "a.log"}"]
         poll_interval = 0
@@ -173,12 +179,13 @@ def test_check_names_impossible_source_options_at_their_key_path(tmp_path):
     result = run_cli("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
     for line in [
-        "sources.file.retry_missing: must be more than 0, got 0",
+        "sources.file[0].retry_missing: must be more than 0, got 0",
         "sources.tail.poll_interval: must be more than 0, got 0",
         "sources.tail.max_line_bytes: must be at least 1, got 0",
         "sources.serial.baudrate: must be at least 1, got 0",
         "sources.serial.reopen_interval: must be more than 0, got 0",
         "sources.exec.timeout: must be more than 0, got 0",
+        "sources.file[1]: paths is empty: give at least one folder or file to watch",
     ]:
         assert f"{path}: {line}\n" in result.stderr, result.stderr
     assert "sources.exec.kill_grace" in result.stderr
