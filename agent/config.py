@@ -450,9 +450,13 @@ def state_dir_hint(path: str) -> str | None:
     what it read at its start.
     """
     try:
-        data = tomllib.loads(read_small_file(path).decode("utf-8"))
-    except (OSError, ValueError):  # NotAFile, UnicodeDecodeError and TOMLDecodeError too
+        text = read_small_file(path).decode("utf-8")
+    except (OSError, ValueError):  # NotAFile and UnicodeDecodeError too
         return None
+    try:
+        data = tomllib.loads(text)
+    except ValueError:  # a syntax error elsewhere: the [agent] table alone may still parse
+        data = {"agent": _table_alone(text, "agent")}
     agent = data.get("agent")
     value = agent.get("state_dir") if isinstance(agent, dict) else None
     if not isinstance(value, str):
@@ -460,6 +464,22 @@ def state_dir_hint(path: str) -> str | None:
     problems: list[tuple[str, str]] = []
     value = _interpolate(value, "agent.state_dir", problems)
     return None if problems else str(value)
+
+
+def _table_alone(text: str, name: str) -> dict | None:
+    """The ``[name]`` table of a TOML text that does not parse as a whole, or None."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        header = line.strip()
+        if header.startswith("["):
+            inside = header == f"[{name}]"
+            continue
+        if inside:
+            lines.append(line)
+    try:
+        return tomllib.loads("\n".join(lines)) if lines else None
+    except ValueError:
+        return None
 
 
 def load_config(path: str, host: PluginHost) -> Config:

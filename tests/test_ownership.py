@@ -61,6 +61,10 @@ def test_status_says_not_running_at_once_after_a_stop_and_reads_past_a_broken_co
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"]["pid"] == agent.pid
     assert f"warning: {config} is invalid (" in status.stderr
+    # A syntax error elsewhere: the [agent] table alone still says where the state is.
+    agent.config_path.write_text(good + "\nbogus = [\n")
+    broken = run_cli("status", "-c", config, "--json")
+    assert broken.returncode == 0 and json.loads(broken.stdout)["status"]["pid"] == agent.pid
     agent.config_path.write_text("[agent\nthis is not TOML")  # the default state dir, then
     assert "Status from /var/lib/edge-agent" in run_cli("status", "-c", config).stderr
     agent.config_path.write_text(good)
