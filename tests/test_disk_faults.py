@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,13 +17,12 @@ from agent.testing import free_port, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 24 MiB tmpfs for the state directory (root may mount; others skip)."""
-    mount_point = tmp_path / "small-disk"
+@contextlib.contextmanager
+def tmpfs(mount_point, size: str) -> Iterator:
+    """A tmpfs of ``size`` mounted at ``mount_point`` (root may mount; others skip)."""
     mount_point.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
         capture_output=True,
         text=True,
     )
@@ -31,6 +32,13 @@ def small_disk(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs for the state directory."""
+    with tmpfs(tmp_path / "small-disk", "24m") as mount_point:
+        yield mount_point
 
 
 def tail_config(tmp_path, state_dir, port: int, queue: str = "") -> str:
@@ -211,19 +219,8 @@ def traced(pid: int) -> bool:
 @pytest.fixture
 def tiny_disk(tmp_path):
     """An 8 MiB tmpfs: a small state partition, less than the 64 MiB reserve alone."""
-    mount_point = tmp_path / "tiny-disk"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny-disk", "8m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_a_small_state_filesystem_takes_events_with_the_default_reserve(
