@@ -145,8 +145,7 @@ def test_no_reserve_and_a_really_full_disk_fails_batches_not_the_agent(
     agent = agent_process(tail_config(tmp_path, small_disk / "state", free_port(), queue))
     agent.state_dir = small_disk / "state"
     agent.start()
-    agent.wait_log("starting")
-    wait_for(lambda: (small_disk / "state" / "queue.db").exists(), 10, "the queue file")
+    agent.wait_ready()  # running, the tail source at its offsets: then the disk fills
     with open(filler, "wb", buffering=0) as handle:  # to the last byte; nothing left to flush
         try:
             while True:
