@@ -118,8 +118,12 @@ class Bounds:
         """Make room for ``count`` new events; False when they must wait (policy "block")."""
         usage = self.queue.usage()
         needed = data_bytes + count * ROW_OVERHEAD
-        if usage.events:  # what an event really takes here, pages and index included
-            needed = max(needed, count * usage.live_bytes // usage.events)
+        if usage.events:  # what an event really takes here, pages and index included...
+            # ...but at most a few times its data: with few events queued, the average
+            # also spreads the file's other tables (a source's index, dead letters) over
+            # them, and a batch of a few MiB was taken for tens (sources then waited
+            # for room with most of the disk free).
+            needed = max(needed, min(count * usage.live_bytes // usage.events, 4 * needed))
         reason, excess_events, excess_bytes = self._over(count, needed, usage)
         if reason is None:
             self._set_full(None)

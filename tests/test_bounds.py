@@ -358,3 +358,19 @@ def test_max_bytes_bounds_the_events_not_the_checkpoints(store):
         assert bounds.admit(100, 100 * 200)
         queue.append(batch("a", 100))
     assert not bounds.dropped and queue.usage().events == 300
+
+
+def test_a_few_events_beside_a_large_index_are_not_taken_for_megabytes_each(store):
+    """With two events queued beside a 6 MiB index, a batch of 100 small events needs
+    kilobytes, not 100 times the file's size per event: it fits with 100 MiB free."""
+    queue = QueueWriter(store)
+    queue.append(batch("a", 1))
+    queue.usage()  # the index's size is measured now and then, not at every commit
+    index = [("inbox", f'["/var/spool/inbox","f{i:06d}"]', f"2049:{i} 10 0") for i in range(40_000)]
+    queue.append(batch("a", 1), index)  # a scan's index grows between two measures
+    stat = os.statvfs(store.state_dir)
+    free = stat.f_bavail * stat.f_frsize
+    bounds = Bounds(
+        queue, Limits(reserve_free=free - 100 * 1024 * 1024, when_full="block"), store.state_dir
+    )
+    assert bounds.admit(100, 100 * 200), bounds.full_reason
