@@ -169,11 +169,13 @@ class Agent:
         source: str,
         events: Sequence[Event],
         checkpoint: Mapping[str, str | None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Run processors, encode, and commit ``events`` (and ``source``'s checkpoint).
 
         Returns once they are on disk; raises ValueError for an event that
-        cannot be sent and QueueError when the queue cannot take them.
+        cannot be sent and QueueError when the queue cannot take them, or when
+        ``cancel`` (the source's ``stopping``) is set while it waits for room.
         """
         try:
             items = []
@@ -186,7 +188,7 @@ class Agent:
             if self.writer is None:
                 raise QueueError("the agent has not started its queue")
             rows = [(source, key, value) for key, value in (checkpoint or {}).items()]
-            self.writer.submit(items, rows)
+            self.writer.submit(items, rows, cancel)
         except (ValueError, QueueError):
             self.commit_errors[source] += 1
             raise
@@ -230,14 +232,21 @@ class Agent:
         cls = instance.registration.cls
         if instance.kind == "source":
             name = instance.name
+            made: list[Source] = []  # the source, once made: its stopping ends a wait for room
+
+            def commit(events: Sequence[Event], checkpoint: Any) -> None:
+                cancel = made[0].stopping if made else None
+                self.commit_events(name, events, checkpoint, cancel)
+
             context = SourceContext(
                 agent_id=self.id,
-                commit=lambda events, checkpoint: self.commit_events(name, events, checkpoint),
+                commit=commit,
                 read_checkpoints=lambda: read_checkpoints(self.store, name),
                 status=lambda: status.snapshot(self),
                 scan_checkpoints=lambda prefix: iter_checkpoints(self.store, name, prefix),
             )
-            return cls(name=name, config=instance.config, context=context)
+            made.append(cls(name=name, config=instance.config, context=context))
+            return made[0]
         return cls(name=instance.name, config=instance.config, agent_id=self.id)
 
     def replace_processors(self) -> None:

@@ -32,6 +32,9 @@ UNASKED_CLEANUP = 5.0
 #: served to hand over their next events, so that they share one commit (one
 #: fsync) instead of each taking its own (PostgreSQL's commit_delay, in spirit).
 GROUP_COMMIT_DELAY = 0.001
+#: How often a caller waiting for its commit looks whether its source is stopping.
+CANCEL_CHECK = 0.2
+CANCELLED = "not accepted: the source is stopping (waiting for room in the queue)"
 #: While the queue is full and sources must wait, look for room this often.
 BLOCKED_RETRY = 0.2
 
@@ -39,13 +42,15 @@ BLOCKED_RETRY = 0.2
 class _Pending:
     """Events from one ``emit`` call, waiting to be committed."""
 
-    __slots__ = ("checkpoints", "done", "error", "events")
+    __slots__ = ("cancelled", "checkpoints", "done", "error", "events")
 
     def __init__(self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint]):
         self.events = events
         self.checkpoints = checkpoints
         self.done = threading.Event()
         self.error: Exception | None = None
+        #: The caller stopped waiting (its source is stopping): give it back uncommitted.
+        self.cancelled = False
 
 
 class Writer:
@@ -92,9 +97,17 @@ class Writer:
         self._thread.start()
 
     def submit(
-        self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint] = ()
+        self,
+        events: Sequence[tuple[Event, str]],
+        checkpoints: Sequence[Checkpoint] = (),
+        cancel: threading.Event | None = None,
     ) -> None:
-        """Hand events (and checkpoints) over; wait until committed, or raise QueueError."""
+        """Hand events (and checkpoints) over; wait until committed, or raise QueueError.
+
+        ``cancel`` (a source's ``stopping``) ends a wait for room (``when_full =
+        "block"``) with QueueError: the events were then not accepted, and the
+        source can stop instead of holding up a stop or a reload.
+        """
         if not events and not checkpoints:
             return
         pending = _Pending(events, checkpoints)
@@ -110,9 +123,29 @@ class Writer:
             self._waiting.append(pending)
             self._waiting_events += len(events)
             self._cond.notify_all()
-        pending.done.wait()
+        while not pending.done.wait(None if cancel is None else CANCEL_CHECK):
+            if cancel is not None and cancel.is_set() and not pending.cancelled:
+                pending.cancelled = True  # the writer gives it back unless it commits it now
+                with self._cond:
+                    if pending in self._waiting:
+                        self._waiting.remove(pending)
+                        self._waiting_events -= len(events)
+                        self._cond.notify_all()
+                        raise QueueError(CANCELLED)
         if pending.error is not None:
             raise pending.error
+
+    @staticmethod
+    def _without_cancelled(batch: list[_Pending]) -> list[_Pending]:
+        """Give back, uncommitted, what a stopping source no longer waits for."""
+        kept = []
+        for pending in batch:
+            if pending.cancelled:
+                pending.error = QueueError(CANCELLED)
+                pending.done.set()
+            else:
+                kept.append(pending)
+        return kept
 
     def request_cleanup(self) -> None:
         """A sink confirmed something: delete what every sink has confirmed, soon."""
@@ -175,7 +208,7 @@ class Writer:
         batch: list[_Pending] = []
         try:
             while True:
-                batch = held or self._take()
+                batch = self._without_cancelled(held or self._take())
                 held = []
                 if batch:
                     self._queue.check_file()  # never commit into a file that is gone

@@ -165,6 +165,38 @@ def test_block_makes_sources_wait_until_sinks_confirm(store):
     writer.stop(5)
 
 
+def test_a_source_waiting_for_room_can_stop(store):
+    """when_full = "block" and a full queue: a stop (or a reload) must not wait for room."""
+    writer = Writer(
+        store,
+        commit_max_events=100,
+        handoff_max_events=1000,
+        sink_names=["s"],
+        on_commit=lambda: None,
+        limits=Limits(max_events=10, when_full="block"),
+    )
+    writer.start()
+    writer.submit(batch("a", 10))
+    stopping = threading.Event()
+    outcome: list[BaseException] = []
+
+    def source() -> None:
+        try:
+            writer.submit(batch("a", 5), cancel=stopping)
+        except QueueError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=source, daemon=True)
+    thread.start()
+    wait_for(lambda: writer.bounds.full_reason, 10, "the queue to be full")
+    stopping.set()
+    thread.join(5)
+    assert not thread.is_alive(), "the stopping source was let go"
+    assert "the source is stopping" in str(outcome[0])
+    assert writer.bounds.queue.usage().events == 10, "its events were not accepted"
+    writer.stop(5)
+
+
 def test_a_failed_commit_is_reported_to_the_source_and_the_writer_carries_on(store):
     writer = Writer(
         store,
