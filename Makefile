@@ -69,10 +69,10 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 
 # Two workers: most tests wait on brokers, agents and the kernel, not on a core.
-# Tests that create network devices share one worker (xdist_group "net-devices"):
-# the udev source sees every device on the machine.
+# A test module runs on one worker (loadfile): those that make network devices
+# are all in tests/test_device_sources.py, and a udev source sees every device.
 test: $(VENV)/.installed-test test-tools rabbitmq lint
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # The benchmarks (not run by CI): every script in bench/, then one table. They start
 # their own brokers and agents on free loopback ports. BENCH_ARGS=--quick: small counts.

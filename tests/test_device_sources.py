@@ -19,8 +19,9 @@ from plugins.exec import ExecSource
 from plugins.serial import SerialSource
 from plugins.udev import UdevSource
 
-# One xdist worker for every test that makes network devices: udev sources see them all.
-pytestmark = [pytest.mark.timeout(60), pytest.mark.xdist_group("net-devices")]
+# Every test that makes network devices is in this module, which make test runs on one
+# worker (--dist loadfile): a udev source sees every device on the machine.
+pytestmark = pytest.mark.timeout(60)
 
 
 # -- udev: veth pairs make real add/remove uevents in subsystem "net" -------------
