@@ -24,9 +24,10 @@ ESCAPING = """
         with open(sys.argv[1] + ".tmp", "w") as f:
             f.write(str(os.getpid()))
         os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-        time.sleep(60)
+        time.sleep(60)  # ok: the escaped child lives on, holding the output
     {parent}
 """
+COMMAND_WAITS = "time.sleep(60)"  # ok: the command's own wait, not the test's
 
 
 def script(tmp_path, name: str, body: str) -> str:
@@ -79,7 +80,7 @@ def test_a_run_ends_at_its_timeout_even_when_a_setsid_child_holds_its_output(tmp
 
 def test_at_stop_a_stream_is_killed_whole_and_its_last_line_sent(tmp_path, cgroups):
     pidfile = tmp_path / "child.pid"
-    parent = "sys.stdout.write('no newline yet'); sys.stdout.flush(); time.sleep(60)"
+    parent = "sys.stdout.write('no newline yet'); sys.stdout.flush(); " + COMMAND_WAITS
     command = script(tmp_path, "stream.py", ESCAPING.format(parent=parent))
     harness = SourceHarness(ExecSource, {"command": [command, str(pidfile)], "mode": "stream"})
     with harness:
@@ -136,7 +137,7 @@ def test_what_a_command_started_ends_with_the_agent_even_after_a_crash(
     if plugins.exec._own_cgroup() is None:
         pytest.skip("no cgroup v2 here: an escaped child of a killed agent is out of reach")
     pidfile = tmp_path / "child.pid"
-    command = script(tmp_path, "escape.py", ESCAPING.format(parent="time.sleep(60)"))
+    command = script(tmp_path, "escape.py", ESCAPING.format(parent=COMMAND_WAITS))
     agent = agent_process(
         f"""
         [agent]
