@@ -135,6 +135,19 @@ class Writer:
         if pending.error is not None:
             raise pending.error
 
+    def _commit_checkpoints_only(self) -> None:
+        """While events wait for room: commit what carries no events (a checkpoint alone,
+        the agent's record of a source), which needs none, so its caller (a reload, in
+        the main thread) is not held up by other sources' events."""
+        with self._cond:
+            alone = [p for p in self._waiting if not p.events]
+            for pending in alone:
+                self._waiting.remove(pending)
+            if alone:
+                self._cond.notify_all()
+        if alone:
+            self._commit(alone)
+
     @staticmethod
     def _without_cancelled(batch: list[_Pending]) -> list[_Pending]:
         """Give back, uncommitted, what a stopping source no longer waits for."""
@@ -215,6 +228,7 @@ class Writer:
                     batch = self._fit(batch)
                 if batch and not self._admit(batch):
                     held = batch
+                    self._commit_checkpoints_only()
                     # Room comes from deletes: look again when they are due, or after
                     # BLOCKED_RETRY; a sink's notify alone does not make room.
                     with self._cond:

@@ -12,7 +12,7 @@ from agent.bounds import Bounds, Limits
 from agent.clock import AgeClock
 from agent.errors import QueueError
 from agent.event import Event
-from agent.queue import QueueStore, QueueWriter, SinkCursor
+from agent.queue import QueueStore, QueueWriter, SinkCursor, read_checkpoints
 from agent.testing import wait_for
 from agent.writer import Writer
 
@@ -195,6 +195,30 @@ def test_a_source_waiting_for_room_can_stop(store):
     assert "the source is stopping" in str(outcome[0])
     assert writer.bounds.queue.usage().events == 10, "its events were not accepted"
     writer.stop(5)
+
+
+def test_a_checkpoint_alone_is_committed_while_events_wait_for_room(store):
+    """A reload records each source it starts (a checkpoint, no event) from the main
+    thread: other sources' events waiting for room must not hold it up."""
+    writer = Writer(
+        store,
+        commit_max_events=100,
+        handoff_max_events=1000,
+        sink_names=["s"],
+        on_commit=lambda: None,
+        limits=Limits(max_events=10, when_full="block"),
+    )
+    writer.start()
+    writer.submit(batch("a", 10))
+    threading.Thread(target=lambda: writer.submit(batch("a", 5)), daemon=True).start()
+    wait_for(lambda: writer.bounds.full_reason, 10, "the queue to be full")
+    done = threading.Event()
+    threading.Thread(
+        target=lambda: (writer.submit([], [("b", "key", "value")]), done.set()), daemon=True
+    ).start()
+    assert done.wait(5), "the checkpoint was held behind events waiting for room"
+    assert read_checkpoints(store, "b") == {"key": "value"}
+    writer.stop(1)
 
 
 def test_a_failed_commit_is_reported_to_the_source_and_the_writer_carries_on(store):
