@@ -143,7 +143,8 @@ def test_a_drained_backlog_gives_its_space_back(store):
     assert os.path.getsize(store.path) < big / 4
 
 
-def test_block_makes_sources_wait_until_sinks_confirm(store):
+def full_at_ten(store) -> Writer:
+    """A started writer whose queue holds 10 events at most, and sources wait for room."""
     writer = Writer(
         store,
         commit_max_events=100,
@@ -153,6 +154,11 @@ def test_block_makes_sources_wait_until_sinks_confirm(store):
         limits=Limits(max_events=10, when_full="block"),
     )
     writer.start()
+    return writer
+
+
+def test_block_makes_sources_wait_until_sinks_confirm(store):
+    writer = full_at_ten(store)
     cursor = SinkCursor(store, "s", "gw")
     writer.submit(batch("a", 10))
     done = threading.Event()
@@ -167,15 +173,7 @@ def test_block_makes_sources_wait_until_sinks_confirm(store):
 
 def test_a_source_waiting_for_room_can_stop(store):
     """when_full = "block" and a full queue: a stop (or a reload) must not wait for room."""
-    writer = Writer(
-        store,
-        commit_max_events=100,
-        handoff_max_events=1000,
-        sink_names=["s"],
-        on_commit=lambda: None,
-        limits=Limits(max_events=10, when_full="block"),
-    )
-    writer.start()
+    writer = full_at_ten(store)
     writer.submit(batch("a", 10))
     stopping = threading.Event()
     outcome: list[BaseException] = []
@@ -200,15 +198,7 @@ def test_a_source_waiting_for_room_can_stop(store):
 def test_a_checkpoint_alone_is_committed_while_events_wait_for_room(store):
     """A reload records each source it starts (a checkpoint, no event) from the main
     thread: other sources' events waiting for room must not hold it up."""
-    writer = Writer(
-        store,
-        commit_max_events=100,
-        handoff_max_events=1000,
-        sink_names=["s"],
-        on_commit=lambda: None,
-        limits=Limits(max_events=10, when_full="block"),
-    )
-    writer.start()
+    writer = full_at_ten(store)
     writer.submit(batch("a", 10))
     threading.Thread(target=lambda: writer.submit(batch("a", 5)), daemon=True).start()
     wait_for(lambda: writer.bounds.full_reason, 10, "the queue to be full")
