@@ -19,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -173,7 +174,9 @@ class Subscriber:
         self.v5 = v5 = protocol == "5"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"test-subscriber-{port}-{os.getpid()}-{id(self)}",
+            # Unique per subscriber (id() is reused once an object is gone): a new one
+            # must never resume an earlier one's persistent session and its messages.
+            client_id=f"test-subscriber-{port}-{os.getpid()}-{uuid.uuid4().hex[:12]}",
             clean_session=None if v5 else False,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
         )
