@@ -291,7 +291,10 @@ class FileSource(Source):
         try:
             next_check = 0.0
             while not self.stopping.is_set():
-                if self._wake.is_set() or time.monotonic() >= next_check:
+                # A watched folder deleted right after it was watched again can go
+                # without an event: one stat a second per watched path notices it.
+                gone = any(not os.path.exists(path) for path in watches)
+                if gone or self._wake.is_set() or time.monotonic() >= next_check:
                     self._wake.clear()
                     back = self._check_paths(observer, watches, parents, problems)
                     self.listening()
