@@ -47,6 +47,8 @@ def snapshot(agent: Any) -> dict[str, Any]:
             "newest": stats.newest_time,
             "file_bytes": _size(agent.store.path) + _size(agent.store.path + "-wal"),
             "committed": writer.committed if writer is not None else 0,
+            "uncommitted": writer.uncommitted if writer is not None else 0,
+            "waiting_for_room": writer.waiting_for_room if writer is not None else False,
             "dropped": dict(bounds.dropped) if bounds is not None else {},
             "dropped_by_reason": (
                 _by_reason(bounds.dropped_by_reason) if bounds is not None else {}

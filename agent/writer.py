@@ -74,6 +74,7 @@ class Writer:
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._waiting_events = 0
         self._last_group = 0  # callers served by the last commit
+        self._held_events = 0  # events in a batch that waits for room
         self._cond = threading.Condition()
         self._stopping = False
         self._cleanup_wanted = threading.Event()
@@ -177,6 +178,16 @@ class Writer:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def uncommitted(self) -> int:
+        """Events handed over by sources and not committed yet (0 once all are)."""
+        return self._waiting_events + self._held_events
+
+    @property
+    def waiting_for_room(self) -> bool:
+        """True while a batch waits for room in a full queue (``when_full = "block"``)."""
+        return self._held_events > 0
+
     def _take(self) -> list[_Pending]:
         with self._cond:
             while not self._waiting and not self._stopping:
@@ -223,11 +234,13 @@ class Writer:
             while True:
                 batch = self._without_cancelled(held or self._take())
                 held = []
+                self._held_events = 0
                 if batch:
                     self._queue.check_file()  # never commit into a file that is gone
                     batch = self._fit(batch)
                 if batch and not self._admit(batch):
                     held = batch
+                    self._held_events = sum(len(p.events) for p in held) or 1
                     self._commit_checkpoints_only()
                     # Room comes from deletes: look again when they are due, or after
                     # BLOCKED_RETRY; a sink's notify alone does not make room.

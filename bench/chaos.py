@@ -35,6 +35,7 @@ import sqlite3  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 
 from agent.testing import wait_for  # noqa: E402
 from bench.chaos_oracle import (  # noqa: E402
@@ -383,11 +384,35 @@ class Run:
             if now != last:
                 last, still_since = now, time.monotonic()
             elif now[0] == 0 and time.monotonic() - still_since >= settle:
-                return True
+                # An empty queue is not drained while sources hold events the writer
+                # has not committed (waiting for room, or a main thread that is stuck).
+                held = uncommitted(world.state)
+                if held == 0:
+                    return True
+                self.say(f"the queue is empty but the agent's status says: {held}")
+                still_since = time.monotonic()
             self.check_agent()
             time.sleep(0.5)  # a poll interval, bounded by the deadline
         self.say(f"the drain's deadline passed with {last[0]} events still queued")
         return False
+
+
+def uncommitted(state_dir: str) -> int | str:
+    """0 when the agent's status snapshot is fresh and says every event the sources
+    handed over is committed; else what stands in the way, in words."""
+    try:
+        with open(os.path.join(state_dir, "status.json"), encoding="utf-8") as file:
+            status = json.load(file)
+    except (OSError, ValueError) as exc:
+        return f"no status snapshot ({exc})"
+    updated = datetime.strptime(status["updated"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    age = (datetime.now(UTC) - updated).total_seconds()
+    if age > 4 * status.get("interval", 5):
+        return f"a status snapshot {age:.0f} s old (the main thread is stuck?)"
+    queue = status["queue"]
+    if queue.get("waiting_for_room"):
+        return f"{queue.get('uncommitted')} events waiting for room"
+    return queue.get("uncommitted", 0)
 
 
 def parse_args() -> argparse.Namespace:

@@ -164,9 +164,12 @@ def test_block_makes_sources_wait_until_sinks_confirm(store):
     done = threading.Event()
     threading.Thread(target=lambda: (writer.submit(batch("a", 5)), done.set()), daemon=True).start()
     assert not done.wait(1.0), "the source must wait while the queue is full"
+    wait_for(lambda: writer.waiting_for_room, 10, "the writer to hold the batch for room")
+    assert writer.uncommitted == 5, "status shows the events held back (the queue is not drained)"
     cursor.advance(cursor.read(0, 5)[-1].position)
     writer.request_cleanup()
     wait_for(done.is_set, 10, "the waiting source to be let in")
+    assert (writer.uncommitted, writer.waiting_for_room) == (0, False)
     assert [e.sequence for e in cursor.read(cursor.position, 100)] == list(range(6, 16))
     writer.stop(5)
 
