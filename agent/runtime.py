@@ -400,6 +400,10 @@ class Agent:
             on_confirmed=self.writer.request_cleanup,
             dead_letter_after=self.config.queue.dead_letter_after,
         )
+        if not instance.route.everything:
+            log.info(
+                "sink %s gets only the events it selects: %s", sink.name, instance.route.describe()
+            )
         retired = self.retired.pop(("sink", instance.name), None)
         if retired is not None:
             forwarder.carry_over(retired)
