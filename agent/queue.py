@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -294,26 +295,35 @@ def _holes(conn: sqlite3.Connection) -> tuple[int, int]:
     return (0, 0) if row is None else (row[0], row[1])
 
 
+#: Positions per block of a selecting sink's counted backlog (see _routed_backlog).
+COUNT_BLOCK = 8192
+#: (queue file, sink) → (its route, {block: events of the sink's in it}), for read_stats;
+#: forgotten when the route changes (the events it no longer held may be gone since).
+_block_counts: dict[tuple[str, str], tuple[Route, dict[int, int]]] = {}
+_block_counts_lock = threading.Lock()
+
+
 def _backlog(
     conn: sqlite3.Connection,
     cursor: int,
     route: Route,
     span: tuple[int | None, int | None],
     holes: tuple[int, int],
+    blocks: dict[int, int] | None = None,
 ) -> int:
     """Events after ``cursor`` that a sink with ``route`` wants.
 
     A sink that wants everything: from index look-ups (positions are
-    consecutive above the highest hole); one that selects: its events counted.
+    consecutive above the highest hole); one that selects: its events counted
+    (``blocks``: counts kept from an earlier call, see :func:`_routed_backlog`).
     """
     low, high = span
     if low is None or high is None or cursor >= high:
         return 0
     if not route.everything:
-        clause, args = route.sql()
-        return conn.execute(
-            f"SELECT COUNT(*) FROM events WHERE position > ? AND {clause}", [cursor, *args]
-        ).fetchone()[0]
+        return _routed_backlog(
+            conn, max(cursor + 1, low), high, route, {} if blocks is None else blocks
+        )
     count, through = holes
     below = 0
     if count and cursor < through:
@@ -992,6 +1002,36 @@ class SinkCursor:
         self.conn.close()
 
 
+def _routed_backlog(
+    conn: sqlite3.Connection, start: int, high: int, route: Route, blocks: dict[int, int]
+) -> int:
+    """A selecting sink's events in positions [start, high], counted by blocks of
+    COUNT_BLOCK positions; a whole block above the sink's cursor and below the newest
+    event is counted once and kept in ``blocks``.
+
+    Such a block never changes while the sink's cursor is below it: new events
+    come above the newest one, a confirmation deletes only what this sink is
+    past or does not want, and the bounds drop from the oldest on (the block
+    with the oldest event, like the one with the cursor, is counted each time).
+    A status every few seconds then reads a few blocks, not a backlog of millions.
+    """
+    clause, args = route.sql()
+    sql = f"SELECT COUNT(*) FROM events WHERE position >= ? AND position <= ? AND {clause}"
+    first, last = start // COUNT_BLOCK, high // COUNT_BLOCK
+    for gone in [b for b in blocks if b <= first]:
+        del blocks[gone]
+    total = 0
+    for block in range(first, last + 1):
+        lo, hi = block * COUNT_BLOCK, block * COUNT_BLOCK + COUNT_BLOCK - 1
+        if block in (first, last):
+            total += conn.execute(sql, [max(lo, start), min(hi, high), *args]).fetchone()[0]
+            continue
+        if block not in blocks:
+            blocks[block] = conn.execute(sql, [lo, hi, *args]).fetchone()[0]
+        total += blocks[block]
+    return total
+
+
 def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
     """The committed checkpoint values of one source instance."""
     conn = store.connect()
@@ -1120,14 +1160,16 @@ def read_stats(store: QueueStore, routes: Mapping[str, Route] | None = None) -> 
     """
     conn = store.connect()
     try:
-        return _read_stats(conn, routes)
+        return _read_stats(conn, routes, store.path)
     except sqlite3.Error as exc:
         raise QueueError(f"cannot read the queue {store.path}: {exc}") from exc
     finally:
         conn.close()
 
 
-def _read_stats(conn: sqlite3.Connection, routes: Mapping[str, Route] | None = None) -> QueueStats:
+def _read_stats(
+    conn: sqlite3.Connection, routes: Mapping[str, Route] | None = None, path: str = ""
+) -> QueueStats:
     routes = routes or {}
     low, high = _span(conn)
     holes = _holes(conn)
@@ -1141,10 +1183,17 @@ def _read_stats(conn: sqlite3.Connection, routes: Mapping[str, Route] | None = N
     time_at = "SELECT time FROM events WHERE position = ?"
     oldest = conn.execute(time_at, (low,)).fetchone()[0]
     newest = conn.execute(time_at, (high,)).fetchone()[0]
-    backlog = {
-        sink: _backlog(conn, position, routes.get(sink, EVERYTHING), (low, high), holes)
-        for sink, position in conn.execute("SELECT sink, position FROM sink_cursors").fetchall()
-    }
+    backlog = {}
+    for sink, position in conn.execute("SELECT sink, position FROM sink_cursors").fetchall():
+        route = routes.get(sink, EVERYTHING)
+        with _block_counts_lock:
+            blocks = None
+            if path:
+                kept = _block_counts.get((path, sink))
+                if kept is None or kept[0] != route:
+                    kept = _block_counts[(path, sink)] = (route, {})
+                blocks = kept[1]
+            backlog[sink] = _backlog(conn, position, route, (low, high), holes, blocks)
     return QueueStats(high - low + 1 - holes[0], oldest, newest, backlog, dead)
 
 

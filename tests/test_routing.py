@@ -230,3 +230,44 @@ def test_a_bad_selection_is_a_problem_naming_the_key_and_the_sink(value, message
     [(key, text)] = problems
     assert key == "sinks.mqtt[1].types"
     assert "sink 'cloud'" in text and message in text
+
+
+def test_a_selecting_sinks_backlog_is_counted_by_blocks_that_stay_right(store, monkeypatch):
+    """status reads it every few seconds: whole blocks above the cursor are counted once,
+    and stay right while the sink confirms, others' events go and the bounds drop."""
+    monkeypatch.setattr("agent.queue.COUNT_BLOCK", 10)
+    writer = QueueWriter(store)
+    routes = {"all": EVERYTHING, "files": FILES}
+    all_ = SinkCursor(store, "all", "gw")
+    files = SinkCursor(store, "files", "gw", FILES)
+    for round_ in range(12):
+        writer.append(events("s", "file.created" if round_ % 3 else "log.line", 5))
+
+    def truth() -> int:
+        conn = store.connect()
+        try:
+            return conn.execute(
+                "SELECT COUNT(*) FROM events WHERE position > ? AND type GLOB 'file.*'",
+                (files.position,),
+            ).fetchone()[0]
+        finally:
+            conn.close()
+
+    assert read_stats(store, routes).sink_backlog["files"] == truth() == 40
+    for _ in range(4):
+        files.advance(files.read(files.position, 6)[-1].position)
+        all_.advance(all_.position + 9)
+        writer.delete_confirmed(list(routes), routes)
+        assert read_stats(store, routes).sink_backlog["files"] == truth()
+    writer.drop_oldest(25)
+    assert read_stats(store, routes).sink_backlog["files"] == truth()
+    writer.append(events("s", "file.created", 7))
+    assert read_stats(store, routes).sink_backlog["files"] == truth()
+    # Told to want log lines instead, it counts afresh.
+    logs = {"all": EVERYTHING, "files": Route(types=("log.*",))}
+    conn = store.connect()
+    want = conn.execute(
+        "SELECT COUNT(*) FROM events WHERE position > ? AND type = 'log.line'", (files.position,)
+    ).fetchone()[0]
+    conn.close()
+    assert read_stats(store, logs).sink_backlog["files"] == want
