@@ -283,8 +283,10 @@ class Sink:
     The agent creates one instance per ``[[sinks.NAME]]`` table and one
     forwarder thread that owns it. The forwarder calls :meth:`open`, then
     :meth:`publish` with batches of at most :attr:`max_batch` events in queue
-    order, then :meth:`close`. An event leaves the queue only when every sink
-    has confirmed it.
+    order, then :meth:`close`. It is handed only the events its ``sources`` and
+    ``types`` select (common options the agent handles, as ``name``; see
+    agent/routing.py). An event leaves the queue only when every sink that
+    selects it has confirmed it.
 
     Raise :class:`agent.errors.SinkUnavailable` (or any exception) from
     ``open`` or ``publish`` when the destination cannot take events now: the

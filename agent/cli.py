@@ -271,7 +271,7 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
 
     config = _state(config_path)
     store = _store(config)
-    stats = read_stats(store)
+    stats = read_stats(store, config.routes())
     size = sum(
         os.path.getsize(store.path + suffix)
         for suffix in ("", "-wal")
@@ -301,12 +301,17 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
 @queue.command("peek")
 @config_option
 @click.option("-n", "count", default=10, show_default=True, help="How many events.")
-def queue_peek(config_path: str | None, count: int) -> None:
+@click.option(
+    "--sink", "sink", default=None, help="Only the events this sink wants and has not confirmed."
+)
+def queue_peek(config_path: str | None, count: int, sink: str | None) -> None:
     """The oldest queued events, as they will be sent."""
     from agent.queue import peek
+    from agent.routing import EVERYTHING
 
     config = _state(config_path)
-    for event in peek(_store(config), count, config.agent.id):
+    route = config.routes().get(sink, EVERYTHING) if sink else EVERYTHING
+    for event in peek(_store(config), count, config.agent.id, sink, route):
         body = json.loads(event.to_cloudevent_json())
         click.echo(json.dumps(body, indent=2, ensure_ascii=False))
 
@@ -323,18 +328,20 @@ def queue_peek(config_path: str | None, count: int) -> None:
 def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> None:
     """Give up on a sink's oldest events: they count as confirmed by it.
 
-    An event leaves the queue once every sink has confirmed (or been purged of)
-    it. The queue has one writer at a time: stop the agent first (purge refuses
-    while it runs, naming its pid), then start it again.
+    An event leaves the queue once every sink that wants it has confirmed (or
+    been purged of) it; only the events the sink selects are counted. The queue
+    has one writer at a time: stop the agent first (purge refuses while it runs,
+    naming its pid), then start it again.
     """
     from agent.queue import purge, purge_plan
+    from agent.routing import EVERYTHING
 
     config = _state(config_path)
     store = _store(config)
     _held = _lock(config, "purge")  # until the command ends
     before_text = _before(before)
     try:
-        taken, through = purge_plan(store, sink, before_text)
+        taken, through = purge_plan(store, sink, before_text, config.routes().get(sink, EVERYTHING))
     except AgentError as exc:
         raise click.ClickException(str(exc)) from None
     if not taken:

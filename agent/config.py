@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from agent.errors import ConfigError, ConfigProblem
 from agent.plugins import PluginHost, Registration
+from agent.routing import EVERYTHING, Route, parse_route
 from agent.schema import ByteSize, Duration, EnvStr, build, option
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
@@ -125,6 +126,8 @@ class InstanceConfig:
     config: Any
     registration: Registration
     index: int = 0  # which [[KIND.PLUGIN]] table of that plugin, counting from 0
+    #: A sink's selection (``sources``, ``types``; agent/routing.py); sources' is everything.
+    route: Route = EVERYTHING
 
 
 @dataclass
@@ -140,6 +143,10 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: Things that work but are probably not meant, as "FILE: KEY: message".
     warnings: list[str] = field(default_factory=list)
+
+    def routes(self) -> dict[str, Route]:
+        """Each sink's selection by name (EVERYTHING for a sink that selects nothing)."""
+        return {instance.name: instance.route for instance in self.sinks}
 
 
 def default_config_path() -> str:
@@ -270,17 +277,19 @@ def _instances(
                 )
                 continue
             used[name] = here
+            route = parse_route(table, here, name, problems) if kind == "sink" else EVERYTHING
             table = _read_secret_files(schema, table, here, problems)
             if schema is None:
+                takes = "'name', 'sources' and 'types'" if kind == "sink" else "'name'"
                 for extra in table:
                     problems.append(
-                        (f"{here}.{extra}", f"unknown key ({plugin_name} takes only 'name')")
+                        (f"{here}.{extra}", f"unknown key ({plugin_name} takes only {takes})")
                     )
                 config = None
             else:
                 config = build(schema, table, here, problems)
             result.append(
-                InstanceConfig(kind, plugin_name, name, here, config, registration, index)
+                InstanceConfig(kind, plugin_name, name, here, config, registration, index, route)
             )
     return result
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from agent.errors import QueueError
 from agent.event import QueuedEvent
+from agent.routing import EVERYTHING, Route
 
 _COLUMNS = "sink, position, id, source, type, time, subject, sequence, data, reason, attempts,"
 _COLUMNS += " dead_at, retry"
@@ -89,12 +90,16 @@ def set_aside(
     )
 
 
-def retries(conn: sqlite3.Connection, sink: str, agent_id: str, limit: int) -> list[QueuedEvent]:
-    """Dead letters of ``sink`` an operator asked to send again, oldest first."""
+def retries(
+    conn: sqlite3.Connection, sink: str, agent_id: str, limit: int, route: Route = EVERYTHING
+) -> list[QueuedEvent]:
+    """Dead letters of ``sink`` an operator asked to send again, oldest first; only those
+    the sink still wants (``route``: its selection may have changed since)."""
+    clause, args = route.sql()
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM dead_letters WHERE sink = ? AND retry = 1"
+        f"SELECT {_COLUMNS} FROM dead_letters WHERE sink = ? AND retry = 1 AND {clause}"
         " ORDER BY position LIMIT ?",
-        (sink, limit),
+        [sink, *args, limit],
     ).fetchall()
     return [DeadLetter(*row).event(agent_id) for row in rows]
 

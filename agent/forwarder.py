@@ -6,6 +6,10 @@ confirmed without a gap. Events confirmed after a gap are remembered so they
 are not sent twice while the agent runs; everything unconfirmed is sent again,
 in order, after a reconnect or a restart.
 
+A sink that selects events (``sources``, ``types``; :mod:`agent.routing`)
+reads only those; its cursor moves over the others with them, and, when it
+has nothing left to send, to the newest event it looked through.
+
 An event the sink rejects (:meth:`agent.api.Sink.reject`) is sent again; after
 ``dead_letter_after`` refusals in a row, or at once when it cannot be sent at
 all, it is set aside as a dead letter (:mod:`agent.dead_letters`) and the
@@ -31,6 +35,7 @@ from agent.counters import Latency, utf8_len
 from agent.errors import QueueError
 from agent.event import QueuedEvent
 from agent.queue import QueueStore, SinkCursor
+from agent.routing import EVERYTHING, Route
 
 log = logging.getLogger("edge_agent.forwarder")
 
@@ -57,9 +62,12 @@ class Forwarder:
         *,
         on_confirmed: Callable[[], None],
         dead_letter_after: int = 3,
+        route: Route = EVERYTHING,
     ) -> None:
         self.sink = sink
         self.store = store
+        #: The events this sink wants (``sources``, ``types``); it never reads the others.
+        self.route = route
         self.on_confirmed = on_confirmed
         #: Refusals in a row after which an event is set aside; 0: never.
         self.dead_letter_after = dead_letter_after
@@ -130,13 +138,13 @@ class Forwarder:
         """Forward until told to stop; on an unexpected failure, start over after a backoff.
 
         A forwarder that died would hold back every sink: nothing is deleted
-        from the queue until every sink has confirmed it.
+        from the queue until every sink that selects it has confirmed it.
         """
         restart = Backoff(1.0, 60.0)
         while not self.sink.stopping.is_set() and not self._draining_done():
             cursor = None
             try:
-                cursor = SinkCursor(self.store, self.sink.name, self.sink.agent_id)
+                cursor = SinkCursor(self.store, self.sink.name, self.sink.agent_id, self.route)
                 self._forward(cursor)
                 return
             except Exception as exc:
@@ -155,6 +163,14 @@ class Forwarder:
                 if cursor is not None:
                     self._flush(cursor)
                     cursor.close()
+
+    def _advance(self, cursor: SinkCursor, position: int) -> None:
+        try:
+            cursor.advance(position, flush_after=CURSOR_FLUSH_EVERY)
+        except QueueError as exc:
+            # The position stays in memory; written on the next round.
+            log.error("sink %s: %s; trying again", self.sink.name, exc)
+            self._pause(1.0)
 
     def _flush(self, cursor: SinkCursor) -> None:
         try:
@@ -200,6 +216,9 @@ class Forwarder:
         # position → when handed to the sink (read, and handed over the same round)
         sent_at: dict[int, float] = {}
         unsent: collections.deque[QueuedEvent] = collections.deque()
+        # Every event this sink wants up to here is in `unsent` or confirmed; the
+        # others (a sink that selects events) are passed over with them.
+        read_through = cursor.position
         dropped_through = self.store.dropped_through
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
@@ -235,13 +254,17 @@ class Forwarder:
             # confirmed stay in `unsent`, in queue order.
             while unsent and unsent[0].position <= cursor.position:
                 unsent.popleft()
+            read_through = max(read_through, cursor.position)  # a purge moves it on
             if len(unsent) < sink.max_batch:
-                after = unsent[-1].position if unsent else cursor.position
-                fresh = cursor.read(after, sink.max_batch - len(unsent))
+                fresh = cursor.read(read_through, sink.max_batch - len(unsent))
+                read_through = max(read_through, cursor.seen_through)
                 now = time.monotonic()
                 for event in fresh:
                     sent_at[event.position] = now
                 unsent.extend(fresh)
+            if not unsent and read_through > cursor.position:
+                # Nothing this sink wants up to there: pass over the rest.
+                self._advance(cursor, read_through)
             events = list(unsent)
             retried = verdicts.retries()
             self.last_progress = time.monotonic()
@@ -298,12 +321,9 @@ class Forwarder:
                 prefix.append(event.position)
             if prefix:
                 confirmed_ahead.difference_update(prefix)
-                try:
-                    cursor.advance(prefix[-1], flush_after=CURSOR_FLUSH_EVERY)
-                except QueueError as exc:
-                    # The position stays in memory; written on the next round.
-                    log.error("sink %s: %s; trying again", sink.name, exc)
-                    self._pause(1.0)
+                # All read events confirmed: the ones between, not for this sink, too.
+                through = read_through if len(prefix) == len(events) else prefix[-1]
+                self._advance(cursor, through)
                 self.on_confirmed()
             if (batch and not positions and not set_aside) or transient:
                 # Nothing confirmed (the sink has said why: a refusal, say), or a
@@ -357,7 +377,11 @@ class _Verdicts:
             self._next_poll = now + RETRY_POLL_EVERY
             try:
                 self._retries = dead_letters.retries(
-                    self.cursor.conn, self.sink.name, self.sink.agent_id, self.sink.max_batch
+                    self.cursor.conn,
+                    self.sink.name,
+                    self.sink.agent_id,
+                    self.sink.max_batch,
+                    self.forwarder.route,
                 )
             except sqlite3.Error as exc:
                 log.warning("sink %s: cannot read dead letters to retry: %s", self.sink.name, exc)

@@ -95,3 +95,22 @@ def m003_dead_letters(db: Database) -> None:
     )
     # Bounds drop the oldest first, by position, across events and dead letters.
     db.execute("CREATE INDEX dead_letters_position ON dead_letters (position)")
+
+
+@migrations()
+def m004_routing(db: Database) -> None:
+    # Sinks that select events (agent/routing.py) let the writer delete events
+    # behind the oldest cursor: positions stop being consecutive. `holes` is how
+    # many positions between the oldest and the newest event are gone, so the
+    # queue is counted from index look-ups as before; `through` is the highest
+    # position deleted that way (a cursor at or past it has no hole ahead of it).
+    # Always row id 1; no row (or 0) on a queue without holes.
+    db.execute(
+        """
+        CREATE TABLE queue_holes (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            holes INTEGER NOT NULL,
+            through INTEGER NOT NULL
+        )
+        """
+    )

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,7 @@ from agent.clock import AgeClock
 from agent.errors import QueueCorrupt, QueueError, QueueVanished
 from agent.event import Event, QueuedEvent
 from agent.migrations import migrations
+from agent.routing import EVERYTHING, Route, register_functions, selective
 
 log = logging.getLogger("edge_agent.queue")
 
@@ -109,6 +111,7 @@ class QueueStore:
             raise QueueError(f"cannot open the queue {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            register_functions(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             conn.execute(f"PRAGMA synchronous = {sync.upper()}")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
@@ -274,6 +277,61 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
 
 
 _COLUMNS = 7  # of an event row, as _insert_sql lists them
+_SPAN = "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
+
+
+def _span(conn: sqlite3.Connection) -> tuple[int | None, int | None]:
+    """(oldest, newest) position queued, (None, None) if none: two index look-ups
+    (SQLite answers a lone MIN or MAX from the index; both in one SELECT scan the table)."""
+    return conn.execute(_SPAN).fetchone()
+
+
+def _holes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(positions gone between the oldest and the newest event, the highest of them)."""
+    try:
+        row = conn.execute("SELECT holes, through FROM queue_holes WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # a file of a version before routes
+        return 0, 0
+    return (0, 0) if row is None else (row[0], row[1])
+
+
+#: Positions per block of a selecting sink's counted backlog (see _routed_backlog).
+COUNT_BLOCK = 8192
+#: (queue file, sink) → (its route, {block: events of the sink's in it}), for read_stats;
+#: forgotten when the route changes (the events it no longer held may be gone since).
+_block_counts: dict[tuple[str, str], tuple[Route, dict[int, int]]] = {}
+_block_counts_lock = threading.Lock()
+
+
+def _backlog(
+    conn: sqlite3.Connection,
+    cursor: int,
+    route: Route,
+    span: tuple[int | None, int | None],
+    holes: tuple[int, int],
+    blocks: dict[int, int] | None = None,
+) -> int:
+    """Events after ``cursor`` that a sink with ``route`` wants.
+
+    A sink that wants everything: from index look-ups (positions are
+    consecutive above the highest hole); one that selects: its events counted
+    (``blocks``: counts kept from an earlier call, see :func:`_routed_backlog`).
+    """
+    low, high = span
+    if low is None or high is None or cursor >= high:
+        return 0
+    if not route.everything:
+        return _routed_backlog(
+            conn, max(cursor + 1, low), high, route, {} if blocks is None else blocks
+        )
+    count, through = holes
+    below = 0
+    if count and cursor < through:
+        below = conn.execute(
+            "SELECT COUNT(*) FROM events WHERE position > ? AND position <= ?", (cursor, through)
+        ).fetchone()[0]
+        cursor = through
+    return below + max(0, high - max(cursor, low - 1))
 
 
 @functools.lru_cache(maxsize=INSERT_ROWS)
@@ -302,6 +360,12 @@ class QueueWriter:
         )
         #: Dead letters dropped by the bounds since start, per sink.
         self.dead_letters_dropped: Counter[str] = Counter()
+        #: Positions gone between the oldest and the newest event, and the highest of
+        #: them (see migration m004_routing); (0, 0) while no sink selects events.
+        self._holes, self._holes_through = _holes(self.conn)
+        #: (the lagging routed sinks' cursors and routes, the position swept through):
+        #: what delete_confirmed left of (oldest cursor, position] is wanted by them.
+        self._swept: tuple[Any, int] = ((), 0)
         self._checkpoints_size = 0
         self._checkpoints_changed = True
         self._checkpoints_measure_at = 0.0
@@ -467,7 +531,7 @@ class QueueWriter:
             what = "was replaced by another file"
         raise QueueVanished(f"the queue file {path} {what} while the agent was using it")
 
-    def record_lost(self, reason: str) -> dict[str, Any]:
+    def record_lost(self, reason: str, routes: Mapping[str, Route] | None = None) -> dict[str, Any]:
         """Write what this (vanished) queue held next to where it was, for the next start.
 
         Read through the connection still open on the vanished file: its
@@ -481,7 +545,7 @@ class QueueWriter:
             "detected": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         }
         with contextlib.suppress(sqlite3.Error):
-            stats = _read_stats(self.conn)
+            stats = _read_stats(self.conn, routes)
             record.update(
                 # Not sent to every sink: what is lost (confirmed events wait for deletion).
                 events=max(stats.sink_backlog.values(), default=stats.events),
@@ -506,10 +570,21 @@ class QueueWriter:
         os.replace(temporary, self.store.lost_path)
         return record
 
-    def delete_confirmed(self, sinks: Sequence[str]) -> int:
-        """Delete events every one of ``sinks`` has confirmed; return how many."""
+    def delete_confirmed(
+        self, sinks: Sequence[str], routes: Mapping[str, Route] | None = None
+    ) -> int:
+        """Delete events every one of ``sinks`` that wants them has confirmed; return how many.
+
+        ``routes`` gives the selection of sinks that select events (a sink not in
+        it wants everything). Without one, or without holes left by one, this is
+        a prefix of the queue up to the oldest cursor (one DELETE of a rowid
+        range); else see :meth:`_delete_routed`.
+        """
         if not sinks:
             return 0
+        routed = selective(dict(routes or {}), sinks)
+        if routed or self._holes:
+            return self._delete_routed(sinks, routed)
         marks = ",".join("?" * len(sinks))
         # A delete lost to a power cut only means those events are sent again (at
         # least once), so it skips the fsync: the next commit of events (FULL)
@@ -535,6 +610,88 @@ class QueueWriter:
             with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
                 self._restore_sync()
         return deleted
+
+    def _delete_routed(self, sinks: Sequence[str], routed: dict[str, Route]) -> int:
+        """Delete what no sink that wants it still needs, also behind the oldest cursor.
+
+        A sink's cursor means: every event at or below it is confirmed by the
+        sink or not wanted by it. With M the oldest cursor and U the oldest
+        cursor of the sinks that want everything (the newest event if none
+        does), every event up to M goes, as without routes; an event in (M, U]
+        goes unless a selecting sink whose cursor is below it wants it. The
+        newest event always stays until a prefix delete takes it, so the newest
+        position is the last one given and holes are counted from index
+        look-ups. What a pass kept is not scanned again while the lagging
+        selecting sinks' cursors and routes stay as they were (one offline for
+        weeks costs only the new events).
+        """
+        marks = ",".join("?" * len(sinks))
+        deleted = 0
+        try:
+            self._relax_sync()
+            self.conn.execute("BEGIN IMMEDIATE")
+            cursors = dict(
+                self.conn.execute(
+                    f"SELECT sink, position FROM sink_cursors WHERE sink IN ({marks})", list(sinks)
+                ).fetchall()
+            )
+            low, high = _span(self.conn)
+            if len(cursors) < len(sinks) or low is None:
+                self.conn.execute("COMMIT")
+                return 0
+            count = high - low + 1 - self._holes
+            oldest = min(cursors.values())
+            if oldest >= low:
+                deleted += self.conn.execute(
+                    "DELETE FROM events WHERE position <= ?", (oldest,)
+                ).rowcount
+            wanting_all = [cursors[s] for s in sinks if s not in routed]
+            upper = min(min(wanting_all, default=high), high - 1)
+            lagging = tuple(
+                sorted((s, cursors[s], r) for s, r in routed.items() if cursors[s] < upper)
+            )
+            key, swept = self._swept
+            start = max(oldest, swept) if key == lagging else oldest
+            middle = 0
+            if upper > start:
+                where = ["position > ?", "position <= ?"]
+                args: list[Any] = [start, upper]
+                for _sink, cursor, route in lagging:
+                    clause, clause_args = route.sql()
+                    where.append(f"NOT (position > ? AND {clause})")
+                    args += [cursor, *clause_args]
+                middle = self.conn.execute(
+                    "DELETE FROM events WHERE " + " AND ".join(where), args
+                ).rowcount
+                deleted += middle
+            self._swept = (lagging, max(upper, start))
+            holes, through = self._holes, self._holes_through
+            if deleted:
+                through = max(through, upper) if middle else through
+                holes, through = self._holes_left(count - deleted, through)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._swept = ((), 0)
+            raise QueueError(f"cannot delete confirmed events: {exc}") from exc
+        finally:
+            with contextlib.suppress(QueueError):  # append() tries again, and refuses if not
+                self._restore_sync()
+        self._holes, self._holes_through = holes, through
+        return deleted
+
+    def _holes_left(self, count: int, through: int) -> tuple[int, int]:
+        """Inside a delete's transaction: (holes, highest hole) now that ``count`` events
+        are left; written to queue_holes when they changed."""
+        low, high = _span(self.conn)
+        holes = 0 if low is None else high - low + 1 - count
+        through = through if holes else 0
+        if (holes, through) != (self._holes, self._holes_through):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO queue_holes (id, holes, through) VALUES (1, ?, ?)",
+                (holes, through),
+            )
+        return holes, through
 
     def _relax_sync(self) -> None:
         """synchronous=NORMAL for a write that need not be durable at once (no fsync in WAL
@@ -566,7 +723,7 @@ class QueueWriter:
         low, high = conn.execute(
             "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
         ).fetchone()
-        events = 0 if low is None else high - low + 1
+        events = 0 if low is None else high - low + 1 - self._holes
         events += conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         try:
             wal = os.stat(self.wal_path).st_size
@@ -675,7 +832,13 @@ class QueueWriter:
                     ).fetchall()
                 )
             )
+            holes = self._holes
+            if holes:
+                low, high = _span(self.conn)
+                count = high - low + 1 - holes
             self.conn.execute("DELETE FROM events WHERE position <= ?", (row[0],))
+            if holes:
+                holes, _ = self._holes_left(count - sum(counts.values()), self._holes_through)
             dead.update(
                 dict(
                     self.conn.execute(
@@ -689,6 +852,10 @@ class QueueWriter:
         except sqlite3.Error as exc:
             self._rollback()
             raise QueueError(f"cannot drop old events: {exc}") from exc
+        if not holes:
+            self._holes = self._holes_through = 0
+        else:
+            self._holes = holes
         self.dead_letters_dropped.update(dead)
         if counts or dead:
             self.store.dropped_through = max(self.store.dropped_through, row[0])
@@ -730,7 +897,14 @@ class SinkCursor:
     Owned by that sink's forwarder thread.
     """
 
-    def __init__(self, store: QueueStore, sink: str, agent_id: str) -> None:
+    def __init__(
+        self, store: QueueStore, sink: str, agent_id: str, route: Route = EVERYTHING
+    ) -> None:
+        #: The events this sink wants (agent/routing.py); it never reads the others.
+        self.route = route
+        #: After :meth:`read`: the position up to which the queue was looked through;
+        #: every event this sink wants up to it was in what read returned.
+        self.seen_through = 0
         # A cursor lost to a power cut only means events are sent again (at
         # least once), so its commits skip the fsync: in WAL mode the next
         # synchronous=FULL commit of events makes them durable anyway.
@@ -753,12 +927,29 @@ class SinkCursor:
         self._flushed_at = 0.0
 
     def read(self, after: int, limit: int) -> list[QueuedEvent]:
-        """Up to ``limit`` events after position ``after``, in queue order."""
-        rows = self.conn.execute(
-            "SELECT position, id, source, type, time, subject, sequence, data FROM events"
-            " WHERE position > ? ORDER BY position LIMIT ?",
-            (after, limit),
-        ).fetchall()
+        """Up to ``limit`` events this sink wants after position ``after``, in queue order.
+
+        Sets :attr:`seen_through`: the last event's position, or, when fewer than
+        ``limit`` came, the newest position queued (events between that the sink
+        does not want are passed over with them).
+        """
+        if self.route.everything:
+            rows = self.conn.execute(
+                "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+                " WHERE position > ? ORDER BY position LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            self.seen_through = rows[-1][0] if rows else after
+        else:
+            # The newest position first: an event committed after it has a higher one.
+            high = self.conn.execute("SELECT MAX(position) FROM events").fetchone()[0] or after
+            clause, args = self.route.sql()
+            rows = self.conn.execute(
+                "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+                f" WHERE position > ? AND position <= ? AND {clause} ORDER BY position LIMIT ?",
+                [after, high, *args, limit],
+            ).fetchall()
+            self.seen_through = rows[-1][0] if len(rows) >= limit else max(high, after)
         return [QueuedEvent(*row, agent_id=self.agent_id) for row in rows]
 
     def advance(self, position: int, *, flush_after: float = 0.0) -> None:
@@ -803,14 +994,42 @@ class SinkCursor:
         return moved
 
     def backlog(self) -> int:
-        """Events this sink has not confirmed yet (index look-ups only)."""
-        low, high = self.conn.execute(
-            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
-        ).fetchone()
-        return 0 if low is None else max(0, high - max(self.position, low - 1))
+        """Events this sink wants and has not confirmed yet (index look-ups only, unless
+        the sink selects events or others left holes behind it)."""
+        return _backlog(self.conn, self.position, self.route, _span(self.conn), _holes(self.conn))
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _routed_backlog(
+    conn: sqlite3.Connection, start: int, high: int, route: Route, blocks: dict[int, int]
+) -> int:
+    """A selecting sink's events in positions [start, high], counted by blocks of
+    COUNT_BLOCK positions; a whole block above the sink's cursor and below the newest
+    event is counted once and kept in ``blocks``.
+
+    Such a block never changes while the sink's cursor is below it: new events
+    come above the newest one, a confirmation deletes only what this sink is
+    past or does not want, and the bounds drop from the oldest on (the block
+    with the oldest event, like the one with the cursor, is counted each time).
+    A status every few seconds then reads a few blocks, not a backlog of millions.
+    """
+    clause, args = route.sql()
+    sql = f"SELECT COUNT(*) FROM events WHERE position >= ? AND position <= ? AND {clause}"
+    first, last = start // COUNT_BLOCK, high // COUNT_BLOCK
+    for gone in [b for b in blocks if b <= first]:
+        del blocks[gone]
+    total = 0
+    for block in range(first, last + 1):
+        lo, hi = block * COUNT_BLOCK, block * COUNT_BLOCK + COUNT_BLOCK - 1
+        if block in (first, last):
+            total += conn.execute(sql, [max(lo, start), min(hi, high), *args]).fetchone()[0]
+            continue
+        if block not in blocks:
+            blocks[block] = conn.execute(sql, [lo, hi, *args]).fetchone()[0]
+        total += blocks[block]
+    return total
 
 
 def read_checkpoints(store: QueueStore, source: str) -> dict[str, str]:
@@ -931,25 +1150,29 @@ def _after_prefix(prefix: str) -> str | None:
     return prefix[:-1] + chr(last)
 
 
-def read_stats(store: QueueStore) -> QueueStats:
+def read_stats(store: QueueStore, routes: Mapping[str, Route] | None = None) -> QueueStats:
     """Counts for ``queue stats`` and ``status``; opens and closes its own connection.
 
-    Index look-ups only (positions are consecutive: deletes take a prefix), so
-    it stays cheap with millions of events queued.
+    Each sink's backlog counts the events it wants (``routes``: the selection
+    of each sink that selects some; the others want all). Index look-ups
+    only for a sink that wants everything, so it stays cheap with millions of
+    events queued; a sink that selects has its events counted.
     """
     conn = store.connect()
     try:
-        return _read_stats(conn)
+        return _read_stats(conn, routes, store.path)
     except sqlite3.Error as exc:
         raise QueueError(f"cannot read the queue {store.path}: {exc}") from exc
     finally:
         conn.close()
 
 
-def _read_stats(conn: sqlite3.Connection) -> QueueStats:
-    low, high = conn.execute(
-        "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
-    ).fetchone()
+def _read_stats(
+    conn: sqlite3.Connection, routes: Mapping[str, Route] | None = None, path: str = ""
+) -> QueueStats:
+    routes = routes or {}
+    low, high = _span(conn)
+    holes = _holes(conn)
     try:
         dead = dead_letters.counts(conn)
     except sqlite3.OperationalError:  # a damaged file of a version before dead letters
@@ -960,33 +1183,58 @@ def _read_stats(conn: sqlite3.Connection) -> QueueStats:
     time_at = "SELECT time FROM events WHERE position = ?"
     oldest = conn.execute(time_at, (low,)).fetchone()[0]
     newest = conn.execute(time_at, (high,)).fetchone()[0]
-    backlog = {
-        sink: max(0, high - max(position, low - 1))
-        for sink, position in conn.execute("SELECT sink, position FROM sink_cursors")
-    }
-    return QueueStats(high - low + 1, oldest, newest, backlog, dead)
+    backlog = {}
+    for sink, position in conn.execute("SELECT sink, position FROM sink_cursors").fetchall():
+        route = routes.get(sink, EVERYTHING)
+        with _block_counts_lock:
+            blocks = None
+            if path:
+                kept = _block_counts.get((path, sink))
+                if kept is None or kept[0] != route:
+                    kept = _block_counts[(path, sink)] = (route, {})
+                blocks = kept[1]
+            backlog[sink] = _backlog(conn, position, route, (low, high), holes, blocks)
+    return QueueStats(high - low + 1 - holes[0], oldest, newest, backlog, dead)
 
 
-def peek(store: QueueStore, count: int, agent_id: str) -> list[QueuedEvent]:
-    """The ``count`` oldest queued events."""
+def peek(
+    store: QueueStore,
+    count: int,
+    agent_id: str,
+    sink: str | None = None,
+    route: Route = EVERYTHING,
+) -> list[QueuedEvent]:
+    """The ``count`` oldest queued events; with ``sink``, the oldest that sink wants
+    (``route``) and has not confirmed yet."""
+    clause, args = route.sql()
     conn = store.connect()
     try:
+        after = 0
+        if sink is not None:
+            row = conn.execute(
+                "SELECT position FROM sink_cursors WHERE sink = ?", (sink,)
+            ).fetchone()
+            after = 0 if row is None else row[0]
         rows = conn.execute(
             "SELECT position, id, source, type, time, subject, sequence, data FROM events"
-            " ORDER BY position LIMIT ?",
-            (count,),
+            f" WHERE position > ? AND {clause} ORDER BY position LIMIT ?",
+            [after, *args, count],
         ).fetchall()
     finally:
         conn.close()
     return [QueuedEvent(*row, agent_id=agent_id) for row in rows]
 
 
-def purge_plan(store: QueueStore, sink: str, before: str) -> tuple[int, int]:
+def purge_plan(
+    store: QueueStore, sink: str, before: str, route: Route = EVERYTHING
+) -> tuple[int, int]:
     """(events a purge would take from ``sink``'s backlog, the position it would move to).
 
     Only a prefix is purged: events up to the last one, in queue order, whose
     ``time`` is before ``before`` (RFC 3339, UTC) with none younger in between.
+    Only the events the sink wants (``route``) are looked at and counted.
     """
+    clause, args = route.sql()
     conn = store.connect()
     try:
         row = conn.execute("SELECT position FROM sink_cursors WHERE sink = ?", (sink,)).fetchone()
@@ -995,13 +1243,15 @@ def purge_plan(store: QueueStore, sink: str, before: str) -> tuple[int, int]:
         cursor = row[0]
         through = cursor
         for position, event_time in conn.execute(
-            "SELECT position, time FROM events WHERE position > ? ORDER BY position", (cursor,)
+            f"SELECT position, time FROM events WHERE position > ? AND {clause} ORDER BY position",
+            [cursor, *args],
         ):
             if event_time >= before:
                 break
             through = position
         taken = conn.execute(
-            "SELECT COUNT(*) FROM events WHERE position > ? AND position <= ?", (cursor, through)
+            f"SELECT COUNT(*) FROM events WHERE position > ? AND position <= ? AND {clause}",
+            [cursor, through, *args],
         ).fetchone()[0]
     finally:
         conn.close()
@@ -1029,10 +1279,8 @@ def count_events(path: str) -> int:
         return 0
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        low, high = conn.execute(
-            "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
-        ).fetchone()
-        return 0 if low is None else high - low + 1
+        low, high = _span(conn)
+        return 0 if low is None else high - low + 1 - _holes(conn)[0]
     except sqlite3.OperationalError:
         return 0
     finally:

@@ -38,7 +38,7 @@ STOP_TIMEOUT = 10.0
 
 
 def _same(old: InstanceConfig, new: InstanceConfig) -> bool:
-    return old.plugin == new.plugin and old.config == new.config
+    return old.plugin == new.plugin and old.config == new.config and old.route == new.route
 
 
 def instance_record(instance: InstanceConfig) -> str:
@@ -252,8 +252,9 @@ def reload(agent: Any) -> bool:
             agent.forwarders = [f for f in agent.forwarders if f is not forwarder]
             agent.sinks = [s for s in agent.sinks if s is not forwarder.sink]
             agent.retired[("sink", name)] = forwarder
-    # The writer deletes only what every configured sink confirmed.
-    agent.writer.sink_names = [i.name for i in new.sinks]
+    # The writer deletes only what every configured sink that wants it confirmed;
+    # new selections apply to the events already queued.
+    agent.writer.set_sinks(new.routes())
 
     agent.config = new
     agent.replace_processors()

@@ -292,6 +292,7 @@ class Agent:
             commit_max_events=self.config.queue.commit_max_events,
             handoff_max_events=self.config.queue.handoff_max_events,
             sink_names=[s.name for s in self.config.sinks],
+            routes=self.config.routes(),
             on_commit=self._wake_forwarders,
             limits=Limits(
                 max_bytes=queue.max_bytes,
@@ -395,9 +396,14 @@ class Agent:
         forwarder = Forwarder(
             sink,
             self.store,
+            route=instance.route,
             on_confirmed=self.writer.request_cleanup,
             dead_letter_after=self.config.queue.dead_letter_after,
         )
+        if not instance.route.everything:
+            log.info(
+                "sink %s gets only the events it selects: %s", sink.name, instance.route.describe()
+            )
         retired = self.retired.pop(("sink", instance.name), None)
         if retired is not None:
             forwarder.carry_over(retired)
@@ -577,7 +583,7 @@ class Agent:
     def summary(self) -> str:
         """One line for systemd's STATUS: each sink's state and the backlog."""
         try:
-            stats = read_stats(self.store)
+            stats = read_stats(self.store, self.config.routes())
         except Exception as exc:  # a status must never take the agent down
             return f"queue unreadable: {exc}"
         sinks = ", ".join(
@@ -590,7 +596,7 @@ class Agent:
     def _left_behind(self) -> str:
         """For the last line at a stop: what each sink leaves queued for the next start."""
         try:
-            backlog = read_stats(self.store).sink_backlog
+            backlog = read_stats(self.store, self.config.routes()).sink_backlog
         except QueueError as exc:
             return f"the queue cannot be read: {exc}"
         parts = [

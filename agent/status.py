@@ -29,7 +29,7 @@ def _now() -> str:
 
 def snapshot(agent: Any) -> dict[str, Any]:
     """The agent's state as plain data."""
-    stats = read_stats(agent.store)
+    stats = read_stats(agent.store, agent.config.routes())
     writer = agent.writer
     bounds = writer.bounds if writer is not None else None
     problems = agent.logged_problems

@@ -4,7 +4,7 @@ Sources hand events over through a bounded hand-off and wait. The writer takes
 whatever is waiting (up to ``commit_max_events``) and commits it in one
 transaction (group commit: one fsync for many events), then wakes the sources
 whose events are now on disk and the forwarders that have something to send.
-It also deletes events every sink has confirmed.
+It also deletes events every sink that selects them has confirmed.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from agent.bounds import ROW_OVERHEAD, Bounds, Limits
 from agent.errors import QueueError, QueueVanished
 from agent.event import Event
 from agent.queue import Checkpoint, QueueStore, QueueWriter
+from agent.routing import Route
 
 log = logging.getLogger("edge_agent.writer")
 
@@ -65,11 +66,13 @@ class Writer:
         sink_names: Sequence[str],
         on_commit: Callable[[], None],
         limits: Limits | None = None,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         self.store = store
         self.commit_max_events = max(1, commit_max_events)
         self.handoff_max_events = max(1, handoff_max_events)
-        self.sink_names = list(sink_names)
+        # (sink names, routes of those that select events), replaced as one at a reload.
+        self._sinks: tuple[list[str], dict[str, Route]] = (list(sink_names), dict(routes or {}))
         self.on_commit = on_commit
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._waiting_events = 0
@@ -91,6 +94,24 @@ class Writer:
         self.failure: str | None = None
         #: Set when the queue file vanished (then the queue stays open for record_lost).
         self.vanished: QueueVanished | None = None
+
+    @property
+    def sink_names(self) -> list[str]:
+        """The sinks whose confirmations deletion waits for."""
+        return self._sinks[0]
+
+    @sink_names.setter
+    def sink_names(self, names: Sequence[str]) -> None:
+        self._sinks = (list(names), self._sinks[1])
+
+    def set_sinks(self, routes: Mapping[str, Route]) -> None:
+        """The configured sinks by name, each with its selection (a reload).
+
+        An event is deleted once every sink that wants it confirmed it; the
+        new routes apply to events already queued from the next clean-up on.
+        """
+        self._sinks = (list(routes), dict(routes))
+        self._cleanup_wanted.set()
 
     def start(self) -> None:
         self._queue = QueueWriter(self.store)
@@ -162,7 +183,7 @@ class Writer:
         return kept
 
     def request_cleanup(self) -> None:
-        """A sink confirmed something: delete what every sink has confirmed, soon."""
+        """A sink confirmed something: delete what every sink that wants it confirmed, soon."""
         self._cleanup_wanted.set()
         with self._cond:
             self._cond.notify_all()  # an idle writer deletes now rather than later
@@ -296,7 +317,7 @@ class Writer:
         if self.vanished is None or self._queue is None:
             return
         try:
-            record = self._queue.record_lost(str(self.vanished))
+            record = self._queue.record_lost(str(self.vanished), self._sinks[1])
         except OSError as exc:
             log.error(
                 "cannot write %s: %s; the next start cannot report what the lost queue held",
@@ -371,7 +392,8 @@ class Writer:
             if self._cleanup_wanted.is_set() or now - self._last_delete >= UNASKED_CLEANUP:
                 self._cleanup_wanted.clear()
                 self._last_delete = now
-                self._queue.delete_confirmed(self.sink_names)
+                names, routes = self._sinks
+                self._queue.delete_confirmed(names, routes)
             self.bounds.housekeeping()
         except (QueueError, OSError) as exc:
             log.error("%s; confirmed events stay on disk until it works", exc)

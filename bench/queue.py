@@ -322,8 +322,8 @@ def bench_cycle(folder: str, sync: str, workload: Workload, args: argparse.Names
     empty = threading.Event()
     empty_at = [0.0]
 
-    def counted_delete(sinks):
-        count = delete_confirmed(sinks)
+    def counted_delete(sinks, routes=None):
+        count = delete_confirmed(sinks, routes)
         deleted["events"] += count
         deleted["deletes"] += 1
         if deleted["events"] >= n and not empty.is_set():

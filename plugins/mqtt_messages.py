@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from agent import ByteSize, Duration, QueuedEvent, option
 
-TOPIC_FIELDS = ("agent", "source", "type")
+TOPIC_FIELDS = ("agent", "source", "type", "subject")
 #: The largest MQTT packet: a fixed header byte, 4 bytes of length, 268,435,455 bytes.
 MQTT_MAX_PACKET = 1 + 4 + 268_435_455
 #: The largest UTF-8 string MQTT carries (a topic, a property), in bytes.
@@ -65,7 +65,7 @@ class MqttConfig:
     tls: TlsConfig | None = option(None, doc="TLS settings; no table: plain TCP.")
     topic: str = option(
         "edge/{agent}/{source}/{type}",
-        doc="Topic template: {agent}, {source}, {type} and {data.FIELD}.",
+        doc="Topic template: {agent}, {source}, {type}, {subject} and {data.FIELD}.",
     )
     qos: Literal[0, 1, 2] = option(
         1, doc="1 or 2: at least once, confirmed by the broker. 0: at most once."
@@ -149,11 +149,11 @@ class MqttConfig:
             if unknown:
                 raise ValueError(
                     f"topic {template!r} uses unknown field(s) {', '.join(unknown)};"
-                    " known: {agent}, {source}, {type}, {data.FIELD}"
+                    " known: {agent}, {source}, {type}, {subject}, {data.FIELD}"
                 )
         if not self.topic or _UNSAFE_IN_TOPIC.search(_PLACEHOLDER.sub("", self.topic)):
             raise ValueError(f"topic {self.topic!r} may not be empty or hold the wildcards + or #")
-        if "{data." in self.status_topic or "{source}" in self.status_topic:
+        if any(f in self.status_topic for f in ("{data.", "{source}", "{subject}")):
             raise ValueError("status_topic knows {agent} only")
         for entry in self.hosts:
             split_host(entry, self.port)
@@ -183,7 +183,11 @@ def split_host(entry: str, default_port: int) -> tuple[str, int]:
 
 
 def render_topic(template: str, event: QueuedEvent, data: Any = None) -> str:
-    """Fill the template; wildcards and NUL in values become ``_``, a missing field ``_``."""
+    """Fill the template; wildcards and NUL in values become ``_``, a missing field ``_``.
+
+    ``{subject}`` (a file's path, an MQTT source's topic) keeps its ``/`` as topic
+    levels, so a bridge can keep a device's topic layout under a prefix.
+    """
 
     def value(name: str) -> str:
         if name == "agent":
@@ -192,6 +196,8 @@ def render_topic(template: str, event: QueuedEvent, data: Any = None) -> str:
             return event.source
         if name == "type":
             return event.type
+        if name == "subject":
+            return event.subject or "_"
         found: Any = data if data is not None else event.data
         for part in name[len("data.") :].split("."):
             found = found.get(part) if isinstance(found, dict) else None
@@ -201,11 +207,12 @@ def render_topic(template: str, event: QueuedEvent, data: Any = None) -> str:
 
 
 class TopicCache:
-    """Topics of templates without data fields depend only on (source, type): remember them."""
+    """Topics of templates without data fields or the subject depend only on (source, type):
+    remember them."""
 
     def __init__(self, template: str) -> None:
         self.template = template
-        self.uses_data = "{data." in template
+        self.uses_data = "{data." in template or "{subject}" in template
         self._topics: dict[tuple[str, str, str], str] = {}
 
     def topic(self, event: QueuedEvent) -> str:

@@ -226,6 +226,27 @@ def test_topic_templates_use_data_fields(broker):
     assert [m.topic for m in sub.messages] == ["edge/gw-01/files/0", "edge/gw-01/files/1"]
 
 
+def test_the_subject_keeps_its_levels_under_a_prefix(broker):
+    """A bridge keeps a device's topic layout upstream: {subject} with its / as levels,
+    + and # made _, a missing subject _."""
+    subjects = ["sensors/kitchen/temp", "a/+/b#", None, "/var/in/x.csv"]
+    batch = [
+        Event(type="mqtt.message", source="local", subject=subject, data={"n": i})
+        for i, subject in enumerate(subjects)
+    ]
+    config = {"port": broker.port, "topic": "site-7/{subject}"}
+    with Subscriber(broker.port, "site-7/#") as sub:
+        confirmed = SinkHarness(MqttSink, config, agent_id="gw-01").deliver(batch, timeout=15)
+        assert len(confirmed) == 4
+        wait_for(lambda: len(sub.messages) == 4, 10, "4 messages")
+    assert [m.topic for m in sub.messages] == [
+        "site-7/sensors/kitchen/temp",
+        "site-7/a/_/b_",
+        "site-7/_",
+        "site-7//var/in/x.csv",
+    ]
+
+
 def test_failover_to_the_second_broker(tmp_path):
     second = Mosquitto(str(tmp_path / "second")).start()
     try:
