@@ -26,6 +26,7 @@ PAGES = {
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
+    ("sink", "http"): "docs/sinks/http.md",
 }
 
 
