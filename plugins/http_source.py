@@ -237,8 +237,9 @@ class HttpSource(Source):
             for _ in workers:
                 self._work.put(None)
             server.server_close()
-            for worker in workers:
-                worker.join(self.config.request_timeout + 1)
+            deadline = time.monotonic() + self.config.request_timeout + 1
+            for worker in workers:  # a request being served ends within request_timeout
+                worker.join(max(0.0, deadline - time.monotonic()))
 
     def _accept(self, server: Any, waiting: Any) -> None:
         import selectors
@@ -342,13 +343,6 @@ class HttpSource(Source):
             raise Refused(
                 413, f"{len(events)} events in one request; at most {self.config.max_events}"
             )
-        for i, event in enumerate(events):
-            try:
-                check_event(event)
-                encode_data(event.data)
-            except ValueError as exc:
-                where = "" if len(events) == 1 else f"event {i} (counting from 0): "
-                raise Refused(400, f"{where}{exc}") from None
         return events
 
     def from_cloudevent(self, value: Any, index: int | None) -> Event:
@@ -384,6 +378,8 @@ class HttpSource(Source):
             self.stopping.limit(time.monotonic() + self.config.queue_wait)
             try:
                 self.emit_many(events, checkpoint=checkpoint)
+            except ValueError as exc:  # an event that cannot be queued: none were accepted
+                raise Refused(400, _which_event(events, exc)) from None
             except QueueError as exc:
                 if self.stopping.expired():
                     self._blocked = True
@@ -433,6 +429,18 @@ class HttpSource(Source):
                 self.save_checkpoint(old)
             except QueueError as exc:
                 self.log.warning("cannot forget %d old idempotency keys now: %s", len(old), exc)
+
+
+def _which_event(events: list[Event], error: ValueError) -> str:
+    """The refusal of a request with an event that cannot be queued, naming which one."""
+    if len(events) > 1:
+        for i, event in enumerate(events):
+            try:
+                check_event(event)
+                encode_data(event.data)
+            except ValueError as exc:
+                return f"event {i} (counting from 0): {exc}"
+    return str(error)
 
 
 def _now_text() -> str:

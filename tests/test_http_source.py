@@ -107,7 +107,9 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(source):
             b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
         )
-        answer = sock.recv(4096)
+        answer = b""
+        while chunk := sock.recv(4096):  # until the agent closes: it does not read the body
+            answer += chunk
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"status": 413' in answer
     harness2 = source(max_body_bytes=1000)  # and a client that does not ask reads it too
