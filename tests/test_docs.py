@@ -22,9 +22,11 @@ PAGES = {
     ("source", "serial"): "docs/sources/serial.md",
     ("source", "exec"): "docs/sources/exec.md",
     ("source", "status"): "docs/sources/status.md",
+    ("source", "http"): "docs/sources/http.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
+    ("sink", "http"): "docs/sinks/http.md",
 }
 
 
