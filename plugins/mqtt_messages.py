@@ -6,6 +6,7 @@ templates, payload modes and batching can be read (and tested) on their own.
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
 import re
@@ -342,8 +343,8 @@ def build_messages(
                 attributes = event.attributes()
                 content_type = attributes.pop("datacontenttype")
                 props = PackedProperties(content_type, list(attributes.items()), expiry)
-                payload = event.data_json.encode("utf-8")
-            except (UnicodeEncodeError, OverflowError) as exc:
+                payload = binary_payload(event)
+            except (UnicodeEncodeError, OverflowError, ValueError) as exc:
                 messages.append(Message(topic, b"", None, [event], _unpackable(exc)))
                 continue
             messages.append(Message(topic, payload, props, [event]))
@@ -411,7 +412,22 @@ def _id_property_bytes(event: QueuedEvent) -> int:
     return 7 + len(event.id)
 
 
+def binary_payload(event: QueuedEvent) -> bytes:
+    """The payload of an event in CloudEvents binary mode: the bytes of base64 data, the
+    text of string data whose content type is not JSON, else the data as JSON."""
+    if event.attributes_json is not None:
+        if event.is_base64:
+            return base64.b64decode(event.data)
+        content_type = event.extra_attributes().get("datacontenttype", "application/json")
+        data = event.data
+        if isinstance(data, str) and "json" not in str(content_type):
+            return data.encode("utf-8")
+    return event.data_json.encode("utf-8")
+
+
 def _unpackable(exc: Exception) -> str:
+    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        return f"its base64 data cannot be decoded: {exc}"
     if isinstance(exc, UnicodeEncodeError):
         return f"an MQTT property of it is not valid UTF-8: {exc.reason}"
     return f"an MQTT property of it is longer than MQTT takes ({MQTT_MAX_STRING} bytes)"
