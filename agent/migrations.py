@@ -114,3 +114,12 @@ def m004_routing(db: Database) -> None:
         )
         """
     )
+
+
+@migrations()
+def m005_event_attributes(db: Database) -> None:
+    # More CloudEvents attributes of an event, as JSON (NULL: none): those of an
+    # event that came from elsewhere (an MQTT message that was a CloudEvent
+    # already), its content type, extensions. See agent.event.Event.attributes.
+    db.execute("ALTER TABLE events ADD COLUMN attributes TEXT")
+    db.execute("ALTER TABLE dead_letters ADD COLUMN attributes TEXT")

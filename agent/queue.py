@@ -30,7 +30,7 @@ from sqlite_utils import Database
 from agent import dead_letters
 from agent.clock import AgeClock
 from agent.errors import QueueCorrupt, QueueError, QueueVanished
-from agent.event import Event, QueuedEvent
+from agent.event import Event, QueuedEvent, encode_attributes
 from agent.migrations import migrations
 from agent.routing import EVERYTHING, Route, register_functions, selective
 
@@ -276,7 +276,7 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(exc)
 
 
-_COLUMNS = 7  # of an event row, as _insert_sql lists them
+_COLUMNS = 8  # of an event row, as _insert_sql lists them
 _SPAN = "SELECT (SELECT MIN(position) FROM events), (SELECT MAX(position) FROM events)"
 
 
@@ -337,9 +337,8 @@ def _backlog(
 @functools.lru_cache(maxsize=INSERT_ROWS)
 def _insert_sql(rows: int) -> str:
     """INSERT of ``rows`` events in one statement."""
-    return "INSERT INTO events (id, source, type, time, subject, sequence, data) VALUES " + (
-        ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
-    )
+    columns = "id, source, type, time, subject, sequence, data, attributes"
+    return f"INSERT INTO events ({columns}) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
 
 
 class QueueWriter:
@@ -464,6 +463,7 @@ class QueueWriter:
                 event.subject,
                 sequence,
                 data_json,
+                encode_attributes(event),
             )
         step = INSERT_ROWS * _COLUMNS
         try:
@@ -935,7 +935,8 @@ class SinkCursor:
         """
         if self.route.everything:
             rows = self.conn.execute(
-                "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+                "SELECT position, id, source, type, time, subject, sequence, data, attributes"
+                " FROM events"
                 " WHERE position > ? ORDER BY position LIMIT ?",
                 (after, limit),
             ).fetchall()
@@ -945,12 +946,14 @@ class SinkCursor:
             high = self.conn.execute("SELECT MAX(position) FROM events").fetchone()[0] or after
             clause, args = self.route.sql()
             rows = self.conn.execute(
-                "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+                "SELECT position, id, source, type, time, subject, sequence, data, attributes"
+                " FROM events"
                 f" WHERE position > ? AND position <= ? AND {clause} ORDER BY position LIMIT ?",
                 [after, high, *args, limit],
             ).fetchall()
             self.seen_through = rows[-1][0] if len(rows) >= limit else max(high, after)
-        return [QueuedEvent(*row, agent_id=self.agent_id) for row in rows]
+        agent_id = self.agent_id
+        return [QueuedEvent(*row[:8], agent_id=agent_id, attributes_json=row[8]) for row in rows]
 
     def advance(self, position: int, *, flush_after: float = 0.0) -> None:
         """Every event up to ``position`` is confirmed by this sink.
@@ -1216,13 +1219,14 @@ def peek(
             ).fetchone()
             after = 0 if row is None else row[0]
         rows = conn.execute(
-            "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+            "SELECT position, id, source, type, time, subject, sequence, data, attributes"
+            " FROM events"
             f" WHERE position > ? AND {clause} ORDER BY position LIMIT ?",
             [after, *args, count],
         ).fetchall()
     finally:
         conn.close()
-    return [QueuedEvent(*row, agent_id=agent_id) for row in rows]
+    return [QueuedEvent(*row[:8], agent_id=agent_id, attributes_json=row[8]) for row in rows]
 
 
 def purge_plan(

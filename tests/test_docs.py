@@ -23,6 +23,7 @@ PAGES = {
     ("source", "exec"): "docs/sources/exec.md",
     ("source", "status"): "docs/sources/status.md",
     ("source", "http"): "docs/sources/http.md",
+    ("source", "mqtt"): "docs/sources/mqtt.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
