@@ -457,7 +457,10 @@ class Publisher:
 
     def wait_acked(self, count: int, timeout: float) -> None:
         def reached() -> bool:
-            if self.process.poll() is not None and self.acked < count:
+            if self.process.poll() is not None:
+                self._reader.join(5)  # the lines it printed before it exited
+                if self.acked >= count:
+                    return True
                 raise RuntimeError(f"the publisher exited: {self.error or self.process.returncode}")
             return self.acked >= count
 
