@@ -25,7 +25,7 @@ from agent.errors import QueueError
 from agent.event import QueuedEvent
 
 _COLUMNS = "sink, position, id, source, type, time, subject, sequence, data, reason, attempts,"
-_COLUMNS += " dead_at, retry"
+_COLUMNS += " dead_at, retry, attributes"
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class DeadLetter:
     attempts: int
     dead_at: str
     retry: bool
+    #: More CloudEvents attributes, as JSON (see :attr:`agent.event.Event.attributes`).
+    attributes_json: str | None = None
 
     def event(self, agent_id: str) -> QueuedEvent:
         """The event as the sink receives it (its position is its old place in the queue)."""
@@ -58,6 +60,7 @@ class DeadLetter:
             self.sequence,
             self.data_json,
             agent_id=agent_id,
+            attributes_json=self.attributes_json,
         )
 
 
@@ -76,12 +79,12 @@ def set_aside(
     now = _now()
     rows = [
         (sink, e.position, e.id, e.source, e.type, e.time, e.subject, e.sequence, e.data_json,
-         reason, attempts, now)
+         reason, attempts, now, e.attributes_json)
         for e, reason, attempts in dead
     ]  # fmt: skip
     _write(
         conn,
-        f"INSERT INTO dead_letters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        f"INSERT INTO dead_letters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
         " ON CONFLICT (sink, position) DO UPDATE SET reason = excluded.reason,"
         " attempts = dead_letters.attempts + excluded.attempts, dead_at = excluded.dead_at,"
         " retry = 0",
@@ -149,7 +152,7 @@ def listing(
         f"SELECT {_COLUMNS} FROM dead_letters{where} ORDER BY position, sink LIMIT ?",
         [*args, -1 if limit is None else limit],
     ).fetchall()
-    return [DeadLetter(*row[:-1], retry=bool(row[-1])) for row in rows]
+    return [DeadLetter(*row[:-2], retry=bool(row[-2]), attributes_json=row[-1]) for row in rows]
 
 
 def request_retry(

@@ -75,6 +75,12 @@ class Event:
     subject: str | None = None
     id: str = field(default_factory=new_event_id)
     time: str = field(default_factory=utc_now)
+    #: More CloudEvents attributes (None: none), for an event that carries one that came
+    #: from elsewhere: ``source`` (replaces the agent's own, which then travels as the
+    #: extension ``agentsource``), ``datacontenttype``, ``dataschema``, and extensions
+    #: (lowercase letters and digits; string, integer or boolean values). With
+    #: ``"data_base64": True`` the data is a base64 string sent as ``data_base64``.
+    attributes: dict[str, Any] | None = None
 
 
 def canonical_time(value: object) -> str:
@@ -127,6 +133,46 @@ def check_event(event: Event) -> None:
         not isinstance(event.subject, str) or not _is_utf8(event.subject)
     ):
         raise ValueError(f"event subject must be UTF-8 text, got {event.subject!r}")
+    if event.attributes is not None:
+        check_attributes(event.attributes, event.data)
+
+
+#: Attributes an event holds itself: ``Event.attributes`` may not name them.
+_OWN_ATTRIBUTES = frozenset({"specversion", "id", "type", "time", "subject", "sequence", "data"})
+#: CloudEvents attribute names: lowercase letters and digits (at most 20 recommended).
+_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]{1,64}")
+
+
+def check_attributes(attributes: dict[str, Any], data: Any) -> None:
+    """Raise ValueError naming the problem when ``attributes`` (see :class:`Event`) cannot be
+    carried: a name CloudEvents does not allow or the event holds itself, a value that is
+    not a string, an integer or a boolean, text that is not UTF-8."""
+    for name, value in attributes.items():
+        if name == "data_base64":
+            if value is not True or not isinstance(data, str):
+                raise ValueError("data_base64 must be True, with the data a base64 string")
+            continue
+        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
+            raise ValueError(
+                f"attribute name {name!r}: CloudEvents takes lowercase letters and digits only"
+            )
+        if name in _OWN_ATTRIBUTES or name == "agentsource":
+            raise ValueError(f"attribute {name!r} is the event's own; set it on the event")
+        if isinstance(value, str):
+            if not _is_utf8(value):
+                raise ValueError(f"attribute {name!r} is not valid UTF-8 text")
+        elif not isinstance(value, int | bool):
+            raise ValueError(
+                f"attribute {name!r} must be a string, an integer or a boolean, got"
+                f" {type(value).__name__}"
+            )
+
+
+def encode_attributes(event: Event) -> str | None:
+    """``event.attributes`` as the queue stores them: compact JSON, or None when there are none."""
+    if not event.attributes:
+        return None
+    return json.dumps(event.attributes, ensure_ascii=False, separators=(",", ":"))
 
 
 def _is_utf8(text: str) -> bool:
@@ -177,6 +223,8 @@ class QueuedEvent:
     sequence: int
     data_json: str
     agent_id: str
+    #: More CloudEvents attributes as JSON text (see :attr:`Event.attributes`), or None.
+    attributes_json: str | None = None
 
     @property
     def data(self) -> Any:
@@ -201,11 +249,30 @@ class QueuedEvent:
         }
         if self.subject is not None:
             attributes["subject"] = self.subject
+        if self.attributes_json is not None:
+            for name, value in self.extra_attributes().items():
+                if name == "source":
+                    attributes["agentsource"] = attributes["source"]
+                if name != "data_base64":
+                    attributes[name] = (
+                        ("true" if value else "false") if isinstance(value, bool) else str(value)
+                    )
         return attributes
+
+    def extra_attributes(self) -> dict[str, Any]:
+        """The attributes that came with the event (:attr:`Event.attributes`); {}: none."""
+        return json.loads(self.attributes_json) if self.attributes_json else {}
+
+    @property
+    def is_base64(self) -> bool:
+        """True when the data is a base64 string of bytes, sent as ``data_base64``."""
+        return self.attributes_json is not None and bool(self.extra_attributes().get("data_base64"))
 
     def to_cloudevent_json(self) -> str:
         """The whole CloudEvents envelope as compact JSON text (the same as ``attributes()``
         plus ``data``, built without a dict: forwarders call this once per event)."""
+        if self.attributes_json is not None:
+            return self._extended_cloudevent_json()
         subject = "" if self.subject is None else f',"subject":{_string(self.subject)}'
         return (
             f'{{"specversion":"1.0","id":{_string(self.id)},'
@@ -213,3 +280,23 @@ class QueuedEvent:
             f'"time":{_string(self.time)},"sequence":"{self.sequence:0{SEQUENCE_DIGITS}d}",'
             f'"datacontenttype":"application/json"{subject},"data":{self.data_json}}}'
         )
+
+    def _extended_cloudevent_json(self) -> str:
+        extra = self.extra_attributes()
+        envelope: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source_uri,
+            "type": self.type,
+            "time": self.time,
+            "sequence": str(self.sequence).zfill(SEQUENCE_DIGITS),
+            "datacontenttype": "application/json",
+        }
+        if self.subject is not None:
+            envelope["subject"] = self.subject
+        if "source" in extra:
+            envelope["agentsource"] = envelope["source"]
+        base64 = bool(extra.pop("data_base64", False))
+        envelope.update(extra)
+        head = json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+        return f'{head[:-1]},"{"data_base64" if base64 else "data"}":{self.data_json}}}'

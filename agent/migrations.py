@@ -95,3 +95,12 @@ def m003_dead_letters(db: Database) -> None:
     )
     # Bounds drop the oldest first, by position, across events and dead letters.
     db.execute("CREATE INDEX dead_letters_position ON dead_letters (position)")
+
+
+@migrations()
+def m005_event_attributes(db: Database) -> None:
+    # More CloudEvents attributes of an event, as JSON (NULL: none): those of an
+    # event that came from elsewhere (an MQTT message that was a CloudEvent
+    # already), its content type, extensions. See agent.event.Event.attributes.
+    db.execute("ALTER TABLE events ADD COLUMN attributes TEXT")
+    db.execute("ALTER TABLE dead_letters ADD COLUMN attributes TEXT")

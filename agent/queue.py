@@ -29,7 +29,7 @@ from sqlite_utils import Database
 from agent import dead_letters
 from agent.clock import AgeClock
 from agent.errors import QueueCorrupt, QueueError, QueueVanished
-from agent.event import Event, QueuedEvent
+from agent.event import Event, QueuedEvent, encode_attributes
 from agent.migrations import migrations
 
 log = logging.getLogger("edge_agent.queue")
@@ -273,15 +273,14 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(exc)
 
 
-_COLUMNS = 7  # of an event row, as _insert_sql lists them
+_COLUMNS = 8  # of an event row, as _insert_sql lists them
 
 
 @functools.lru_cache(maxsize=INSERT_ROWS)
 def _insert_sql(rows: int) -> str:
     """INSERT of ``rows`` events in one statement."""
-    return "INSERT INTO events (id, source, type, time, subject, sequence, data) VALUES " + (
-        ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
-    )
+    columns = "id, source, type, time, subject, sequence, data, attributes"
+    return f"INSERT INTO events ({columns}) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
 
 
 class QueueWriter:
@@ -400,6 +399,7 @@ class QueueWriter:
                 event.subject,
                 sequence,
                 data_json,
+                encode_attributes(event),
             )
         step = INSERT_ROWS * _COLUMNS
         try:
@@ -755,11 +755,13 @@ class SinkCursor:
     def read(self, after: int, limit: int) -> list[QueuedEvent]:
         """Up to ``limit`` events after position ``after``, in queue order."""
         rows = self.conn.execute(
-            "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+            "SELECT position, id, source, type, time, subject, sequence, data, attributes"
+            " FROM events"
             " WHERE position > ? ORDER BY position LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [QueuedEvent(*row, agent_id=self.agent_id) for row in rows]
+        agent_id = self.agent_id
+        return [QueuedEvent(*row[:8], agent_id=agent_id, attributes_json=row[8]) for row in rows]
 
     def advance(self, position: int, *, flush_after: float = 0.0) -> None:
         """Every event up to ``position`` is confirmed by this sink.
@@ -972,13 +974,14 @@ def peek(store: QueueStore, count: int, agent_id: str) -> list[QueuedEvent]:
     conn = store.connect()
     try:
         rows = conn.execute(
-            "SELECT position, id, source, type, time, subject, sequence, data FROM events"
+            "SELECT position, id, source, type, time, subject, sequence, data, attributes"
+            " FROM events"
             " ORDER BY position LIMIT ?",
             (count,),
         ).fetchall()
     finally:
         conn.close()
-    return [QueuedEvent(*row, agent_id=agent_id) for row in rows]
+    return [QueuedEvent(*row[:8], agent_id=agent_id, attributes_json=row[8]) for row in rows]
 
 
 def purge_plan(store: QueueStore, sink: str, before: str) -> tuple[int, int]:

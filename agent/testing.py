@@ -358,7 +358,7 @@ class SourceHarness:
 
 def queued_events(events: list[Any], agent_id: str = "test-agent") -> list[Any]:
     """Turn :class:`agent.Event` objects into the :class:`agent.QueuedEvent` a sink receives."""
-    from agent.event import QueuedEvent, encode_data
+    from agent.event import QueuedEvent, encode_attributes, encode_data
 
     sequences: dict[str, int] = {}
     result = []
@@ -375,6 +375,7 @@ def queued_events(events: list[Any], agent_id: str = "test-agent") -> list[Any]:
                 sequence=sequences[event.source],
                 data_json=encode_data(event.data),
                 agent_id=agent_id,
+                attributes_json=encode_attributes(event),
             )
         )
     return result

@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -52,6 +52,8 @@ from plugins.mqtt_messages import (
     TopicCache,
     build_messages,
     message_problem,
+    new_client,
+    warn_if_insecure,
 )
 
 #: poll() events that send the sink to loop_read: data, or a hang-up or error it reports.
@@ -99,13 +101,7 @@ class MqttSink(Sink):
         self.most_inflight = 0
         #: Messages the broker refused (a reason code of 0x80 or above), since start.
         self.refused = 0
-        if config.tls is not None and config.tls.insecure:
-            self.log.warning(
-                "tls.insecure = true: the broker's certificate is not checked against its host"
-                " name, so any server whose certificate a trusted CA signed can pose as %s. For"
-                " tests only: give the broker a certificate for the name used here instead",
-                ", ".join(f"{h}:{p}" for h, p in config.brokers()),
-            )
+        warn_if_insecure(config, self.log)
 
     @property
     def target(self) -> str:
@@ -183,32 +179,13 @@ class MqttSink(Sink):
 
     def _client_for(self) -> mqtt.Client:
         config = self.config
-        v5 = config.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=config.client_id or f"edge-agent-{self.agent_id}-{self.name}",
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else config.clean_start,
-            transport=config.transport,
-            reconnect_on_failure=False,
+        client = new_client(
+            config,
+            config.client_id or f"edge-agent-{self.agent_id}-{self.name}",
+            clean_start=config.clean_start,
         )
-        if config.transport == "websockets":
-            client.ws_set_options(path=config.ws_path)
-        if config.tls is not None:
-            tls = config.tls
-            client.tls_set(
-                ca_certs=tls.ca_file or None,
-                certfile=tls.cert_file or None,
-                keyfile=tls.key_file or None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            client.tls_insecure_set(tls.insecure)
         client.max_inflight_messages_set(self.window)
         client.max_queued_messages_set(0)
-        client.connect_timeout = config.connect_timeout
-        if config.username:
-            client.username_pw_set(config.username, config.password or None)
         if config.status_topic:
             client.will_set(self._status_topic(), config.status_offline, qos=1, retain=True)
         client.on_connect = self._on_connect

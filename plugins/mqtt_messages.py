@@ -6,11 +6,17 @@ templates, payload modes and batching can be read (and tested) on their own.
 
 from __future__ import annotations
 
+import base64
 import functools
+import logging
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import ByteSize, Duration, QueuedEvent, option
 
@@ -52,8 +58,8 @@ class TlsConfig:
 
 
 @dataclass(kw_only=True)
-class MqttConfig:
-    """The ``[[sinks.mqtt]]`` table."""
+class MqttConnectionConfig:
+    """The options of a connection to a broker, the same for the ``mqtt`` sink and source."""
 
     host: str = option("127.0.0.1", doc="Broker host name or address.")
     port: int = option(1883, min=1, max=65535, doc="Broker port.")
@@ -63,6 +69,43 @@ class MqttConfig:
     transport: Literal["tcp", "websockets"] = option("tcp", doc='"tcp" or "websockets".')
     ws_path: str = option("/mqtt", doc="The URL path, with websockets.")
     tls: TlsConfig | None = option(None, doc="TLS settings; no table: plain TCP.")
+    protocol: Literal["3.1.1", "5"] = option(
+        "5",
+        doc='MQTT version: "5", or "3.1.1" for old brokers (which cannot report a'
+        " refused message: it is acknowledged as if delivered).",
+    )
+    client_id: str = option("", doc="MQTT client id. Default: edge-agent-{agent}-{name}.")
+    username: str = option("", doc="User name, if the broker wants one.")
+    password: str = option("", secret=True, doc="Password; or password_file = PATH.")
+    # At least 2: an idle connection is serviced about once a second, and the broker
+    # drops a client silent for 1.5 keepalives.
+    keepalive: int = option(
+        30, off=0, min=2, max=65535, doc="Seconds between keepalive pings; 0: none."
+    )
+    connect_timeout: Duration = option(10.0, above=0, doc="How long a connection attempt may take.")
+    reconnect_min: Duration = option(1.0, above=0, doc="Shortest wait between connection attempts.")
+    reconnect_max: Duration = option(60.0, above=0, doc="Longest wait between connection attempts.")
+
+    def __post_init__(self) -> None:
+        for entry in self.hosts:
+            split_host(entry, self.port)
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError(
+                f"reconnect_min ({self.reconnect_min:g}s) is more than reconnect_max"
+                f" ({self.reconnect_max:g}s)"
+            )
+
+    def brokers(self) -> list[tuple[str, int]]:
+        """(host, port) of every broker, in the order they are tried."""
+        if self.hosts:
+            return [split_host(entry, self.port) for entry in self.hosts]
+        return [(self.host, self.port)]
+
+
+@dataclass(kw_only=True)
+class MqttConfig(MqttConnectionConfig):
+    """The ``[[sinks.mqtt]]`` table."""
+
     topic: str = option(
         "edge/{agent}/{source}/{type}",
         doc="Topic template: {agent}, {source}, {type} and {data.FIELD}.",
@@ -84,14 +127,6 @@ class MqttConfig:
     batch_max_bytes: ByteSize = option(
         ByteSize(256 * 1024), min=1024, doc="Largest payload of a batched message."
     )
-    protocol: Literal["3.1.1", "5"] = option(
-        "5",
-        doc='MQTT version: "5", or "3.1.1" for old brokers (which cannot report a'
-        " refused message: it is acknowledged as if delivered).",
-    )
-    client_id: str = option("", doc="MQTT client id. Default: edge-agent-{agent}-{name}.")
-    username: str = option("", doc="User name, if the broker wants one.")
-    password: str = option("", secret=True, doc="Password; or password_file = PATH.")
     clean_start: bool = option(True, doc="Start a new session; false keeps the broker's.")
     session_expiry: Duration = option(
         0.0,
@@ -104,11 +139,6 @@ class MqttConfig:
         min=0,
         max=2**32 - 1,
         doc="Brokers drop a message not delivered within this (MQTT 5); 0: never.",
-    )
-    # At least 2: an idle connection is serviced about once a second, and the broker
-    # drops a client silent for 1.5 keepalives.
-    keepalive: int = option(
-        30, off=0, min=2, max=65535, doc="Seconds between keepalive pings; 0: none."
     )
     max_inflight: int = option(
         100,
@@ -125,12 +155,9 @@ class MqttConfig:
         " Set it to the broker's own limit (Mosquitto's message_size_limit, which it does"
         " not announce); the Maximum Packet Size an MQTT 5 broker announces applies too.",
     )
-    connect_timeout: Duration = option(10.0, above=0, doc="How long a connection attempt may take.")
     ack_timeout: Duration = option(
         30.0, above=0, doc="How long to wait for acknowledgements before reconnecting."
     )
-    reconnect_min: Duration = option(1.0, above=0, doc="Shortest wait between connection attempts.")
-    reconnect_max: Duration = option(60.0, above=0, doc="Longest wait between connection attempts.")
     status_topic: str = option(
         "",
         doc='Retained status topic, e.g. "edge/{agent}/status": the birth message on'
@@ -155,21 +182,53 @@ class MqttConfig:
             raise ValueError(f"topic {self.topic!r} may not be empty or hold the wildcards + or #")
         if "{data." in self.status_topic or "{source}" in self.status_topic:
             raise ValueError("status_topic knows {agent} only")
-        for entry in self.hosts:
-            split_host(entry, self.port)
+        super().__post_init__()
         if self.payload == "binary" and (self.protocol != "5" or self.batch_max_events > 1):
             raise ValueError('payload = "binary" needs protocol = "5" and no batching')
-        if self.reconnect_min > self.reconnect_max:
-            raise ValueError(
-                f"reconnect_min ({self.reconnect_min:g}s) is more than reconnect_max"
-                f" ({self.reconnect_max:g}s)"
-            )
 
-    def brokers(self) -> list[tuple[str, int]]:
-        """(host, port) of every broker, in the order they are tried."""
-        if self.hosts:
-            return [split_host(entry, self.port) for entry in self.hosts]
-        return [(self.host, self.port)]
+
+def new_client(
+    config: MqttConnectionConfig, client_id: str, *, clean_start: bool, manual_ack: bool = False
+) -> mqtt.Client:
+    """A paho client for ``config``: protocol, transport, TLS (the server's name checked unless
+    ``tls.insecure``), user name and password, connect timeout; paho's own reconnect off."""
+    v5 = config.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else clean_start,
+        transport=config.transport,
+        reconnect_on_failure=False,
+        manual_ack=manual_ack,
+    )
+    if config.transport == "websockets":
+        client.ws_set_options(path=config.ws_path)
+    if config.tls is not None:
+        tls = config.tls
+        client.tls_set(
+            ca_certs=tls.ca_file or None,
+            certfile=tls.cert_file or None,
+            keyfile=tls.key_file or None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+        client.tls_insecure_set(tls.insecure)
+    client.connect_timeout = config.connect_timeout
+    if config.username:
+        client.username_pw_set(config.username, config.password or None)
+    return client
+
+
+def warn_if_insecure(config: MqttConnectionConfig, log: logging.Logger) -> None:
+    """Log why ``tls.insecure = true`` is for tests only."""
+    if config.tls is not None and config.tls.insecure:
+        log.warning(
+            "tls.insecure = true: the broker's certificate is not checked against its host"
+            " name, so any server whose certificate a trusted CA signed can pose as %s. For"
+            " tests only: give the broker a certificate for the name used here instead",
+            ", ".join(f"{h}:{p}" for h, p in config.brokers()),
+        )
 
 
 def split_host(entry: str, default_port: int) -> tuple[str, int]:
@@ -342,8 +401,8 @@ def build_messages(
                 attributes = event.attributes()
                 content_type = attributes.pop("datacontenttype")
                 props = PackedProperties(content_type, list(attributes.items()), expiry)
-                payload = event.data_json.encode("utf-8")
-            except (UnicodeEncodeError, OverflowError) as exc:
+                payload = binary_payload(event)
+            except (UnicodeEncodeError, OverflowError, ValueError) as exc:
                 messages.append(Message(topic, b"", None, [event], _unpackable(exc)))
                 continue
             messages.append(Message(topic, payload, props, [event]))
@@ -411,7 +470,22 @@ def _id_property_bytes(event: QueuedEvent) -> int:
     return 7 + len(event.id)
 
 
+def binary_payload(event: QueuedEvent) -> bytes:
+    """The payload of an event in CloudEvents binary mode: the bytes of base64 data, the
+    text of string data whose content type is not JSON, else the data as JSON."""
+    if event.attributes_json is not None:
+        if event.is_base64:
+            return base64.b64decode(event.data)
+        content_type = event.extra_attributes().get("datacontenttype", "application/json")
+        data = event.data
+        if isinstance(data, str) and "json" not in str(content_type):
+            return data.encode("utf-8")
+    return event.data_json.encode("utf-8")
+
+
 def _unpackable(exc: Exception) -> str:
+    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        return f"its base64 data cannot be decoded: {exc}"
     if isinstance(exc, UnicodeEncodeError):
         return f"an MQTT property of it is not valid UTF-8: {exc.reason}"
     return f"an MQTT property of it is longer than MQTT takes ({MQTT_MAX_STRING} bytes)"

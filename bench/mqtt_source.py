@@ -1,0 +1,194 @@
+"""MQTT source throughput: a local broker → the agent's queue → the MQTT sink, at QoS 1.
+
+N messages of about 100 bytes are published at QoS 1 to a local Mosquitto with
+its default ``max_inflight_messages`` (20); the agent's ``mqtt`` source
+(MQTT 5, asking a Receive Maximum of 65535) commits them and acknowledges
+them, and its ``mqtt`` sink publishes them back under ``edge/...``, where a
+subscriber counts them. Two runs:
+
+- live: the agent is running and subscribed; time from the first publish to
+  the last event at the subscriber (end to end) and to the last one committed;
+- backlog: the messages wait in the broker's session while the agent is
+  stopped; time from its start to the last event at the subscriber.
+
+    .venv/bin/python bench/mqtt_source.py [-n 20000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This folder holds queue.py, which would shadow the standard library's queue:
+# take the folder off sys.path, and put the checkout's root on it for bench.common.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from agent.testing import Mosquitto  # noqa: E402
+from bench.common import (  # noqa: E402
+    AgentProcess,
+    Arrivals,
+    Row,
+    add_output_arguments,
+    agent_toml,
+    machine,
+    median,
+    plugin_table,
+    print_machine,
+    runs_text,
+    verdict,
+    workdir,
+    write_results,
+)
+
+TARGET = 18_000  # events/s end to end
+#: The broker as installed, but for its queue limits: max_inflight_messages stays 20.
+BROKER_CONFIG = "max_queued_messages 0"
+PAYLOAD = b'{"sensor":"t-0001","value":21.5,"unit":"C","at":"2026-11-26T23:59:01Z","ok":true}'
+
+
+def publish(port: int, count: int) -> float:
+    """Publish ``count`` QoS 1 messages on devices/d1/reading with mosquitto_pub (C: a
+    Python publisher managed a third of the target on this machine); the seconds it took."""
+    command = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+    lines = PAYLOAD + b"\n"
+    started = time.perf_counter()
+    subprocess.run(
+        [command, "-p", str(port), "-t", "devices/d1/reading", "-q", "1", "-l", "-V", "5"],
+        input=lines * count,
+        check=True,
+        timeout=300,
+    )
+    return time.perf_counter() - started
+
+
+def agent_config(folder: str, port: int) -> str:
+    tables = plugin_table(
+        "sources.mqtt",
+        name="local",
+        port=port,
+        topics=["devices/#"],
+        reconnect_min="0.1s",
+        reconnect_max="1s",
+    ) + plugin_table(
+        "sinks.mqtt",
+        name="up",
+        port=port,
+        qos=1,
+        reconnect_min="0.1s",
+        reconnect_max="1s",
+    )
+    return agent_toml("bench-gw", os.path.join(folder, "state"), tables)
+
+
+def run_once(folder: str, count: int, backlog: bool) -> tuple[float, float]:
+    """(events/s into the queue, events/s end to end)."""
+    broker = Mosquitto(os.path.join(folder, "mosquitto"), extra_config=BROKER_CONFIG).start()
+    agent = AgentProcess(folder, agent_config(folder, broker.port))
+    arrivals = Arrivals(broker.port, "edge/#").start()
+    arrivals.expect(count)
+    queue_file = os.path.join(folder, "state", "queue.db")
+    committed_at: list[float] = []
+
+    def watch_queue(started: float) -> None:
+        # The sink deletes what it confirmed: watch the source's sequence instead.
+        while True:
+            try:
+                with sqlite3.connect(queue_file, timeout=1) as conn:
+                    row = conn.execute(
+                        "SELECT last FROM source_sequences WHERE source = 'local'"
+                    ).fetchone()
+                if row and row[0] >= count:
+                    committed_at.append(time.time())
+                    return
+            except sqlite3.Error:
+                pass
+            time.sleep(0.01)  # ok: a poll interval
+            if time.time() - started > 300:
+                return
+
+    try:
+        if backlog:
+            # Subscribe once so the broker keeps a session, then stop and fill it.
+            agent.start()
+            agent.wait_ready()
+            agent.stop()
+            publish(broker.port, count)
+            started = time.time()
+            watcher = threading.Thread(target=watch_queue, args=(started,), daemon=True)
+            watcher.start()
+            agent.start()
+        else:
+            agent.start()
+            agent.wait_ready()
+            started = time.time()
+            watcher = threading.Thread(target=watch_queue, args=(started,), daemon=True)
+            watcher.start()
+            publish(broker.port, count)
+        agent.wait(lambda: arrivals.events >= count, 300, f"{count} events at the subscriber")
+        watcher.join(10)
+        end_to_end = count / (arrivals.last_at - started)
+        into_queue = count / (committed_at[0] - started) if committed_at else float("nan")
+        return into_queue, end_to_end
+    finally:
+        agent.stop()
+        arrivals.stop()
+        broker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=20_000, help="messages per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; median")
+    add_output_arguments(parser)
+    args = parser.parse_args()
+    info = machine()
+    rows = []
+    with workdir("mqtt-source", args.dir, args.keep) as folder:
+        print_machine(info, folder)
+        print(
+            f"workload:  {args.n:,} QoS 1 messages of {len(PAYLOAD)} bytes, local Mosquitto"
+            " (max_inflight_messages 20), source MQTT 5 -> queue -> sink -> subscriber"
+        )
+        print(
+            f"\n{'run':<10} | {'into the queue/s':>16} | {'end to end/s':>12} | runs (end to end)"
+        )
+        print("-" * 80)
+        for label, backlog in (("live", False), ("backlog", True)):
+            queue_rates, end_rates = [], []
+            for run in range(args.repeat):
+                sub = os.path.join(folder, f"{label}-{run}")
+                os.makedirs(sub)
+                into, end = run_once(sub, args.n, backlog)
+                queue_rates.append(into)
+                end_rates.append(end)
+            into, end = median(queue_rates), median(end_rates)
+            print(f"{label:<10} | {into:>16,.0f} | {end:>12,.0f} | {runs_text(end_rates)}")
+            rows.append(
+                Row(
+                    what=f"mqtt source, {label}: {args.n:,} QoS 1 messages end to end",
+                    agent=f"{end:,.0f} events/s",
+                    target=f">= {TARGET:,} events/s",
+                    met=end >= TARGET,
+                    values={"into_queue": queue_rates, "end_to_end": end_rates},
+                )
+            )
+        live = rows[0]
+        print(
+            f"\ntarget: live end to end >= {TARGET:,} events/s: {live.agent} -> {verdict(live.met)}"
+        )
+    write_results(args.json, "mqtt_source.py", rows, info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""How the ``mqtt`` source turns an MQTT message into an event.
+
+- A CloudEvent (JSON structured mode: an object with ``specversion``, ``id``,
+  ``source`` and ``type``; or MQTT 5 binary mode: ``ce_*`` user properties)
+  is kept as it came: its ``id``, ``source``, ``type``, ``time``, ``subject``,
+  ``datacontenttype``, ``dataschema``, data and extensions (one without a
+  ``subject`` gets the topic, one without a ``time`` the time it arrived). The agent's own
+  ``source`` URI travels as the extension ``agentsource`` and its
+  ``sequence`` replaces the incoming one, which is kept as ``originsequence``.
+- Any other message: ``type`` from the config, ``subject`` the topic, the
+  payload as ``data`` (JSON parsed; other UTF-8 text a string; anything else
+  base64 in ``data_base64``); the MQTT 5 content type as ``datacontenttype``,
+  its user properties as the extension ``mqttuserproperties`` (JSON text of
+  ``[[name, value], ...]``) and a retained message marked ``mqttretain``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent import Event, Source
+from agent.event import canonical_time, check_event
+
+#: CloudEvents attributes an Event holds itself, rather than in ``attributes``.
+_OWN = {"specversion", "id", "type", "time", "subject", "data", "data_base64"}
+#: Incoming attributes whose name the agent uses for its own: kept as ``origin<name>``.
+_RENAMED = {"sequence", "agentsource"}
+_TEXT_TYPES = ("text/", "application/xml", "application/yaml")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON the queue can keep")
+
+
+def _parse_json(payload: bytes) -> tuple[bool, Any]:
+    """(True, value) if ``payload`` is UTF-8 JSON without NaN or Infinity."""
+    try:
+        return True, json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False, None
+
+
+def _properties(message: mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, str]]]:
+    """The MQTT 5 content type and user properties of ``message`` (None, [] with 3.1.1)."""
+    props = getattr(message, "properties", None)
+    if props is None:
+        return None, []
+    content_type = getattr(props, "ContentType", None) or None
+    pairs = [(str(k), str(v)) for k, v in (getattr(props, "UserProperty", None) or [])]
+    return content_type, pairs
+
+
+def message_event(source: Source, message: mqtt.MQTTMessage) -> Event | None:
+    """The event for ``message``; a CloudEvent stays one (see the module docstring)."""
+    try:
+        topic = message.topic
+    except UnicodeDecodeError:  # brokers refuse such topics; be safe all the same
+        source.count("invalid")
+        source.log.error("a message whose topic is not UTF-8 was dropped")
+        return None
+    payload = message.payload
+    content_type, pairs = _properties(message)
+    event = None
+    if any(name == "ce_specversion" for name, _ in pairs):
+        event = _binary_cloudevent(source, topic, payload, content_type, pairs)
+    elif content_type is None or "json" in content_type:
+        is_json, value = _parse_json(payload)
+        if is_json and isinstance(value, dict) and _looks_structured(value):
+            event = _structured_cloudevent(source, topic, value)
+    if event is not None:
+        return event
+    attributes: dict[str, Any] = {}
+    data, kind = _payload_data(payload, content_type)
+    if kind == "base64":
+        attributes["data_base64"] = True
+    if content_type:
+        attributes["datacontenttype"] = content_type
+    elif kind == "text":
+        attributes["datacontenttype"] = "text/plain; charset=utf-8"
+    elif kind == "base64":
+        attributes["datacontenttype"] = "application/octet-stream"
+    if pairs:
+        attributes["mqttuserproperties"] = json.dumps(pairs, ensure_ascii=False)
+    if message.retain:
+        attributes["mqttretain"] = True
+    event = source.event(source.config.type, data, subject=topic)
+    event.attributes = attributes or None
+    return event
+
+
+def _payload_data(payload: bytes, content_type: str | None) -> tuple[Any, str]:
+    """(data, "json" | "text" | "base64") for a payload."""
+    textual = content_type is not None and content_type.startswith(_TEXT_TYPES)
+    if not textual:
+        is_json, value = _parse_json(payload)
+        if is_json:
+            return value, "json"
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(payload).decode("ascii"), "base64"
+    if "\x00" in text:
+        return base64.b64encode(payload).decode("ascii"), "base64"
+    return text, "text"
+
+
+def _looks_structured(value: dict[str, Any]) -> bool:
+    return all(isinstance(value.get(k), str) for k in ("specversion", "id", "source", "type"))
+
+
+def _structured_cloudevent(source: Source, topic: str, value: dict[str, Any]) -> Event | None:
+    attributes = {k: v for k, v in value.items() if k not in _OWN}
+    if "data_base64" in value:
+        data, base64_data = value["data_base64"], True
+    else:
+        data, base64_data = value.get("data"), False
+    return _cloudevent(source, topic, value, attributes, data, base64_data)
+
+
+def _binary_cloudevent(
+    source: Source,
+    topic: str,
+    payload: bytes,
+    content_type: str | None,
+    pairs: list[tuple[str, str]],
+) -> Event | None:
+    found = {name[3:]: value for name, value in pairs if name.startswith("ce_")}
+    if not all(found.get(k) for k in ("id", "source", "type")):
+        return None
+    attributes: dict[str, Any] = {k: v for k, v in found.items() if k not in _OWN}
+    others = [[name, value] for name, value in pairs if not name.startswith("ce_")]
+    if others:
+        attributes["mqttuserproperties"] = json.dumps(others, ensure_ascii=False)
+    if content_type:
+        attributes["datacontenttype"] = content_type
+    data, kind = _payload_data(payload, content_type)
+    return _cloudevent(source, topic, found, attributes, data, kind == "base64")
+
+
+def _cloudevent(
+    source: Source,
+    topic: str,
+    envelope: dict[str, Any],
+    attributes: dict[str, Any],
+    data: Any,
+    base64_data: bool,
+) -> Event | None:
+    """An Event keeping the CloudEvent's own attributes; None if it cannot carry them."""
+    extra: dict[str, Any] = {}
+    for name, value in attributes.items():
+        if name in _RENAMED:
+            name = f"origin{name}"
+        if isinstance(value, bool | int | str):
+            extra[name] = value
+        else:  # CloudEvents allows no such extension values: kept as JSON text
+            extra[name] = json.dumps(value, ensure_ascii=False)
+    if base64_data:
+        extra["data_base64"] = True
+    subject = envelope.get("subject")
+    event = source.event(envelope["type"], data, subject=subject or topic)
+    event.id = envelope["id"]
+    if envelope.get("time"):
+        try:
+            event.time = canonical_time(envelope["time"])
+        except ValueError:
+            return _refuse(source, topic, f"its time {envelope['time']!r} is not RFC 3339")
+    event.attributes = extra
+    try:
+        check_event(event)
+    except ValueError as exc:
+        return _refuse(source, topic, str(exc))
+    return event
+
+
+def _refuse(source: Source, topic: str, why: str) -> None:
+    """A CloudEvent the queue cannot keep as one: it is queued as a plain message."""
+    source.count("cloudevents_not_kept")
+    source.log.warning(
+        "a CloudEvent on %s is queued as a plain message (type %s): %s",
+        topic,
+        source.config.type,
+        why,
+    )
+    return None
+
+
+def own_output(event: Event, own_prefix: str) -> bool:
+    """True if ``event`` is a CloudEvent this agent published (its source, or the agentsource
+    of a CloudEvent it forwarded, starts with ``edge-agent://{agent id}/``)."""
+    attributes = event.attributes or {}
+    for name in ("source", "originagentsource"):
+        value = attributes.get(name)
+        if isinstance(value, str) and value.startswith(own_prefix):
+            return True
+    return False

@@ -1,0 +1,547 @@
+"""The ``mqtt`` source: messages from a broker (usually the local one), committed, then acked.
+
+paho's network thread only hands what arrives (messages, CONNACK, SUBACK, a
+lost connection) to the source's own thread through an in-memory inbox. That
+thread takes whatever has arrived, commits it with one ``emit_many`` (one
+transaction), and only then acknowledges the messages (``manual_ack``: PUBACK
+in the order they arrived). A crash at any moment loses nothing: the broker
+keeps the session (clean start off, ``session_expiry``) and sends again what
+was not acknowledged.
+
+**Redeliveries.** The packet id of every committed QoS 1 message is saved in
+the same transaction as its event, as the checkpoint ``m<packet id>`` =
+``<digest of topic and payload> <event id>``. A message the broker sends
+again (DUP flag) whose packet id and digest match one of them was committed
+already: it is acknowledged and not emitted again. Entries are deleted in the
+next transaction once their acknowledgement was sent; those left from before
+a reconnect are deleted at the first new (not re-sent) message of the next
+connection, since a broker re-sends every unacknowledged message first.
+
+**QoS 2** subscriptions are made at QoS 1: paho answers a QoS 2 message with
+PUBREC before the application sees it, so a crash between the two would lose
+it. At QoS 1 with the check above, the queue still gets each message once.
+
+How messages become events is in :mod:`plugins.mqtt_events`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent import Duration, Event, Source, hookimpl, option
+from agent.backoff import Backoff
+from agent.errors import QueueError
+from agent.event import check_event
+from agent.tls import describe_tls_error
+from plugins.mqtt_events import message_event, own_output
+from plugins.mqtt_messages import MqttConnectionConfig, new_client, warn_if_insecure
+
+#: Seconds without a new message after which acknowledged packet ids are forgotten on disk.
+FORGET_AFTER = 1.0
+#: Most messages committed in one transaction.
+BATCH_MAX = 2000
+
+
+class Unavailable(Exception):
+    """The broker cannot be reached or refused us: try again after a backoff."""
+
+
+@dataclass
+class TopicFilter:
+    """One subscription: a topic filter and the QoS asked for it."""
+
+    filter: str
+    qos: int
+
+    @property
+    def shared(self) -> bool:
+        return self.filter.startswith("$share/")
+
+
+def parse_topics(entries: list[Any], default_qos: int) -> list[TopicFilter]:
+    """``topics`` as the config gives them → filters; ValueError naming every bad one."""
+    found: list[TopicFilter] = []
+    problems: list[str] = []
+    for index, entry in enumerate(entries):
+        where = f"topics[{index}]"
+        if isinstance(entry, str):
+            text, qos = entry, default_qos
+        elif isinstance(entry, dict):
+            unknown = sorted(set(entry) - {"filter", "qos"})
+            if unknown:
+                problems.append(f"{where}: unknown key(s) {', '.join(unknown)}; known: filter, qos")
+                continue
+            text, qos = entry.get("filter"), entry.get("qos", default_qos)
+            if not isinstance(text, str):
+                problems.append(f'{where}: give the filter as filter = "sensors/#"')
+                continue
+            if not isinstance(qos, int) or isinstance(qos, bool) or not 0 <= qos <= 2:
+                problems.append(f"{where}: qos {qos!r} is out of range; use 0, 1 or 2")
+                continue
+        else:
+            problems.append(
+                f'{where}: expected a filter ("sensors/#") or a table'
+                ' ({filter = "plc/+/state", qos = 2})'
+            )
+            continue
+        problem = filter_problem(text)
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        found.append(TopicFilter(text, qos))
+    if not entries:
+        problems.append('topics: give at least one topic filter, e.g. topics = ["sensors/#"]')
+    seen = [f.filter for f in found]
+    doubles = sorted({f for f in seen if seen.count(f) > 1})
+    if doubles:
+        problems.append(f"topics: {', '.join(doubles)} given more than once")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return found
+
+
+def filter_problem(text: str) -> str | None:
+    """Why ``text`` is not an MQTT topic filter (shared ones included), or None if it is."""
+    if not text:
+        return "a topic filter may not be empty"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text):
+        return f"the filter {text!r} holds a control character"
+    if len(text.encode("utf-8", "replace")) > 65_535:
+        return "the filter is longer than MQTT takes (65,535 bytes)"
+    levels = text.split("/")
+    if levels[0] == "$share":
+        if len(levels) < 3 or not levels[1]:
+            return (
+                f"the shared subscription {text!r} names no group: write"
+                ' "$share/GROUP/FILTER", e.g. "$share/gateways/sensors/#"'
+            )
+        if "+" in levels[1] or "#" in levels[1]:
+            return f"the share group {levels[1]!r} may not hold + or #"
+        levels = levels[2:]
+        if levels == [""]:
+            return f"the shared subscription {text!r} has no filter after its group"
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return f"in {text!r}, # must be a whole level and the last one (e.g. sensors/#)"
+        if "+" in level and level != "+":
+            return f"in {text!r}, + must be a whole level (e.g. plc/+/state)"
+    return None
+
+
+class MqttSource(Source):
+    """Emits one event per MQTT message received under ``topics`` (see docs/sources/mqtt.md)."""
+
+    announces_listening = True
+
+    @dataclass(kw_only=True)
+    class Config(MqttConnectionConfig):
+        topics: list[Any] = option(
+            doc='Topic filters: "sensors/#", or {filter = "plc/+/state", qos = 2}.'
+        )
+        qos: Literal[0, 1, 2] = option(
+            1,
+            doc="QoS of the filters given as plain strings. 0: at most once. 2 is subscribed"
+            " as 1 (see the docs).",
+        )
+        type: str = option("mqtt.message", doc="The type of the events (not of CloudEvents).")
+        retained: Literal["skip", "keep"] = option(
+            "skip", doc='Retained messages sent on subscribing: "skip" or "keep".'
+        )
+        clean_start: bool = option(
+            False, doc="Start a new session on every connection; false keeps the broker's."
+        )
+        session_expiry: Duration = option(
+            7 * 86400.0,
+            min=0,
+            max=2**32 - 1,
+            doc="How long the broker keeps the session, and the messages for it, while the"
+            " agent is away (MQTT 5; with 3.1.1 the broker's own setting).",
+        )
+        receive_maximum: int = option(
+            65535,
+            min=1,
+            max=65535,
+            doc="Messages the broker may send before their acknowledgement (MQTT 5);"
+            " Mosquitto's max_inflight_messages caps it.",
+        )
+        skip_own: bool = option(
+            True, doc="Skip CloudEvents this agent published itself (no loops)."
+        )
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.filters = parse_topics(self.topics, self.qos)
+            try:
+                check_event(Event(type=self.type, source="x"))
+            except ValueError as exc:
+                raise ValueError(f"type: {exc}") from None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        config = self.config
+        warn_if_insecure(config, self.log)
+        self.client_id = config.client_id or f"edge-agent-{self.agent_id}-{self.name}"
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._ready = threading.Condition()
+        self._client: mqtt.Client | None = None
+        #: packet id -> (digest, event id) of committed QoS 1 messages (the checkpoint).
+        self._entries: dict[int, tuple[str, str]] = {}
+        #: Packet ids acknowledged on this connection: their entries go in the next commit.
+        self._forget: set[int] = set()
+        #: Entries kept from before this connection: stale once a new message arrives.
+        self._old: set[int] = set()
+        self._own_prefix = f"edge-agent://{self.agent_id}/"
+        self._qos2_said = False
+        self._was_up = False
+
+    # -- paho callbacks: network thread; hand over and return ---------------
+
+    def _put(self, kind: str, value: Any) -> None:
+        with self._ready:
+            self._inbox.append((kind, value))
+            self._ready.notify()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._put("connack", (reason_code, flags))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._put("suback", (mid, reason_codes))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._put("lost", str(reason_code))
+
+    def _on_message(self, client, userdata, message) -> None:
+        self._put("message", message)
+
+    # -- the source's thread ----------------------------------------------
+
+    def stop(self) -> None:
+        super().stop()
+        with self._ready:
+            self._ready.notify_all()
+
+    def run(self) -> None:
+        self._entries = {}
+        for key, value in self.checkpoints().items():
+            if key.startswith("m") and key[1:].isdigit():
+                digest, _, event_id = value.partition(" ")
+                self._entries[int(key[1:])] = (digest, event_id)
+        backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
+        down_since: float | None = None
+        while not self.stopping.is_set():
+            try:
+                self._session(backoff)
+            except Unavailable as exc:
+                self.listening()  # tried: the broker's session keeps what comes meanwhile
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.log.warning(
+                        "%s; the broker keeps the session's messages, trying again with backoff"
+                        " up to %gs",
+                        exc,
+                        self.config.reconnect_max,
+                    )
+                else:
+                    self.log.debug("still unavailable: %s", exc)
+            finally:
+                self._close()
+            if self.stopping.is_set():
+                break
+            if down_since is not None and self._was_up:
+                down_since = None
+            self.stopping.wait(backoff.next())
+
+    def _session(self, backoff: Backoff) -> None:
+        """Connect, subscribe, then commit and acknowledge until the connection ends."""
+        config = self.config
+        self._was_up = False
+        self._inbox.clear()
+        self._forget.clear()
+        errors: list[str] = []
+        for host, port in config.brokers():
+            try:
+                self._connect(host, port)
+                break
+            except Unavailable as exc:
+                errors.append(f"{host}:{port}: {exc}")
+                self._close()
+        else:
+            raise Unavailable("cannot connect to the broker: " + "; ".join(errors))
+        self._subscribe()
+        self._was_up = True
+        backoff.reset()
+        self.listening()
+        self._old = set(self._entries)
+        self._pump()
+
+    def _connect(self, host: str, port: int) -> None:
+        config = self.config
+        v5 = config.protocol == "5"
+        client = new_client(config, self.client_id, clean_start=config.clean_start, manual_ack=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = int(config.session_expiry)
+            properties.ReceiveMaximum = config.receive_maximum
+        try:
+            client.connect(
+                host,
+                port,
+                keepalive=config.keepalive,
+                clean_start=config.clean_start if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=properties,
+            )
+        except ssl.SSLError as exc:
+            raise Unavailable(describe_tls_error(exc, host)) from None
+        except (OSError, ValueError) as exc:
+            raise Unavailable(getattr(exc, "strerror", None) or str(exc)) from None
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):  # acknowledgements must not wait for Nagle
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.loop_start()
+        kind, value = self._expect(("connack", "lost"), config.connect_timeout, "a CONNACK")
+        if kind == "lost":
+            raise Unavailable(f"the broker closed the connection before answering ({value})")
+        reason_code, flags = value
+        if reason_code.is_failure:
+            raise Unavailable(f"the broker refused the connection: {reason_code}")
+        if not flags.session_present and not config.clean_start and self._entries:
+            self.log.warning(
+                "the broker kept no session for %s (it expired, or the broker lost it):"
+                " messages published while the agent was away are not here",
+                self.client_id,
+            )
+        self.log.info(
+            "connected to %s:%d as %s (session %s)",
+            host,
+            port,
+            self.client_id,
+            "resumed" if flags.session_present else "new",
+        )
+
+    def _subscribe(self) -> None:
+        config = self.config
+        client = self._client
+        assert client is not None
+        filters = config.filters
+        asked = []
+        for f in filters:
+            qos = min(f.qos, 1)
+            if f.qos == 2 and not self._qos2_said:
+                self._qos2_said = True
+                self.log.info(
+                    "%s: subscribed at QoS 1, not 2: committed before it is acknowledged,"
+                    " each message is queued once all the same",
+                    f.filter,
+                )
+            if config.protocol == "5":
+                # 1: retained messages only when the subscription is new (not on every
+                # reconnect of a kept session); 2: never.
+                handling = 1 if config.retained == "keep" else 2
+                if f.shared:
+                    handling = 0 if config.retained == "keep" else 2
+                options = SubscribeOptions(qos=qos, retainHandling=handling)
+                asked.append((f.filter, options))
+            else:
+                asked.append((f.filter, qos))
+        result, _mid = client.subscribe(asked)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise Unavailable(f"cannot subscribe: {mqtt.error_string(result)}")
+        kind, value = self._expect(("suback", "lost"), config.connect_timeout, "a SUBACK")
+        if kind == "lost":
+            raise Unavailable(f"connection lost while subscribing ({value})")
+        _mid, reason_codes = value
+        refused = []
+        for f, code in zip(filters, reason_codes, strict=False):
+            failed = code.is_failure if hasattr(code, "is_failure") else code == 0x80
+            if failed:
+                refused.append(f"{f.filter} ({code})")
+        if refused:
+            self.listening()  # tried; the error is logged and the source tried again
+            raise RuntimeError(
+                f"the broker refused the subscription to {', '.join(refused)}: check the"
+                " filter and the broker's ACL for this user"
+            )
+        self.count("subscribed")
+
+    def _expect(self, kinds: tuple[str, ...], timeout: float, what: str) -> tuple[str, Any]:
+        """Wait for the first item of one of ``kinds`` (anything else before it is an error)."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while not self.stopping.is_set():
+                for index, (kind, value) in enumerate(self._inbox):
+                    if kind in kinds:
+                        del self._inbox[index]
+                        return kind, value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(f"the broker sent no {what} within {timeout:g}s")
+                self._ready.wait(min(left, 0.5))
+        raise Unavailable("stopping")
+
+    def _take(self, timeout: float) -> list[tuple[str, Any]]:
+        with self._ready:
+            if not self._inbox and not self.stopping.is_set():
+                self._ready.wait(timeout)
+            taken = []
+            while self._inbox and len(taken) < BATCH_MAX:
+                taken.append(self._inbox.popleft())
+            return taken
+
+    def _pump(self) -> None:
+        idle_since = time.monotonic()
+        while not self.stopping.is_set():
+            taken = self._take(0.5)
+            messages = [value for kind, value in taken if kind == "message"]
+            lost = [value for kind, value in taken if kind == "lost"]
+            if messages:
+                if not self._commit(messages):
+                    return  # stopping: not acknowledged, the broker sends them again
+                idle_since = time.monotonic()
+            elif self._forget and time.monotonic() - idle_since > FORGET_AFTER:
+                self._save_forgotten()
+            if lost:
+                raise Unavailable(f"connection lost ({lost[0]})")
+
+    def _commit(self, messages: list[mqtt.MQTTMessage]) -> bool:
+        """Emit the messages' events in one transaction, then acknowledge them in order."""
+        events: list[Event] = []
+        checkpoint: dict[str, str | None] = {}
+        forget = self._forget
+        for message in messages:
+            self.count("messages")
+            qos = message.qos
+            digest = _digest(message) if qos else ""
+            mid = message.mid
+            if qos and not message.dup and self._old:
+                # The broker re-sends what was unacknowledged before anything new, so
+                # entries from before this connection that did not come back are done.
+                forget.update(self._old)
+                self._old = set()
+            if qos and message.dup:
+                entry = self._entries.get(mid)
+                if entry is not None and entry[0] == digest:
+                    self.count("redelivered")
+                    self._old.discard(mid)
+                    continue
+            if message.retain and self.config.retained == "skip":
+                self.count("retained_skipped")
+                continue
+            event = message_event(self, message)
+            if event is None:
+                continue
+            if self.config.skip_own and own_output(event, self._own_prefix):
+                self.count("own_skipped")
+                continue
+            events.append(event)
+            if qos:
+                self._entries[mid] = (digest, event.id)
+                forget.discard(mid)
+                self._old.discard(mid)
+                checkpoint[f"m{mid}"] = f"{digest} {event.id}"
+        for mid in forget:
+            if f"m{mid}" not in checkpoint:
+                checkpoint[f"m{mid}"] = None
+                self._entries.pop(mid, None)
+        forget.clear()
+        if not self._emit(events, checkpoint):
+            return False
+        client = self._client
+        acked = []
+        for message in messages:
+            if message.qos and client is not None:
+                rc = client.ack(message.mid, message.qos)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    acked.append(message.mid)
+        self.count("acked", len(acked))
+        forget.update(acked)
+        return True
+
+    def _emit(self, events: list[Event], checkpoint: dict[str, str | None]) -> bool:
+        """Commit events and checkpoint; False if told to stop first (then nothing is
+        acknowledged, and the broker sends the messages again)."""
+        try:
+            self.emit_many(events, checkpoint=checkpoint)
+            return True
+        except ValueError:
+            pass  # an event a processor made invalid: the others go one by one below
+        except QueueError as exc:
+            if self.stopping.is_set():
+                return False
+            self.log.warning("could not commit %d messages: %s", len(events), exc)
+        good = []
+        for event in events:
+            try:
+                check_event(event)
+                self.emit_many([event])  # also finds one a processor made invalid
+                continue
+            except ValueError as exc:
+                self.count("invalid")
+                self.log.error("a message on %s is not queued: %s", event.subject, exc)
+                continue
+            except QueueError:
+                good.append(event)
+        if not self.emit_until_accepted(good, checkpoint=checkpoint if good else None):
+            return False
+        while not good:  # the checkpoint alone
+            try:
+                self.save_checkpoint(checkpoint)
+                break
+            except QueueError as exc:
+                self.log.warning("could not save the checkpoint: %s; trying again", exc)
+                if self.stopping.wait(1.0):
+                    return False
+        return True
+
+    def _save_forgotten(self) -> None:
+        checkpoint = {f"m{mid}": None for mid in self._forget}
+        with contextlib.suppress(QueueError):
+            self.save_checkpoint(checkpoint)
+            for mid in self._forget:
+                self._entries.pop(mid, None)
+            self._forget.clear()
+
+    def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        with contextlib.suppress(Exception):
+            client.loop_stop()
+        with contextlib.suppress(Exception):
+            if client.socket() is not None:
+                client.socket().close()
+
+
+def _digest(message: mqtt.MQTTMessage) -> str:
+    hasher = hashlib.blake2b(digest_size=8)
+    hasher.update(message.topic.encode("utf-8", "surrogatepass"))
+    hasher.update(b"\0")
+    hasher.update(message.payload)
+    return hasher.hexdigest()
+
+
+@hookimpl
+def register_sources(register):
+    register("mqtt", MqttSource)
