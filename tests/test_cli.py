@@ -121,7 +121,7 @@ def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):
     assert "sources.flie: no source plugin named 'flie' is installed; did you mean 'file'?" in (
         result.stderr
     )
-    assert "(installed: exec, file, serial, status, tail, udev)" in result.stderr
+    assert "(installed: exec, file, mqtt, serial, status, tail, udev)" in result.stderr
 
 
 def test_plugins_lists_the_builtins_with_package_and_version():
