@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.toml
 
-.PHONY: run test lint test-tools rabbitmq bench chaos clean
+.PHONY: run test lint test-tools rabbitmq bench bench-peers chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,13 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 bench: $(VENV)/.installed-bench test-tools
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
+# MQTT forwarding beside the ThingsBoard IoT Gateway and a Mosquitto bridge (not part of
+# make bench): installs the gateway into bench/peers/.venv-tb on first use, about 40 min.
+# PEERS_ARGS="--runs 1 --quick": a smoke check of a few minutes.
+PEERS_ARGS ?=
+bench-peers: $(VENV)/.installed-bench test-tools
+	$(BIN)/python bench/peers/mqtt_bridge.py $(PEERS_ARGS)
+
 # The chaos soak (not part of make test or make bench): faults against the real agent for
 # CHAOS_MINUTES (default 10), then an account of every event made; exit 1 on a silent
 # loss. As root (the agent's state dir goes on a tmpfs). CHAOS_ARGS="--seed N --faults ...".
@@ -92,4 +99,4 @@ chaos: $(VENV)/.installed-bench test-tools
 	$(BIN)/python bench/chaos.py $(if $(CHAOS_MINUTES),--minutes $(CHAOS_MINUTES)) $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) bench/peers/.venv-tb var .pytest_cache .ruff_cache *.egg-info
