@@ -267,6 +267,8 @@ class SourceHarness:
         built = plugin_config(source_class, config, name)
         self.events: list[Any] = []
         self.saved_checkpoints: dict[str, str] = dict(checkpoints or {})
+        #: Events per successful commit, in order (how the source groups its commits).
+        self.commit_sizes: list[int] = []
         self._lock = threading.Lock()
         self._failures = 0
         context = SourceContext(
@@ -291,6 +293,7 @@ class SourceHarness:
                 check_event(event)
                 encode_data(event.data)
             self.events.extend(events)
+            self.commit_sizes.append(len(events))
             for key, value in (checkpoint or {}).items():
                 if value is None:
                     self.saved_checkpoints.pop(key, None)

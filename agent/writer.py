@@ -259,8 +259,13 @@ class Writer:
                 if batch:
                     self._queue.check_file()  # never commit into a file that is gone
                     batch = self._fit(batch)
-                if batch and not self._admit(batch):
-                    held = batch
+                if batch:
+                    fits = self._admitted(batch)
+                    batch, held = batch[:fits], batch[fits:]
+                if batch:
+                    self._commit(batch)
+                    self._last_commit = time.monotonic()
+                if held:
                     self._held_events = sum(len(p.events) for p in held) or 1
                     self._commit_checkpoints_only()
                     # Room comes from deletes: look again when they are due, or after
@@ -268,9 +273,6 @@ class Writer:
                     with self._cond:
                         wait = min(BLOCKED_RETRY, self._housekeeping_due() - time.monotonic())
                         self._cond.wait_for(lambda: self._stopping, max(0.0, wait))
-                elif batch:
-                    self._commit(batch)
-                    self._last_commit = time.monotonic()
                 now = time.monotonic()
                 self.last_progress = now
                 # Under load every CLEANUP_INTERVAL (deletes in bulk); once no commit came
@@ -282,7 +284,7 @@ class Writer:
                     if self._stopping and not self._waiting and not held:
                         break
         except QueueVanished as exc:
-            self._vanished(exc, batch)
+            self._vanished(exc, batch + held)
         except BaseException as exc:
             log.exception("the queue writer failed: %r", exc)
             for pending in held:
@@ -367,6 +369,19 @@ class Writer:
                 pending.events = pending.events[cut:]
                 kept.append(pending)
         return kept
+
+    def _admitted(self, batch: list[_Pending]) -> int:
+        """How many of the batch's callers, first come first, there is room for now.
+
+        A group that does not fit as a whole may still fit in part: its first
+        callers are committed and only the rest waits, so a wait for room never
+        holds back what the disk can take (a big group on a nearly full disk
+        would otherwise wait for room it can never get once the queue is empty).
+        """
+        fits = len(batch)
+        while fits and not self._admit(batch[:fits]):
+            fits = 0 if fits == 1 else fits // 2
+        return fits
 
     def _admit(self, batch: list[_Pending]) -> bool:
         """Room for this batch? Drops old events or says wait, as the policy wants."""

@@ -35,7 +35,6 @@ import sqlite3  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
 
 from agent.testing import wait_for  # noqa: E402
 from bench.chaos_oracle import (  # noqa: E402
@@ -400,13 +399,14 @@ class Run:
 def uncommitted(state_dir: str) -> int | str:
     """0 when the agent's status snapshot is fresh and says every event the sources
     handed over is committed; else what stands in the way, in words."""
+    path = os.path.join(state_dir, "status.json")
     try:
-        with open(os.path.join(state_dir, "status.json"), encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file:
             status = json.load(file)
+        # The file's time, not "updated": an unchanged snapshot is only touched.
+        age = time.time() - os.path.getmtime(path)
     except (OSError, ValueError) as exc:
         return f"no status snapshot ({exc})"
-    updated = datetime.strptime(status["updated"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    age = (datetime.now(UTC) - updated).total_seconds()
     if age > 4 * status.get("interval", 5):
         return f"a status snapshot {age:.0f} s old (the main thread is stuck?)"
     queue = status["queue"]

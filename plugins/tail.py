@@ -46,6 +46,9 @@ from plugins.tail_files import (
 )
 
 READ_CHUNK = 256 * 1024
+#: Most lines per commit: a chunk of short lines is committed in parts, so that one
+#: commit never asks a nearly full disk for more room than the queue's usual groups.
+LINES_PER_COMMIT = 1000
 #: Checkpoint key saying this source has run before (files it meets later are new).
 STARTED_KEY = "started"
 WARN_EVERY = 60.0
@@ -515,6 +518,7 @@ class TailSource(Source):
             return False
         data = item.partial + chunk
         events: list[Event] = []
+        cuts: list[tuple[int, int]] = []  # (events, bytes consumed) where a commit ends
         consumed = 0
         limit = self.config.max_line_bytes
         while True:
@@ -547,9 +551,19 @@ class TailSource(Source):
                 line = line[:limit]
             events.append(self._line_event(item, item.offset + consumed, line))
             consumed = end + 1
+            if len(events) % LINES_PER_COMMIT == 0:
+                cuts.append((len(events), consumed))
         item.partial = data[consumed:]
         if consumed:
-            self._commit(item, events, consumed)
+            if not cuts or cuts[-1][1] != consumed:
+                cuts.append((len(events), consumed))
+            skipping = item.skipping  # where the chunk ends; a cut before it ends a line
+            first = done = 0
+            for last, through in cuts:
+                item.skipping = skipping if through == consumed else False
+                if not self._commit(item, events[first:last], through - done):
+                    break  # rewound: the rest is read again
+                first, done = last, through
         if self.counters["truncated_lines"] and time.monotonic() - self._last_warning >= WARN_EVERY:
             self._last_warning = time.monotonic()
             self.log.warning(

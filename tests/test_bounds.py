@@ -174,6 +174,38 @@ def test_block_makes_sources_wait_until_sinks_confirm(store):
     writer.stop(5)
 
 
+def test_a_group_too_big_for_the_room_left_commits_its_first_callers(store):
+    """Callers committed together in one group: when the group does not fit, those
+    that do are committed and only the rest waits (a whole group waiting for room it
+    can never have, with an empty queue, wedged the agent)."""
+    empty = QueueWriter(store)
+    room = empty.usage().live_bytes + empty.usage().wal_bytes + 300_000
+    empty.close()
+    writer = Writer(
+        store,
+        commit_max_events=100,
+        handoff_max_events=1000,
+        sink_names=["s"],
+        on_commit=lambda: None,
+        limits=Limits(max_bytes=room, when_full="block"),
+    )
+    done = {"a": threading.Event(), "b": threading.Event()}
+
+    def submit(name: str) -> None:
+        writer.submit(batch(name, 1, size=200_000))  # one fits in the room, two do not
+        done[name].set()
+
+    threading.Thread(target=submit, args=("a",), daemon=True).start()
+    wait_for(lambda: writer.uncommitted == 1, 10, "the first caller to wait")
+    threading.Thread(target=submit, args=("b",), daemon=True).start()
+    wait_for(lambda: writer.uncommitted == 2, 10, "the second caller to wait")
+    writer.start()  # not started before: both callers are taken in one group
+    wait_for(done["a"].is_set, 10, "the caller that fits to be committed")
+    wait_for(lambda: writer.waiting_for_room, 10, "the other one to wait for room")
+    assert not done["b"].is_set()
+    writer.stop(1)
+
+
 def test_a_source_waiting_for_room_can_stop(store):
     """when_full = "block" and a full queue: a stop (or a reload) must not wait for room."""
     writer = full_at_ten(store)

@@ -11,7 +11,7 @@ import pytest
 from conftest import first_deliveries
 
 from agent.testing import SourceHarness, wait_for
-from plugins.tail import TailSource
+from plugins.tail import LINES_PER_COMMIT, TailSource
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -175,6 +175,36 @@ def test_a_failed_commit_is_read_again_not_lost(tmp_path):
         append(log, "a\nb\n")
         harness.wait_for_events(2)
     assert lines(harness) == ["a", "b"]
+
+
+def test_a_chunk_of_many_short_lines_is_committed_in_parts(tmp_path):
+    """One read of 256 KiB of short lines is tens of thousands of events: committed
+    in parts of at most LINES_PER_COMMIT, each with its offset, so a nearly full
+    disk or a small max_events never has to take them all at once."""
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        harness.wait_listening()
+        append(log, "".join(f"{n}\n" for n in range(2500)))
+        harness.wait_for_events(2500)
+        offsets = harness.saved_checkpoints
+    assert lines(harness) == [str(n) for n in range(2500)]
+    assert max(harness.commit_sizes) <= LINES_PER_COMMIT
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}, checkpoints=offsets) as again:
+        append(log, "last\n")
+        again.wait_for_events(1)
+    assert lines(again) == ["last"], "the last part's offset was committed"
+
+
+def test_a_failed_part_of_a_chunk_is_read_again_once(tmp_path):
+    log = tmp_path / "app.log"
+    log.write_text("")
+    with SourceHarness(TailSource, {"paths": [str(log)], **FAST}) as harness:
+        harness.wait_listening()
+        harness.fail_commits(1)
+        append(log, "".join(f"{n}\n" for n in range(1500)))
+        harness.wait_for_events(1500)
+    assert lines(harness) == [str(n) for n in range(1500)]
 
 
 def test_a_missing_file_is_followed_once_it_appears(tmp_path, caplog):
