@@ -22,6 +22,7 @@ PAGES = {
     ("source", "serial"): "docs/sources/serial.md",
     ("source", "exec"): "docs/sources/exec.md",
     ("source", "status"): "docs/sources/status.md",
+    ("source", "journald"): "docs/sources/journald.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
