@@ -23,6 +23,7 @@ PAGES = {
     ("source", "exec"): "docs/sources/exec.md",
     ("source", "status"): "docs/sources/status.md",
     ("source", "journald"): "docs/sources/journald.md",
+    ("source", "host"): "docs/sources/host.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
