@@ -44,8 +44,8 @@ STARTED_KEY = "started"
 READ_CHUNK = 256 * 1024
 #: Entries committed in one transaction at most.
 BATCH = 500
-#: journalctl's standard error lines logged per run of it; the rest are counted.
-STDERR_LINES = 20
+#: Lines of journalctl's standard error remembered, to log each of them once.
+STDERR_LINES = 100
 RESTART_MIN, RESTART_MAX = 1.0, 30.0
 #: Promoted from the entry's fields to keys of their own in ``data``.
 PROMOTED = {
@@ -213,6 +213,7 @@ class JournaldSource(Source):
         super().__init__(**kwargs)
         self._wake_r, self._wake_w = -1, -1
         self._last_failure: str | None = None
+        self._said_lines: set[str] = set()
 
     def stop(self) -> None:
         super().stop()
@@ -391,7 +392,7 @@ class JournaldSource(Source):
         assert child.stdout is not None and child.stderr is not None
         out, err = child.stdout.fileno(), child.stderr.fileno()
         partial, errors = b"", b""
-        stderr_lines = 0
+        last_said = ""
         open_fds = {out, err, self._wake_r}
         while not self.stopping.is_set():
             ready, _, _ = select.select(list(open_fds), [], [])
@@ -404,9 +405,9 @@ class JournaldSource(Source):
                 errors += chunk
                 *lines, errors = errors.split(b"\n")
                 for line in lines:
-                    stderr_lines += 1
-                    if stderr_lines <= STDERR_LINES and line.strip():
-                        self.log.warning("journalctl: %s", line.decode(errors="replace"))
+                    if line.strip():
+                        last_said = line.decode(errors="replace").strip()
+                        self._stderr(last_said)
             if out not in ready:
                 continue
             chunk = os.read(out, READ_CHUNK)
@@ -421,10 +422,21 @@ class JournaldSource(Source):
                 self.log.info("reading %s again", self.where)
                 self._last_failure = None
         code = child.wait()
-        said = (errors.decode(errors="replace").strip() or "no message").splitlines()[-1:]
+        if errors.strip():
+            last_said = errors.decode(errors="replace").strip()
+            self._stderr(last_said)
         return (
-            f"journalctl ended reading {self.where} (exit code {code}: {said[0] if said else ''})"
+            f"journalctl ended reading {self.where} (exit code {code}: {last_said or 'no message'})"
         )
+
+    def _stderr(self, line: str) -> None:
+        """Log a line journalctl wrote to stderr: a warning the first time, then debug."""
+        if line in self._said_lines:
+            self.log.debug("journalctl: %s", line)
+            return
+        if len(self._said_lines) < STDERR_LINES:
+            self._said_lines.add(line)
+        self.log.warning("journalctl: %s", line)
 
     def _entries(self, lines: list[bytes], skip: str | None) -> tuple[list[Event], str | None]:
         """The events of complete JSON lines, and the cursor of the last one."""

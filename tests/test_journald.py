@@ -8,6 +8,7 @@ journalctl, as on a device.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -358,3 +359,16 @@ def test_stopping_the_source_ends_journalctl(journal):
         children = journalctl_children(os.getpid())
         assert children, "journalctl runs as a child"
     wait_for(lambda: all(gone(p) for p in children), 5, "journalctl to end with the source")
+
+
+@needs_tools
+def test_a_folder_without_journal_files_is_read_once_they_appear(journal, caplog):
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    with SourceHarness(JournaldSource, config(journal, start_at="end")) as harness:
+        wait_for(lambda: "starting journalctl again" in caplog.text, 10, "journalctl to end")
+        assert harness.source.is_listening.is_set(), "READY does not wait for the journal"
+        journal.messages(numbered("a", 3))
+        harness.wait_for_events(3, timeout=20)
+    assert messages(harness) == numbered("a", 3)
+    assert caplog.text.count("starting journalctl again") == 1, "said once while the same"
+    assert f"reading {journal.folder} again" in caplog.text
