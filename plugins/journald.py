@@ -25,6 +25,7 @@ import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,14 +213,16 @@ class JournaldSource(Source):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._wake_r, self._wake_w = -1, -1
+        self._wake_lock = threading.Lock()
         self._last_failure: str | None = None
         self._said_lines: set[str] = set()
 
     def stop(self) -> None:
         super().stop()
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+        with self._wake_lock:  # not a descriptor closed by run() and reused meanwhile
+            if self._wake_w >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
 
     @property
     def where(self) -> str:
@@ -343,9 +346,10 @@ class JournaldSource(Source):
                 self.count("journalctl_restarts")
                 self.stopping.wait(delay)
         finally:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r, self._wake_w = -1, -1
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r, self._wake_w = -1, -1
 
     def _follow(self) -> str | None:
         """Run journalctl --follow from the committed cursor until it ends or the source
