@@ -25,7 +25,8 @@ run: $(VENV)/.installed
 
 # The tests start their own brokers and need the mosquitto binary; the disk
 # fault tests use strace to make a write or an fsync fail, the clock-step test
-# libfaketime to move the agent's wall clock.
+# libfaketime to move the agent's wall clock, the journald tests
+# systemd-journal-remote to write journal files (journald need not run).
 test-tools:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
 		: ; \
@@ -53,6 +54,15 @@ test-tools:
 				|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime); \
 		else \
 			echo "note: libfaketime is not installed; the clock-step test will be skipped."; \
+		fi; \
+	fi
+	@if [ ! -x /lib/systemd/systemd-journal-remote ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "systemd-journal-remote is missing; installing it for the journald tests"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-journal-remote \
+				|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-journal-remote); \
+		else \
+			echo "note: systemd-journal-remote is not installed; the journald tests will be skipped."; \
 		fi; \
 	fi
 

@@ -10,7 +10,13 @@ second and the CPU time (utime + stime) taken at both ends.
 
 Targets: RSS under 40 MiB and CPU under 0.5 % of one core (no busy polling).
 
-    .venv/bin/python bench/footprint.py [--seconds 60] [--repeat 3]
+``--host-interval 10s`` adds a ``host`` source (every collector) at that interval;
+``--journald`` adds a ``journald`` source following the system journal (its
+``journalctl`` child is measured on its own line: RSS and CPU beside the agent's).
+Both together measure the agent as a gateway that reports on itself.
+
+    .venv/bin/python bench/footprint.py [--seconds 60] [--repeat 3] [--host-interval 10]
+        [--journald]
 """
 
 from __future__ import annotations
@@ -78,10 +84,19 @@ class Run:
     threads: int
     broker_cpu_percent: float
     udev: str  # how the udev source listens, from the agent's log
+    children_rss: float = 0.0  # MiB, the agent's child processes (journalctl) at the end
+    children_cpu_percent: float = 0.0  # of one core, the same children over the window
 
 
-def footprint_config(folder: str, port: int, agent_id: str) -> str:
-    """file, tail and udev sources and a connected MQTT sink, all with their defaults."""
+def footprint_config(
+    folder: str,
+    port: int,
+    agent_id: str,
+    host_interval: float | None = None,
+    journald: bool = False,
+) -> str:
+    """file, tail and udev sources and a connected MQTT sink, all with their defaults;
+    a host source every ``host_interval`` seconds, a journald source on the system journal."""
     inbox = os.path.join(folder, "inbox")
     os.makedirs(inbox)
     log_file = os.path.join(folder, "app.log")
@@ -90,6 +105,12 @@ def footprint_config(folder: str, port: int, agent_id: str) -> str:
         plugin_table("sources.file", name="inbox", paths=[inbox])
         + plugin_table("sources.tail", name="app", paths=[log_file])
         + plugin_table("sources.udev", name="devices")
+        + (
+            plugin_table("sources.host", name="host", interval=host_interval)
+            if host_interval
+            else ""
+        )
+        + (plugin_table("sources.journald", name="journal") if journald else "")
         + sink_toml(port, agent_id)
     )
     return agent_toml(agent_id, os.path.join(folder, "state"), tables)
@@ -111,6 +132,15 @@ def process_cpu(pid: int) -> float:
     return cpu_seconds(pid) if exact is None else exact
 
 
+def children(pid: int) -> list[int]:
+    """The agent's child processes (journalctl for a journald source)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
 def sample_idle(pid: int, broker_pid: int, seconds: float) -> dict[str, float | None]:
     """Sample RSS every second for ``seconds``; CPU, wake-ups and writes over the window.
 
@@ -118,6 +148,8 @@ def sample_idle(pid: int, broker_pid: int, seconds: float) -> dict[str, float | 
     (clock ticks: a sample, which may miss short wake-ups altogether).
     """
     cpu0, ticks0, broker0 = process_cpu(pid), cpu_seconds(pid), process_cpu(broker_pid)
+    kids = children(pid)
+    kids0 = sum(process_cpu(child) for child in kids)
     wakeups0, written0 = wakeups(pid), written_bytes(pid)
     started = time.monotonic()
     samples = [rss_mib(pid)]
@@ -134,6 +166,8 @@ def sample_idle(pid: int, broker_pid: int, seconds: float) -> dict[str, float | 
         "wakeups_per_s": (wakeups(pid) - wakeups0) / window,
         "written_per_s": None if written0 is None else (written1 - written0) / window,
         "broker_cpu_percent": 100 * (process_cpu(broker_pid) - broker0) / window,
+        "children_rss": sum(rss_mib(child) for child in kids),
+        "children_cpu_percent": 100 * (sum(process_cpu(c) for c in kids) - kids0) / window,
     }
 
 
@@ -142,7 +176,10 @@ def measure(folder: str, port: int, broker_pid: int, run: int, args: argparse.Na
     agent_id = f"footprint-{run}"
     agent_dir = os.path.join(folder, agent_id)
     os.makedirs(agent_dir)
-    agent = AgentProcess(agent_dir, footprint_config(agent_dir, port, agent_id))
+    agent = AgentProcess(
+        agent_dir,
+        footprint_config(agent_dir, port, agent_id, args.host_interval, args.journald),
+    )
     with Arrivals(port, f"edge/{agent_id}/#", status=status_topic(agent_id)) as arrivals:
         try:
             agent.start()
@@ -158,7 +195,8 @@ def measure(folder: str, port: int, broker_pid: int, run: int, args: argparse.Na
         finally:
             agent.stop()
     if arrivals.events:
-        print(f"  note: {arrivals.events} events were sent while idle (device or file events)")
+        print(f"  note: {arrivals.events} events were sent while idle (host metrics, device,")
+        print("        file or journal events)")
     return Run(
         startup=startup,
         connected=connected,
@@ -188,12 +226,18 @@ def print_run(number: int, repeat: int, run: Run) -> None:
         f" {run.rss_peak:.1f}), CPU {run.cpu_percent:.3f} % of one core"
         f" (utime+stime: {run.cpu_percent_ticks:.2f} %),"
         f" {run.wakeups_per_s:.0f} wake-ups/s{written}, {run.threads} threads;"
-        f" Mosquitto CPU {run.broker_cpu_percent:.2f} %",
+        f" Mosquitto CPU {run.broker_cpu_percent:.2f} %"
+        + (
+            f"; child processes (journalctl): RSS {run.children_rss:.1f} MiB,"
+            f" CPU {run.children_cpu_percent:.3f} %"
+            if run.children_rss
+            else ""
+        ),
         flush=True,
     )
 
 
-def report(runs: list[Run], baseline: float, seconds: float) -> list[Row]:
+def report(runs: list[Run], baseline: float, seconds: float, sources: str) -> list[Row]:
     """Print the medians and the targets; return the rows for the table."""
 
     def per_run(name: str) -> list[float]:
@@ -221,7 +265,7 @@ def report(runs: list[Run], baseline: float, seconds: float) -> list[Row]:
     )
     return [
         Row(
-            what="Idle RSS, file + tail + udev sources, MQTT sink connected, max over"
+            what=f"Idle RSS, {sources} sources, MQTT sink connected, max over"
             f" {seconds:g} s (`bench/footprint.py`)",
             agent=f"{rss:.1f} MiB",
             beside=f"the Python interpreter alone: {baseline:.1f} MiB",
@@ -256,16 +300,38 @@ def main() -> None:
     parser.add_argument(
         "--settle", type=float, default=2.0, help="seconds after connecting before the window"
     )
+    parser.add_argument(
+        "--host-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="add a host source (every collector) with this interval",
+    )
+    parser.add_argument(
+        "--journald", action="store_true", help="add a journald source (the system journal)"
+    )
     add_output_arguments(parser)
     args = parser.parse_args()
     if args.seconds <= 0 or args.repeat < 1 or args.settle < 0:
         parser.error("--seconds and --repeat must be positive")
+    if args.host_interval is not None and args.host_interval < 1:
+        parser.error("--host-interval must be at least 1 (the host source's minimum)")
+    sources = "file + tail + udev"
+    sources += f" + host (every {args.host_interval:g}s)" if args.host_interval else ""
+    sources += " + journald" if args.journald else ""
+    extra = "".join(
+        [
+            f", a host source (every {args.host_interval:g}s)" if args.host_interval else "",
+            ", a journald source (the system journal)" if args.journald else "",
+        ]
+    )
 
     info = machine()
     print_machine(info, args.dir or os.getcwd())
     print(
         "workload:  an idle agent with a file source (a folder), a tail source (a file), a udev"
-        f" source and an MQTT sink connected to a local Mosquitto; {args.seconds:g}s window"
+        f" source{extra}"
+        f" and an MQTT sink connected to a local Mosquitto; {args.seconds:g}s window"
         f" after {args.settle:g}s of settling, RSS sampled every second;"
         f" {args.repeat} runs, median"
     )
@@ -284,7 +350,7 @@ def main() -> None:
         finally:
             broker.stop()
 
-    rows = report(runs, baseline, args.seconds)
+    rows = report(runs, baseline, args.seconds, sources)
     write_results(args.json, "footprint", rows, info)
 
 

@@ -24,6 +24,8 @@ PAGES = {
     ("source", "status"): "docs/sources/status.md",
     ("source", "http"): "docs/sources/http.md",
     ("source", "mqtt"): "docs/sources/mqtt.md",
+    ("source", "journald"): "docs/sources/journald.md",
+    ("source", "host"): "docs/sources/host.md",
     ("sink", "mqtt"): "docs/sinks/mqtt.md",
     ("sink", "amqp"): "docs/sinks/amqp.md",
     ("sink", "stdout"): "docs/sinks/stdout.md",
