@@ -30,6 +30,11 @@ SEQUENCE_DIGITS = 20
 _id_lock = threading.Lock()
 _id_last_ms = 0
 _id_counter = 0
+#: Random bytes for ids, fetched 4 KiB at a time: one getrandom() call per 512 ids, not one
+#: per id (each call also let the agent's other threads take the GIL in between).
+_RANDOM_CHUNK = 4096
+_random_pool = b""
+_random_at = 0
 
 
 def new_event_id() -> str:
@@ -38,7 +43,7 @@ def new_event_id() -> str:
     48 bits of Unix milliseconds, then a 12-bit counter that orders ids made in
     the same millisecond, then 62 random bits.
     """
-    global _id_last_ms, _id_counter
+    global _id_last_ms, _id_counter, _random_pool, _random_at
     with _id_lock:
         now_ms = time.time_ns() // 1_000_000
         if now_ms > _id_last_ms:
@@ -48,7 +53,11 @@ def new_event_id() -> str:
             if _id_counter > 0xFFF:  # more than 4096 ids in one ms: borrow the next ms
                 _id_last_ms, _id_counter = _id_last_ms + 1, 0
         ms, counter = _id_last_ms, _id_counter
-    rand = int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
+        at = _random_at
+        if at + 8 > len(_random_pool):
+            _random_pool, at = os.urandom(_RANDOM_CHUNK), 0
+        _random_at = at + 8
+        rand = int.from_bytes(_random_pool[at : at + 8]) & ((1 << 62) - 1)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
     return str(uuid.UUID(int=value))
 
