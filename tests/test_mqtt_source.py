@@ -207,7 +207,7 @@ def test_a_full_blocking_queue_stops_acknowledging_and_resumes(
             )
     finally:
         upstream.stop()
-    wait_for(lambda: counters()["acked"] == 60, 15, "all 60 acknowledged")
+    wait_for(lambda: counters().get("acked", 0) == 60, 15, "all 60 acknowledged")
 
 
 def test_retained_messages_are_skipped_or_kept(
