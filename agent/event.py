@@ -62,9 +62,19 @@ def new_event_id() -> str:
     return str(uuid.UUID(int=value))
 
 
+#: (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC): formatted once per second, not per event.
+_second_text: tuple[int, str] = (-1, "")
+
+
 def utc_now() -> str:
     """The current time as RFC 3339 UTC with microseconds, as CloudEvents ``time``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _second_text
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    cached, text = _second_text
+    if seconds != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second_text = (seconds, text)
+    return f"{text}.{nanoseconds // 1000:06d}Z"
 
 
 @dataclass(slots=True)

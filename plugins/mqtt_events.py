@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 
 from agent import Event, Source
 from agent.event import canonical_time, check_event
-from plugins.mqtt_inbound import Received
+from plugins.mqtt_clients import Received
 
 #: CloudEvents attributes an Event holds itself, rather than in ``attributes``.
 _OWN = {"specversion", "id", "type", "time", "subject", "data", "data_base64"}
@@ -37,10 +37,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON the queue can keep")
 
 
+#: One decoder for every message (json.loads with an option builds one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_json(payload: bytes) -> tuple[bool, Any]:
     """(True, value) if ``payload`` is UTF-8 JSON without NaN or Infinity."""
     try:
-        return True, json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        return True, _DECODER.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return False, None
 

@@ -49,8 +49,8 @@ from agent.backoff import Backoff
 from agent.errors import QueueError
 from agent.event import check_event
 from agent.tls import describe_tls_error
+from plugins.mqtt_clients import InboundClient, Received
 from plugins.mqtt_events import message_event, own_output
-from plugins.mqtt_inbound import InboundClient, Received
 from plugins.mqtt_messages import MqttConnectionConfig, new_client, warn_if_insecure
 
 #: Seconds without a new message after which acknowledged packet ids are forgotten on disk.
