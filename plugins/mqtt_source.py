@@ -8,16 +8,11 @@ in the order they arrived). A crash at any moment loses nothing: the broker
 keeps the session (clean start off, ``session_expiry``) and sends again what
 was not acknowledged.
 
-**Redeliveries.** The packet ids of the committed QoS 1 messages not known to
-be acknowledged yet are saved in the same transaction as their events, each
-with a digest of its topic and payload, as one checkpoint value (``unacked`` =
-``<packet id>:<digest> ...``; one row per commit, not one per message). A
-message the broker sends again (DUP flag) whose packet id and digest match one
-of them was committed already: it is acknowledged and not emitted again.
-Entries are dropped in the next transaction once their acknowledgement was
-sent; those left from before a reconnect are dropped at the first new (not
-re-sent) message of the next connection, since a broker re-sends every
-unacknowledged message first.
+**Redeliveries.** The packet ids of committed QoS 1 messages are saved with
+their events, in the same transaction, until the broker is known to have their
+acknowledgements; a message the broker sends again that matches one was
+committed already: it is acknowledged and not emitted again (see
+:mod:`plugins.mqtt_redelivery`).
 
 **QoS 2** subscriptions are made at QoS 1: paho answers a QoS 2 message with
 PUBREC before the application sees it, so a crash between the two would lose
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import socket
 import ssl
 import threading
@@ -52,13 +46,10 @@ from agent.tls import describe_tls_error
 from plugins.mqtt_clients import InboundClient, Received
 from plugins.mqtt_events import message_event, own_output
 from plugins.mqtt_messages import MqttConnectionConfig, new_client, warn_if_insecure
+from plugins.mqtt_redelivery import RedeliveryLog, digest
 
-#: Seconds without a new message after which acknowledged packet ids are forgotten on disk.
-FORGET_AFTER = 1.0
 #: Most messages committed in one transaction.
 BATCH_MAX = 2000
-#: The checkpoint key of the packet ids committed and not known to be acknowledged.
-UNACKED = "unacked"
 
 
 class Unavailable(Exception):
@@ -203,14 +194,8 @@ class MqttSource(Source):
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._ready = threading.Condition()
         self._client: InboundClient | None = None
-        #: packet id -> digest of committed QoS 1 messages (the checkpoint ``unacked``).
-        self._entries: dict[int, str] = {}
-        #: Checkpoint keys of an earlier version (one per packet id): deleted at the next commit.
-        self._legacy: list[str] = []
-        #: Packet ids acknowledged on this connection: their entries go in the next commit.
-        self._forget: set[int] = set()
-        #: Entries kept from before this connection: stale once a new message arrives.
-        self._old: set[int] = set()
+        #: Committed QoS 1 messages the broker may send again.
+        self._redelivery = RedeliveryLog()
         self._own_prefix = f"edge-agent://{self.agent_id}/"
         self._qos2_said = False
         self._was_up = False
@@ -245,17 +230,8 @@ class MqttSource(Source):
             self._ready.notify_all()
 
     def run(self) -> None:
-        self._entries = {}
-        self._legacy = []
-        for key, value in self.checkpoints().items():
-            if key == UNACKED:
-                for item in value.split():
-                    mid, _, digest = item.partition(":")
-                    if mid.isdigit():
-                        self._entries[int(mid)] = digest
-            elif key.startswith("m") and key[1:].isdigit():  # one key per packet id (0.1)
-                self._entries[int(key[1:])] = value.partition(" ")[0]
-                self._legacy.append(key)
+        self._redelivery = RedeliveryLog()
+        self._redelivery.load(self.checkpoints())
         backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
         down_since: float | None = None
         while not self.stopping.is_set():
@@ -286,7 +262,6 @@ class MqttSource(Source):
         config = self.config
         self._was_up = False
         self._inbox.clear()
-        self._forget.clear()
         errors: list[str] = []
         for host, port in config.brokers():
             try:
@@ -301,7 +276,8 @@ class MqttSource(Source):
         self._was_up = True
         backoff.reset()
         self.listening()
-        self._old = set(self._entries)
+        v5 = config.protocol == "5"
+        self._redelivery.new_connection(config.receive_maximum if v5 else None)
         self._pump()
 
     def _connect(self, host: str, port: int) -> None:
@@ -349,7 +325,7 @@ class MqttSource(Source):
         reason_code, flags = value
         if reason_code.is_failure:
             raise Unavailable(f"the broker refused the connection: {reason_code}")
-        if not flags.session_present and not config.clean_start and self._entries:
+        if not flags.session_present and not config.clean_start and self._redelivery.has_entries:
             self.log.warning(
                 "the broker kept no session for %s (it expired, or the broker lost it):"
                 " messages published while the agent was away are not here",
@@ -444,61 +420,44 @@ class MqttSource(Source):
             return messages, lost
 
     def _pump(self) -> None:
-        idle_since = time.monotonic()
         while not self.stopping.is_set():
             messages, lost = self._take(0.5)
-            if messages:
-                if not self._commit(messages):
-                    return  # stopping: not acknowledged, the broker sends them again
-                idle_since = time.monotonic()
-            elif self._forget and time.monotonic() - idle_since > FORGET_AFTER:
-                self._save_forgotten()
+            if messages and not self._commit(messages):
+                return  # stopping: not acknowledged, the broker sends them again
             if lost:
                 raise Unavailable(f"connection lost ({lost[0]})")
 
     def _commit(self, messages: list[Received]) -> bool:
         """Emit the messages' events in one transaction, then acknowledge them in order."""
         events: list[Event] = []
-        entries = self._entries
-        forget = self._forget
-        changed = bool(forget) or bool(self._legacy)
-        for mid in forget:  # acknowledged on this connection: done
-            entries.pop(mid, None)
-        forget.clear()
+        log = self._redelivery
         skip_retained = self.config.retained == "skip"
         skip_own = self.config.skip_own
         redelivered = retained = own = 0
         for message in messages:
             qos = message.qos
             mid = message.mid
+            message_digest = ""
             if qos:
-                digest = _digest(message)
-                if message.dup:
-                    if entries.get(mid) == digest:
-                        redelivered += 1
-                        self._old.discard(mid)
-                        continue
-                elif self._old:
-                    # The broker re-sends what was unacknowledged before anything new, so
-                    # entries from before this connection that did not come back are done.
-                    for old in self._old:
-                        entries.pop(old, None)
-                    self._old = set()
-                    changed = True
+                message_digest = _digest(message)
+                if log.seen(mid, message_digest, message.dup):
+                    redelivered += 1
+                    continue
             if message.retain and skip_retained:
                 retained += 1
-                continue
-            event = message_event(self, message)
-            if event is None:
-                continue
-            if skip_own and own_output(event, self._own_prefix):
+                event = None
+            else:
+                event = message_event(self, message)
+            if event is not None and skip_own and own_output(event, self._own_prefix):
                 own += 1
+                event = None
+            if event is None:
+                if qos:
+                    log.release(mid)
                 continue
             events.append(event)
             if qos:
-                entries[mid] = digest
-                self._old.discard(mid)
-                changed = True
+                log.keep(mid, message_digest)
         counters = self.counters
         counters["messages"] += len(messages)
         if redelivered:
@@ -507,13 +466,9 @@ class MqttSource(Source):
             counters["retained_skipped"] += retained
         if own:
             counters["own_skipped"] += own
-        checkpoint: dict[str, str | None] = {}
-        if changed:
-            checkpoint = {key: None for key in self._legacy}
-            checkpoint[UNACKED] = _entries_text(entries)
-        if not self._emit(events, checkpoint):
+        if not self._emit(events, log.checkpoint()):
             return False
-        self._legacy = []
+        log.committed()
         client = self._client
         if client is None:
             return True
@@ -521,11 +476,9 @@ class MqttSource(Source):
         acked = 0
         if mids and client.ack_many(mids) == MQTTErrorCode.MQTT_ERR_SUCCESS:
             acked = len(mids)
-            forget.update(mids)
         for message in messages:
             if message.qos == 2 and client.ack(message.mid, 2) == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 acked += 1
-                forget.add(message.mid)
         self.count("acked", acked)
         return True
 
@@ -565,16 +518,6 @@ class MqttSource(Source):
                     return False
         return True
 
-    def _save_forgotten(self) -> None:
-        entries = {mid: d for mid, d in self._entries.items() if mid not in self._forget}
-        checkpoint = {key: None for key in self._legacy}
-        checkpoint[UNACKED] = _entries_text(entries)
-        with contextlib.suppress(QueueError):
-            self.save_checkpoint(checkpoint)
-            self._entries = entries
-            self._forget.clear()
-            self._legacy = []
-
     def _close(self) -> None:
         client, self._client = self._client, None
         if client is None:
@@ -593,14 +536,7 @@ def _digest(message: Received) -> str:
     topic = getattr(message, "topic_bytes", None)
     if topic is None:  # an MQTTMessage (QoS 2, through paho's own path)
         topic = message.topic.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(topic + b"\0" + message.payload, digest_size=8).hexdigest()
-
-
-def _entries_text(entries: dict[int, str]) -> str | None:
-    """The ``unacked`` checkpoint value: ``<packet id>:<digest>`` items; None when empty."""
-    if not entries:
-        return None
-    return " ".join([f"{mid}:{digest}" for mid, digest in entries.items()])
+    return digest(topic, message.payload)
 
 
 @hookimpl
