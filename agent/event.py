@@ -19,7 +19,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -59,7 +58,8 @@ def new_event_id() -> str:
         _random_at = at + 8
         rand = int.from_bytes(_random_pool[at : at + 8]) & ((1 << 62) - 1)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
-    return str(uuid.UUID(int=value))
+    text = f"{value:032x}"  # str(uuid.UUID(int=value)), without building the object
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 #: (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC): formatted once per second, not per event.

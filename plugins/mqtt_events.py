@@ -119,6 +119,8 @@ def _payload_data(
 
 
 def _looks_structured(value: dict[str, Any]) -> bool:
+    if "specversion" not in value:  # the usual case: a device's own JSON
+        return False
     return all(isinstance(value.get(k), str) for k in ("specversion", "id", "source", "type"))
 
 

@@ -92,7 +92,9 @@ def test_bulk_reads_deliver_every_message_whole_and_in_order(running_broker):
                 assert message.properties.UserProperty == [("n", n)]
         # Reconnect with the same session after a clean disconnect (written after the
         # acknowledgements): nothing may come again.
+        wait_for(lambda: not reader.want_write(), 10, "the acknowledgements written")
         reader.disconnect()
+        wait_for(lambda: reader.socket() is None, 10, "the DISCONNECT written")
         reader.loop_stop()
         again: list[Received] = []
         reader = inbound(running_broker.port, client_id, again)
