@@ -121,6 +121,12 @@ def canonical_time(value: object) -> str:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+#: ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``, built once: json.dumps
+#: with options builds an encoder per call, and events are encoded by the thousand.
+_COMPACT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: The same, refusing NaN and Infinity (event data).
+_DATA_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
 #: ``json.dumps(text, ensure_ascii=False)`` for a str, without building an encoder per call.
 _string = encode_basestring
 
@@ -191,7 +197,7 @@ def encode_attributes(event: Event) -> str | None:
     """``event.attributes`` as the queue stores them: compact JSON, or None when there are none."""
     if not event.attributes:
         return None
-    return json.dumps(event.attributes, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT_ENCODER.encode(event.attributes)
 
 
 def _is_utf8(text: str) -> bool:
@@ -209,7 +215,7 @@ def encode_data(data: Any) -> str:
     holds text that cannot be UTF-8 (a lone surrogate from an undecodable name).
     """
     try:
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _DATA_ENCODER.encode(data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event data is not JSON-serialisable: {exc}") from None
     try:
@@ -317,5 +323,5 @@ class QueuedEvent:
             envelope["agentsource"] = envelope["source"]
         base64 = bool(extra.pop("data_base64", False))
         envelope.update(extra)
-        head = json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+        head = _COMPACT_ENCODER.encode(envelope)
         return f'{head[:-1]},"{"data_base64" if base64 else "data"}":{self.data_json}}}'
