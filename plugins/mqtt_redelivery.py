@@ -34,7 +34,6 @@ sent it and before committing it; the re-send then looks like the first one.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 #: Checkpoint keys of the rows: ``u`` and the commit's number.
 ROW_PREFIX = "u"
@@ -176,7 +175,3 @@ class RedeliveryLog:
                 del self.entries[mid]
         self._row_live.pop(row, None)
         self._row_last.pop(row, None)
-
-    def describe(self) -> dict[str, Any]:
-        """Counts for debugging: live entries and rows."""
-        return {"entries": len(self.entries), "rows": len(self._row_mids)}
