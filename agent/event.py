@@ -19,7 +19,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -30,6 +29,11 @@ SEQUENCE_DIGITS = 20
 _id_lock = threading.Lock()
 _id_last_ms = 0
 _id_counter = 0
+#: Random bytes for ids, fetched 4 KiB at a time: one getrandom() call per 512 ids, not one
+#: per id (each call also let the agent's other threads take the GIL in between).
+_RANDOM_CHUNK = 4096
+_random_pool = b""
+_random_at = 0
 
 
 def new_event_id() -> str:
@@ -38,7 +42,7 @@ def new_event_id() -> str:
     48 bits of Unix milliseconds, then a 12-bit counter that orders ids made in
     the same millisecond, then 62 random bits.
     """
-    global _id_last_ms, _id_counter
+    global _id_last_ms, _id_counter, _random_pool, _random_at
     with _id_lock:
         now_ms = time.time_ns() // 1_000_000
         if now_ms > _id_last_ms:
@@ -48,14 +52,29 @@ def new_event_id() -> str:
             if _id_counter > 0xFFF:  # more than 4096 ids in one ms: borrow the next ms
                 _id_last_ms, _id_counter = _id_last_ms + 1, 0
         ms, counter = _id_last_ms, _id_counter
-    rand = int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
+        at = _random_at
+        if at + 8 > len(_random_pool):
+            _random_pool, at = os.urandom(_RANDOM_CHUNK), 0
+        _random_at = at + 8
+        rand = int.from_bytes(_random_pool[at : at + 8]) & ((1 << 62) - 1)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
-    return str(uuid.UUID(int=value))
+    text = f"{value:032x}"  # str(uuid.UUID(int=value)), without building the object
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+#: (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC): formatted once per second, not per event.
+_second_text: tuple[int, str] = (-1, "")
 
 
 def utc_now() -> str:
     """The current time as RFC 3339 UTC with microseconds, as CloudEvents ``time``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _second_text
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    cached, text = _second_text
+    if seconds != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second_text = (seconds, text)
+    return f"{text}.{nanoseconds // 1000:06d}Z"
 
 
 @dataclass(slots=True)
@@ -101,6 +120,12 @@ def canonical_time(value: object) -> str:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
+
+#: ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``, built once: json.dumps
+#: with options builds an encoder per call, and events are encoded by the thousand.
+_COMPACT_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: The same, refusing NaN and Infinity (event data).
+_DATA_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 #: ``json.dumps(text, ensure_ascii=False)`` for a str, without building an encoder per call.
 _string = encode_basestring
@@ -172,7 +197,7 @@ def encode_attributes(event: Event) -> str | None:
     """``event.attributes`` as the queue stores them: compact JSON, or None when there are none."""
     if not event.attributes:
         return None
-    return json.dumps(event.attributes, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT_ENCODER.encode(event.attributes)
 
 
 def _is_utf8(text: str) -> bool:
@@ -190,7 +215,7 @@ def encode_data(data: Any) -> str:
     holds text that cannot be UTF-8 (a lone surrogate from an undecodable name).
     """
     try:
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _DATA_ENCODER.encode(data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event data is not JSON-serialisable: {exc}") from None
     try:
@@ -298,5 +323,5 @@ class QueuedEvent:
             envelope["agentsource"] = envelope["source"]
         base64 = bool(extra.pop("data_base64", False))
         envelope.update(extra)
-        head = json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
+        head = _COMPACT_ENCODER.encode(envelope)
         return f'{head[:-1]},"{"data_base64" if base64 else "data"}":{self.data_json}}}'

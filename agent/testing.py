@@ -521,6 +521,8 @@ class CuttableProxy:
         self._listener: Listener | None = None
         self._flowing = threading.Event()
         self._flowing.set()
+        self._upward = threading.Event()  # cleared: bytes to upstream are held back
+        self._upward.set()
 
     def start(self) -> CuttableProxy:
         self._listener = Listener(self.port, self._handle)
@@ -542,17 +544,19 @@ class CuttableProxy:
             self.accepted += 1
             self._pairs.add(pair)
             pumps = [
-                threading.Thread(target=self._pump, args=(a, b, pair, done), daemon=True)
-                for a, b in ((client, upstream), (upstream, client))
+                threading.Thread(target=self._pump, args=(a, b, pair, done, gate), daemon=True)
+                for a, b, gate in ((client, upstream, self._upward), (upstream, client, None))
             ]
             self._pumps.extend(pumps)
         for pump in pumps:
             pump.start()
 
-    def _pump(self, source, target, pair, done) -> None:
+    def _pump(self, source, target, pair, done, gate) -> None:
         try:
             while data := source.recv(65536):
                 self._flowing.wait()
+                if gate is not None:
+                    gate.wait()
                 target.sendall(data)
         except OSError:
             pass
@@ -585,8 +589,14 @@ class CuttableProxy:
         """Stop passing bytes on, keeping every connection open (a link that hangs)."""
         self._flowing.clear()
 
+    def stall_to_upstream(self) -> None:
+        """Hold back what clients send upstream, and only that: the upstream's answers
+        still reach them (a client's acknowledgements that never arrive)."""
+        self._upward.clear()
+
     def resume(self) -> None:
-        """Pass bytes on again after stall(), those held back first."""
+        """Pass bytes on again after stall() or stall_to_upstream(), those held back first."""
+        self._upward.set()
         self._flowing.set()
 
     def restore(self) -> None:
@@ -596,6 +606,7 @@ class CuttableProxy:
     def stop(self) -> None:
         self.cut()
         self._flowing.set()  # a stalled pump sees its sockets shut and ends
+        self._upward.set()
         with self._lock:
             pumps = list(self._pumps)
         for pump in pumps:

@@ -46,6 +46,7 @@ from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
 from agent.tls import describe_tls_error
+from plugins.mqtt_clients import OutboundClient
 from plugins.mqtt_messages import (
     MQTT_MAX_PACKET,
     MqttConfig,
@@ -82,7 +83,7 @@ class MqttSink(Sink):
         self.retry_min = config.reconnect_min
         self.retry_max = config.reconnect_max
         self._topics = TopicCache(config.topic)
-        self._client: mqtt.Client | None = None
+        self._client: OutboundClient | None = None
         self._broker = config.brokers()[0]
         self._connack: list[tuple[Any, Any] | None] = []
         self._acks: list[tuple[int, Any]] = []
@@ -183,8 +184,11 @@ class MqttSink(Sink):
             config,
             config.client_id or f"edge-agent-{self.agent_id}-{self.name}",
             clean_start=config.clean_start,
+            client_class=OutboundClient,
         )
-        client.max_inflight_messages_set(self.window)
+        # The window is kept by publish() (never more than self.window in flight); paho's
+        # own limit would only make it walk its whole store on every acknowledgement.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         if config.status_topic:
             client.will_set(self._status_topic(), config.status_offline, qos=1, retain=True)
@@ -216,6 +220,7 @@ class MqttSink(Sink):
         config = self.config
         v5 = config.protocol == "5"
         client = self._client_for()
+        assert isinstance(client, OutboundClient)
         self._connack = []
         self._acks = []
         self._connected = False
@@ -303,11 +308,23 @@ class MqttSink(Sink):
         if client is None or not self._connected:
             self._judge_loss()
             raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
-        config = self.config
         if self._suspects:  # forget those confirmed or set aside meanwhile
             self._suspects &= {e.position for e in events}
         window = 1 if self._suspects else self.window
         fresh = [e for e in events if e.position not in self._inflight]
+        client.cork()  # one write for all the messages below, at uncork()
+        try:
+            self._publish_fresh(client, fresh, window)
+        finally:
+            rc = client.uncork()
+        if rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
+            self._lost(rc)
+        self.most_inflight = max(self.most_inflight, len(self._mids))
+        return self._collect_acks()
+
+    def _publish_fresh(self, client: OutboundClient, fresh: list[QueuedEvent], window: int) -> None:
+        """Hand paho the messages of ``fresh`` events while the window has room."""
+        config = self.config
         for message in build_messages(config, fresh, self._topics, self.max_packet):
             if len(self._mids) >= window:
                 break
@@ -339,8 +356,6 @@ class MqttSink(Sink):
             for event in message.events:
                 self._inflight[event.position] = event
             self._mids[info.mid] = [event.position for event in message.events]
-        self.most_inflight = max(self.most_inflight, len(self._mids))
-        return self._collect_acks()
 
     def _judge_loss(self) -> None:
         """The connection is lost: find the message the broker could not take, if one was.

@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 
 from agent import Event, Source
 from agent.event import canonical_time, check_event
+from plugins.mqtt_clients import Received
 
 #: CloudEvents attributes an Event holds itself, rather than in ``attributes``.
 _OWN = {"specversion", "id", "type", "time", "subject", "data", "data_base64"}
@@ -36,15 +37,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON the queue can keep")
 
 
+#: One decoder for every message (json.loads with an option builds one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_json(payload: bytes) -> tuple[bool, Any]:
     """(True, value) if ``payload`` is UTF-8 JSON without NaN or Infinity."""
     try:
-        return True, json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        return True, _DECODER.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return False, None
 
 
-def _properties(message: mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, str]]]:
+def _properties(message: Received | mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, str]]]:
     """The MQTT 5 content type and user properties of ``message`` (None, [] with 3.1.1)."""
     props = getattr(message, "properties", None)
     if props is None:
@@ -54,7 +59,7 @@ def _properties(message: mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, 
     return content_type, pairs
 
 
-def message_event(source: Source, message: mqtt.MQTTMessage) -> Event | None:
+def message_event(source: Source, message: Received | mqtt.MQTTMessage) -> Event | None:
     """The event for ``message``; a CloudEvent stays one (see the module docstring)."""
     try:
         topic = message.topic
@@ -65,16 +70,18 @@ def message_event(source: Source, message: mqtt.MQTTMessage) -> Event | None:
     payload = message.payload
     content_type, pairs = _properties(message)
     event = None
-    if any(name == "ce_specversion" for name, _ in pairs):
+    parsed: tuple[bool, Any] | None = None
+    if pairs and any(name == "ce_specversion" for name, _ in pairs):
         event = _binary_cloudevent(source, topic, payload, content_type, pairs)
     elif content_type is None or "json" in content_type:
-        is_json, value = _parse_json(payload)
+        parsed = _parse_json(payload)
+        is_json, value = parsed
         if is_json and isinstance(value, dict) and _looks_structured(value):
             event = _structured_cloudevent(source, topic, value)
     if event is not None:
         return event
     attributes: dict[str, Any] = {}
-    data, kind = _payload_data(payload, content_type)
+    data, kind = _payload_data(payload, content_type, parsed)
     if kind == "base64":
         attributes["data_base64"] = True
     if content_type:
@@ -92,11 +99,14 @@ def message_event(source: Source, message: mqtt.MQTTMessage) -> Event | None:
     return event
 
 
-def _payload_data(payload: bytes, content_type: str | None) -> tuple[Any, str]:
-    """(data, "json" | "text" | "base64") for a payload."""
+def _payload_data(
+    payload: bytes, content_type: str | None, parsed: tuple[bool, Any] | None = None
+) -> tuple[Any, str]:
+    """(data, "json" | "text" | "base64") for a payload (``parsed``: what _parse_json gave
+    for it, if it was called already)."""
     textual = content_type is not None and content_type.startswith(_TEXT_TYPES)
     if not textual:
-        is_json, value = _parse_json(payload)
+        is_json, value = parsed or _parse_json(payload)
         if is_json:
             return value, "json"
     try:
@@ -109,6 +119,8 @@ def _payload_data(payload: bytes, content_type: str | None) -> tuple[Any, str]:
 
 
 def _looks_structured(value: dict[str, Any]) -> bool:
+    if "specversion" not in value:  # the usual case: a device's own JSON
+        return False
     return all(isinstance(value.get(k), str) for k in ("specversion", "id", "source", "type"))
 
 

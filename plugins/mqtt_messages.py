@@ -188,12 +188,18 @@ class MqttConfig(MqttConnectionConfig):
 
 
 def new_client(
-    config: MqttConnectionConfig, client_id: str, *, clean_start: bool, manual_ack: bool = False
+    config: MqttConnectionConfig,
+    client_id: str,
+    *,
+    clean_start: bool,
+    manual_ack: bool = False,
+    client_class: type[mqtt.Client] = mqtt.Client,
 ) -> mqtt.Client:
-    """A paho client for ``config``: protocol, transport, TLS (the server's name checked unless
-    ``tls.insecure``), user name and password, connect timeout; paho's own reconnect off."""
+    """A paho client (``client_class``) for ``config``: protocol, transport, TLS (the server's
+    name checked unless ``tls.insecure``), user name and password, connect timeout; paho's own
+    reconnect off."""
     v5 = config.protocol == "5"
-    client = mqtt.Client(
+    client = client_class(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,

@@ -8,14 +8,11 @@ in the order they arrived). A crash at any moment loses nothing: the broker
 keeps the session (clean start off, ``session_expiry``) and sends again what
 was not acknowledged.
 
-**Redeliveries.** The packet id of every committed QoS 1 message is saved in
-the same transaction as its event, as the checkpoint ``m<packet id>`` =
-``<digest of topic and payload> <event id>``. A message the broker sends
-again (DUP flag) whose packet id and digest match one of them was committed
-already: it is acknowledged and not emitted again. Entries are deleted in the
-next transaction once their acknowledgement was sent; those left from before
-a reconnect are deleted at the first new (not re-sent) message of the next
-connection, since a broker re-sends every unacknowledged message first.
+**Redeliveries.** The packet ids of committed QoS 1 messages are saved with
+their events, in the same transaction, until the broker is known to have their
+acknowledgements; a message the broker sends again that matches one was
+committed already: it is acknowledged and not emitted again (see
+:mod:`plugins.mqtt_redelivery`).
 
 **QoS 2** subscriptions are made at QoS 1: paho answers a QoS 2 message with
 PUBREC before the application sees it, so a crash between the two would lose
@@ -28,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import socket
 import ssl
 import threading
@@ -47,11 +43,11 @@ from agent.backoff import Backoff
 from agent.errors import QueueError
 from agent.event import check_event
 from agent.tls import describe_tls_error
+from plugins.mqtt_clients import InboundClient, Received
 from plugins.mqtt_events import message_event, own_output
 from plugins.mqtt_messages import MqttConnectionConfig, new_client, warn_if_insecure
+from plugins.mqtt_redelivery import RedeliveryLog, digest
 
-#: Seconds without a new message after which acknowledged packet ids are forgotten on disk.
-FORGET_AFTER = 1.0
 #: Most messages committed in one transaction.
 BATCH_MAX = 2000
 
@@ -197,13 +193,9 @@ class MqttSource(Source):
         self.client_id = config.client_id or f"edge-agent-{self.agent_id}-{self.name}"
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._ready = threading.Condition()
-        self._client: mqtt.Client | None = None
-        #: packet id -> (digest, event id) of committed QoS 1 messages (the checkpoint).
-        self._entries: dict[int, tuple[str, str]] = {}
-        #: Packet ids acknowledged on this connection: their entries go in the next commit.
-        self._forget: set[int] = set()
-        #: Entries kept from before this connection: stale once a new message arrives.
-        self._old: set[int] = set()
+        self._client: InboundClient | None = None
+        #: Committed QoS 1 messages the broker may send again.
+        self._redelivery = RedeliveryLog()
         self._own_prefix = f"edge-agent://{self.agent_id}/"
         self._qos2_said = False
         self._was_up = False
@@ -225,7 +217,10 @@ class MqttSource(Source):
         self._put("lost", str(reason_code))
 
     def _on_message(self, client, userdata, message) -> None:
-        self._put("message", message)
+        self._put("messages", [message])  # QoS 2 only: QoS 0 and 1 come in batches
+
+    def _on_messages(self, messages: list[Received]) -> None:
+        self._put("messages", messages)
 
     # -- the source's thread ----------------------------------------------
 
@@ -235,11 +230,8 @@ class MqttSource(Source):
             self._ready.notify_all()
 
     def run(self) -> None:
-        self._entries = {}
-        for key, value in self.checkpoints().items():
-            if key.startswith("m") and key[1:].isdigit():
-                digest, _, event_id = value.partition(" ")
-                self._entries[int(key[1:])] = (digest, event_id)
+        self._redelivery = RedeliveryLog()
+        self._redelivery.load(self.checkpoints())
         backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
         down_since: float | None = None
         while not self.stopping.is_set():
@@ -270,7 +262,6 @@ class MqttSource(Source):
         config = self.config
         self._was_up = False
         self._inbox.clear()
-        self._forget.clear()
         errors: list[str] = []
         for host, port in config.brokers():
             try:
@@ -285,18 +276,27 @@ class MqttSource(Source):
         self._was_up = True
         backoff.reset()
         self.listening()
-        self._old = set(self._entries)
+        v5 = config.protocol == "5"
+        self._redelivery.new_connection(config.receive_maximum if v5 else None)
         self._pump()
 
     def _connect(self, host: str, port: int) -> None:
         config = self.config
         v5 = config.protocol == "5"
-        client = new_client(config, self.client_id, clean_start=config.clean_start, manual_ack=True)
+        client = new_client(
+            config,
+            self.client_id,
+            clean_start=config.clean_start,
+            manual_ack=True,
+            client_class=InboundClient,
+        )
+        assert isinstance(client, InboundClient)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        self._client = client
+        client.on_messages = self._on_messages
+        self._client: InboundClient | None = client
         properties = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)
@@ -325,7 +325,7 @@ class MqttSource(Source):
         reason_code, flags = value
         if reason_code.is_failure:
             raise Unavailable(f"the broker refused the connection: {reason_code}")
-        if not flags.session_present and not config.clean_start and self._entries:
+        if not flags.session_present and not config.clean_start and self._redelivery.has_entries:
             self.log.warning(
                 "the broker kept no session for %s (it expired, or the broker lost it):"
                 " messages published while the agent was away are not here",
@@ -399,82 +399,87 @@ class MqttSource(Source):
                 self._ready.wait(min(left, 0.5))
         raise Unavailable("stopping")
 
-    def _take(self, timeout: float) -> list[tuple[str, Any]]:
+    def _take(self, timeout: float) -> tuple[list[Received], list[str]]:
+        """(up to BATCH_MAX messages, the reasons of lost connections) from the inbox."""
+        messages: list[Received] = []
+        lost: list[str] = []
         with self._ready:
-            if not self._inbox and not self.stopping.is_set():
+            inbox = self._inbox
+            if not inbox and not self.stopping.is_set():
                 self._ready.wait(timeout)
-            taken = []
-            while self._inbox and len(taken) < BATCH_MAX:
-                taken.append(self._inbox.popleft())
-            return taken
+            while inbox and len(messages) < BATCH_MAX:
+                kind, value = inbox.popleft()
+                if kind == "messages":
+                    room = BATCH_MAX - len(messages)
+                    if len(value) > room:
+                        inbox.appendleft((kind, value[room:]))
+                        value = value[:room]
+                    messages += value
+                elif kind == "lost":
+                    lost.append(value)
+            return messages, lost
 
     def _pump(self) -> None:
-        idle_since = time.monotonic()
         while not self.stopping.is_set():
-            taken = self._take(0.5)
-            messages = [value for kind, value in taken if kind == "message"]
-            lost = [value for kind, value in taken if kind == "lost"]
-            if messages:
-                if not self._commit(messages):
-                    return  # stopping: not acknowledged, the broker sends them again
-                idle_since = time.monotonic()
-            elif self._forget and time.monotonic() - idle_since > FORGET_AFTER:
-                self._save_forgotten()
+            messages, lost = self._take(0.5)
+            if messages and not self._commit(messages):
+                return  # stopping: not acknowledged, the broker sends them again
             if lost:
                 raise Unavailable(f"connection lost ({lost[0]})")
 
-    def _commit(self, messages: list[mqtt.MQTTMessage]) -> bool:
+    def _commit(self, messages: list[Received]) -> bool:
         """Emit the messages' events in one transaction, then acknowledge them in order."""
         events: list[Event] = []
-        checkpoint: dict[str, str | None] = {}
-        forget = self._forget
+        log = self._redelivery
+        skip_retained = self.config.retained == "skip"
+        skip_own = self.config.skip_own
+        redelivered = retained = own = 0
         for message in messages:
-            self.count("messages")
             qos = message.qos
-            digest = _digest(message) if qos else ""
             mid = message.mid
-            if qos and not message.dup and self._old:
-                # The broker re-sends what was unacknowledged before anything new, so
-                # entries from before this connection that did not come back are done.
-                forget.update(self._old)
-                self._old = set()
-            if qos and message.dup:
-                entry = self._entries.get(mid)
-                if entry is not None and entry[0] == digest:
-                    self.count("redelivered")
-                    self._old.discard(mid)
+            message_digest = ""
+            if qos:
+                message_digest = _digest(message)
+                if log.seen(mid, message_digest, message.dup):
+                    redelivered += 1
                     continue
-            if message.retain and self.config.retained == "skip":
-                self.count("retained_skipped")
-                continue
-            event = message_event(self, message)
+            if message.retain and skip_retained:
+                retained += 1
+                event = None
+            else:
+                event = message_event(self, message)
+            if event is not None and skip_own and own_output(event, self._own_prefix):
+                own += 1
+                event = None
             if event is None:
-                continue
-            if self.config.skip_own and own_output(event, self._own_prefix):
-                self.count("own_skipped")
+                if qos:
+                    log.release(mid)
                 continue
             events.append(event)
             if qos:
-                self._entries[mid] = (digest, event.id)
-                forget.discard(mid)
-                self._old.discard(mid)
-                checkpoint[f"m{mid}"] = f"{digest} {event.id}"
-        for mid in forget:
-            if f"m{mid}" not in checkpoint:
-                checkpoint[f"m{mid}"] = None
-                self._entries.pop(mid, None)
-        forget.clear()
-        if not self._emit(events, checkpoint):
+                log.keep(mid, message_digest)
+        counters = self.counters
+        counters["messages"] += len(messages)
+        if redelivered:
+            counters["redelivered"] += redelivered
+        if retained:
+            counters["retained_skipped"] += retained
+        if own:
+            counters["own_skipped"] += own
+        if not self._emit(events, log.checkpoint()):
             return False
+        log.committed()
         client = self._client
-        acked = []
+        if client is None:
+            return True
+        mids = [message.mid for message in messages if message.qos == 1]
+        acked = 0
+        if mids and client.ack_many(mids) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            acked = len(mids)
         for message in messages:
-            if message.qos and client is not None:
-                rc = client.ack(message.mid, message.qos)
-                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    acked.append(message.mid)
-        self.count("acked", len(acked))
-        forget.update(acked)
+            if message.qos == 2 and client.ack(message.mid, 2) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                acked += 1
+        self.count("acked", acked)
         return True
 
     def _emit(self, events: list[Event], checkpoint: dict[str, str | None]) -> bool:
@@ -513,14 +518,6 @@ class MqttSource(Source):
                     return False
         return True
 
-    def _save_forgotten(self) -> None:
-        checkpoint = {f"m{mid}": None for mid in self._forget}
-        with contextlib.suppress(QueueError):
-            self.save_checkpoint(checkpoint)
-            for mid in self._forget:
-                self._entries.pop(mid, None)
-            self._forget.clear()
-
     def _close(self) -> None:
         client, self._client = self._client, None
         if client is None:
@@ -534,12 +531,12 @@ class MqttSource(Source):
                 client.socket().close()
 
 
-def _digest(message: mqtt.MQTTMessage) -> str:
-    hasher = hashlib.blake2b(digest_size=8)
-    hasher.update(message.topic.encode("utf-8", "surrogatepass"))
-    hasher.update(b"\0")
-    hasher.update(message.payload)
-    return hasher.hexdigest()
+def _digest(message: Received) -> str:
+    """A digest of the message's topic and payload (what a redelivery must match)."""
+    topic = getattr(message, "topic_bytes", None)
+    if topic is None:  # an MQTTMessage (QoS 2, through paho's own path)
+        topic = message.topic.encode("utf-8", "surrogatepass")
+    return digest(topic, message.payload)
 
 
 @hookimpl

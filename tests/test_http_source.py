@@ -25,11 +25,13 @@ def post(port: int, body, headers=None, conn=None, path="/events"):
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     if not isinstance(body, bytes):
         body = json.dumps(body).encode()
-    conn.request("POST", path, body, {**JSON, **(headers or {})})
-    response = conn.getresponse()
-    answer = json.loads(response.read() or b"null")
-    if own:
-        conn.close()
+    try:
+        conn.request("POST", path, body, {**JSON, **(headers or {})})
+        response = conn.getresponse()
+        answer = json.loads(response.read() or b"null")
+    finally:
+        if own:  # also when the server went away mid-request (no unclosed socket)
+            conn.close()
     return response.status, dict(response.getheaders()), answer
 
 

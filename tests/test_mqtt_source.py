@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import json
+import sqlite3
 import textwrap
 import threading
 
@@ -15,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.testing import Mosquitto, Subscriber, wait_for
+from agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
 
 
 class Publisher:
@@ -172,6 +174,52 @@ def test_messages_before_during_and_after_a_sigkill_all_arrive(
     assert all(len(found) == 1 for found in ids.values()), "a duplicate with a new id"
 
 
+def queued_rows(agent) -> list[tuple[str, str]]:
+    """(event id, data) of every event in the agent's queue file, in order."""
+    with contextlib.closing(sqlite3.connect(agent.state_dir / "queue.db", timeout=5)) as conn:
+        return conn.execute("SELECT id, data FROM events ORDER BY rowid").fetchall()
+
+
+def test_a_kill_between_commit_and_acknowledgement_queues_nothing_twice(
+    tmp_path, running_broker, agent_process, publisher
+):
+    """The broker never gets the acknowledgements of committed messages (the agent dies
+    first): it sends them again, and the source recognises every one of them."""
+    proxy = CuttableProxy(running_broker.port).start()
+    upstream = Mosquitto(str(tmp_path / "upstream"))  # not started: events stay queued
+    agent = agent_process(config(tmp_path, proxy.port, "gw-redeliver", sink_port=upstream.port))
+    try:
+        agent.start()
+        agent.wait_ready()
+        proxy.stall_to_upstream()  # from now on the broker hears nothing from the agent
+        publisher.send_all([("devices/r", json.dumps({"n": i})) for i in range(50)])
+        # Committed: in the queue file. Acknowledged: never, as far as the broker knows.
+        wait_for(lambda: agent.queued() >= 10, 15, "committed messages in the queue")
+        committed = queued_rows(agent)
+        agent.kill()
+        proxy.cut()  # the held acknowledgements die with the connection
+        proxy.restore()
+        proxy.resume()
+        agent.start()
+        agent.wait_ready()
+        wait_for(lambda: agent.queued() >= 50, 20, "all 50 messages in the queue")
+
+        def redelivered() -> int:
+            result = run_cli("status", "-c", str(agent.config_path), "--json")
+            source = json.loads(result.stdout)["status"]["sources"]["local"]
+            return source.get("counters", {}).get("redelivered", 0)
+
+        wait_for(lambda: redelivered() > 0, 10, "redelivered messages counted")
+        rows = queued_rows(agent)
+        payloads = [json.loads(data)["n"] for _id, data in rows]
+        assert sorted(payloads) == list(range(50)), "each message queued exactly once"
+        assert len({event_id for event_id, _ in rows}) == len(rows)
+        assert rows[: len(committed)] == committed, "the first commit kept as it was"
+        assert redelivered() >= len(committed) > 0
+    finally:
+        proxy.stop()
+
+
 def test_a_full_blocking_queue_stops_acknowledging_and_resumes(
     tmp_path, running_broker, agent_process, publisher
 ):
@@ -207,7 +255,7 @@ def test_a_full_blocking_queue_stops_acknowledging_and_resumes(
             )
     finally:
         upstream.stop()
-    wait_for(lambda: counters()["acked"] == 60, 15, "all 60 acknowledged")
+    wait_for(lambda: counters().get("acked", 0) == 60, 15, "all 60 acknowledged")
 
 
 def test_retained_messages_are_skipped_or_kept(
