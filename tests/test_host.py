@@ -172,3 +172,4 @@ def test_psutil_is_imported_only_when_a_host_source_runs(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
         assert "psutil" not in imported, args
+        assert "pika" not in imported, args  # nor the AMQP sink's library (about 3 MiB)
