@@ -36,6 +36,7 @@ from agent import Duration, Event, Source, hookimpl, option
 from agent.backoff import Backoff
 from agent.errors import QueueError
 from plugins.file_scan import (
+    EVENTS_PER_COMMIT,
     SETTLE_SECONDS,
     Scan,
     ScanResult,
@@ -545,26 +546,35 @@ class FileSource(Source):
     def commit_retrying(self, events: Sequence[Event], updates: Mapping[str, str | None]) -> bool:
         """Commit events and index updates, trying again while the queue cannot take them.
 
-        False if the source was told to stop first (then nothing was committed,
-        and the next scan finds it all again).
+        Events go in transactions of at most EVENTS_PER_COMMIT (a scan that found
+        tens of thousands of files never asks a nearly full disk for room for all
+        of them at once), the index updates with the last. False if the source
+        was told to stop first: the index was then not updated, and the next scan
+        reports what was not committed (again, for events committed already).
         """
         if not events and not updates:
             return True
-        while not self.stopping.is_set():
-            try:
-                self.emit_many(events, checkpoint=updates or None)
-                self._retry.reset()
-                return True
-            except QueueError as exc:
-                delay = self._retry.next()
-                self.log.warning(
-                    "could not commit %d file events: %s; trying again in %.1fs",
-                    len(events),
-                    exc,
-                    delay,
-                )
-                self.stopping.wait(delay)
-        return False
+        size = EVENTS_PER_COMMIT
+        parts = [events[start : start + size] for start in range(0, len(events), size)] or [[]]
+        for number, part in enumerate(parts, start=1):
+            last = number == len(parts)
+            while True:
+                if self.stopping.is_set():
+                    return False
+                try:
+                    self.emit_many(part, checkpoint=(updates or None) if last else None)
+                    self._retry.reset()
+                    break
+                except QueueError as exc:
+                    delay = self._retry.next()
+                    self.log.warning(
+                        "could not commit %d file events: %s; trying again in %.1fs",
+                        len(part),
+                        exc,
+                        delay,
+                    )
+                    self.stopping.wait(delay)
+        return True
 
     # -- live events ------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from conftest import mqtt_agent_config, run_cli
 
 from agent.testing import SourceHarness, wait_for
 from plugins.file import FileSource
+from plugins.file_scan import EVENTS_PER_COMMIT
 
 #: A burst's messages carry up to this many events (a JSON array): fewer round trips.
 #: Only consecutive events bound for one topic share a message, hence CREATED_ONLY.
@@ -90,6 +91,21 @@ def test_a_scan_applies_include_exclude_and_recursive_as_live_events_do(tmp_path
     assert all(e.data["scan"] is True for e in h.events)
     raw = next(e for e in h.events if "path_base64" in e.data)
     assert base64.b64decode(raw.data["path_base64"]) == os.fsencode(inbox) + b"/bad-\xff.csv"
+
+
+def test_a_scan_that_finds_many_files_commits_them_in_parts(tmp_path):
+    """12,000 files made while stopped: reported in transactions of at most
+    EVENTS_PER_COMMIT, so that a nearly full disk is never asked for room for
+    all of them at once (it could wait for that room for ever with the queue empty)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = {"events": ["created"]}
+    index = baseline(inbox, config)
+    made = set(touch_many(inbox, 12_000, "f"))
+    with SourceHarness(FileSource, {"paths": [str(inbox)], **config}, checkpoints=index) as h:
+        h.wait_for_events(12_000, timeout=60)
+    assert {e.data["path"] for e in h.events} == made
+    assert max(h.commit_sizes) <= EVENTS_PER_COMMIT
 
 
 def test_a_scan_reports_folders_trees_gone_and_folders_moved(tmp_path):
