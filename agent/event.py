@@ -134,6 +134,11 @@ _string = encode_basestring
 _BAD_TYPE_CHARS = re.compile(r"[\x00-\x1f\x7f+#/\s]")
 
 
+#: Longest event id accepted (an incoming CloudEvent's own id included).
+MAX_ID_CHARS = 256
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_event(event: Event) -> None:
     """Raise ValueError naming the problem when the event cannot be queued or sent.
 
@@ -144,6 +149,13 @@ def check_event(event: Event) -> None:
         value = getattr(event, name)
         if not isinstance(value, str) or not value or not _is_utf8(value):
             raise ValueError(f"event {name} must be a non-empty UTF-8 string, got {value!r}")
+    if len(event.id) > MAX_ID_CHARS or _CONTROL_CHARS.search(event.id):
+        # The id travels as an MQTT 5 user property and an AMQP message id: a broker
+        # drops the connection over a control character there.
+        raise ValueError(
+            f"event id must be at most {MAX_ID_CHARS} characters without control characters,"
+            f" got {event.id[:80]!r}{'...' if len(event.id) > 80 else ''}"
+        )
     event.time = canonical_time(event.time)
     if not isinstance(event.type, str) or not event.type or len(event.type) > 128:
         raise ValueError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,6 +32,10 @@ _OWN = {"specversion", "id", "type", "time", "subject", "data", "data_base64"}
 #: Incoming attributes whose name the agent uses for its own: kept as ``origin<name>``.
 _RENAMED = {"sequence", "agentsource"}
 _TEXT_TYPES = ("text/", "application/xml", "application/yaml")
+#: A CloudEvents attribute name (binary mode: the user properties that are attributes).
+_ATTRIBUTE = re.compile(r"[a-z0-9]{1,64}")
+#: A JSON escape of a surrogate code point.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _reject_constant(name: str) -> Any:
@@ -42,11 +47,19 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _parse_json(payload: bytes) -> tuple[bool, Any]:
-    """(True, value) if ``payload`` is UTF-8 JSON without NaN or Infinity."""
+    """(True, value) if ``payload`` is UTF-8 JSON without NaN or Infinity, and without
+    escapes of lone surrogates (``"\\ud800"``: no UTF-8 holds such a value; the payload
+    is then kept as the text it is)."""
     try:
-        return True, _DECODER.decode(payload.decode("utf-8"))
+        value = _DECODER.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return False, None
+    if _SURROGATE_ESCAPE.search(payload):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return False, None
+    return True, value
 
 
 def _properties(message: Received | mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, str]]]:
@@ -71,8 +84,12 @@ def message_event(source: Source, message: Received | mqtt.MQTTMessage) -> Event
     content_type, pairs = _properties(message)
     event = None
     parsed: tuple[bool, Any] | None = None
-    if pairs and any(name == "ce_specversion" for name, _ in pairs):
-        event = _binary_cloudevent(source, topic, payload, content_type, pairs)
+    names = {name for name, _ in pairs} if pairs else ()
+    if "specversion" in names or "ce_specversion" in names:
+        # MQTT 5 binary mode: the CloudEvents MQTT binding names user properties as the
+        # attributes (as our sink sends them); some producers prefix them with ce_.
+        prefix = "" if "specversion" in names else "ce_"
+        event = _binary_cloudevent(source, topic, payload, content_type, pairs, prefix)
     elif content_type is None or "json" in content_type:
         parsed = _parse_json(payload)
         is_json, value = parsed
@@ -139,12 +156,18 @@ def _binary_cloudevent(
     payload: bytes,
     content_type: str | None,
     pairs: list[tuple[str, str]],
+    prefix: str,
 ) -> Event | None:
-    found = {name[3:]: value for name, value in pairs if name.startswith("ce_")}
+    size = len(prefix)
+    found = {
+        name[size:]: value
+        for name, value in pairs
+        if name.startswith(prefix) and _ATTRIBUTE.fullmatch(name[size:])
+    }
     if not all(found.get(k) for k in ("id", "source", "type")):
         return None
     attributes: dict[str, Any] = {k: v for k, v in found.items() if k not in _OWN}
-    others = [[name, value] for name, value in pairs if not name.startswith("ce_")]
+    others = [[name, value] for name, value in pairs if name[size:] not in found]
     if others:
         attributes["mqttuserproperties"] = json.dumps(others, ensure_ascii=False)
     if content_type:

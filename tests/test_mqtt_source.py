@@ -55,7 +55,13 @@ def publisher(running_broker):
 
 
 def config(
-    tmp_path, port: int, agent_id: str, source: str = "", sink_port: int = 0, queue: str = ""
+    tmp_path,
+    port: int,
+    agent_id: str,
+    source: str = "",
+    sink_port: int = 0,
+    queue: str = "",
+    sink: str = "",
 ) -> str:
     """An agent whose mqtt source reads ``devices/#`` and whose sink writes ``edge/...``."""
     return textwrap.dedent(
@@ -78,6 +84,7 @@ def config(
         port = {sink_port or port}
         reconnect_min = "0.05s"
         reconnect_max = "0.5s"
+        {sink}
         """
     )
 
@@ -109,6 +116,8 @@ def test_json_text_binary_and_cloudevents_become_events(
             ("devices/a/text", "hello, world"),
             ("devices/a/bin", b"\x00\xff\x10binary"),
             ("devices/a/ce", json.dumps(cloudevent)),
+            ("devices/a/surrogate", '{"s": "\\ud800"}'),  # valid UTF-8, no valid JSON value
+            ("devices/a/ce-tab", json.dumps({**cloudevent, "id": "a\tb", "subject": None})),
         ]
     )
     binary_mode = [
@@ -119,7 +128,7 @@ def test_json_text_binary_and_cloudevents_become_events(
         ("line", "3"),
     ]
     publisher.send("devices/a/ce-binary", b'{"on":true}', user=binary_mode).wait_for_publish(10)
-    wait_for(lambda: len(forwarded(subscriber, "gw-kinds")) >= 5, 15, "five events")
+    wait_for(lambda: len(forwarded(subscriber, "gw-kinds")) >= 7, 15, "seven events")
     by_subject = {e["subject"]: e for e in forwarded(subscriber, "gw-kinds")}
     plain = by_subject["devices/a/json"]
     assert plain["type"] == "mqtt.message" and plain["data"] == {"t": 21.5}
@@ -138,6 +147,9 @@ def test_json_text_binary_and_cloudevents_become_events(
     assert binary["source"] == "urn:plc:7"
     assert json.loads(binary["mqttuserproperties"]) == [["line", "3"]]
     assert binary["data"] == {"on": True} and binary["subject"] == "devices/a/ce-binary"
+    assert by_subject["devices/a/surrogate"]["data"] == '{"s": "\\ud800"}'  # kept as text
+    tab = by_subject["devices/a/ce-tab"]  # an id no broker takes: a plain message
+    assert tab["type"] == "mqtt.message" and tab["data"]["id"] == "a\tb"
 
 
 def test_messages_before_during_and_after_a_sigkill_all_arrive(
@@ -285,15 +297,25 @@ def test_retained_messages_are_skipped_or_kept(
     publisher.send("devices/retained/r1", "", retain=True).wait_for_publish(10)  # clear it
 
 
+@pytest.mark.parametrize("payload", ["cloudevent", "binary"])
 def test_no_loop_when_source_and_sink_share_a_broker(
-    tmp_path, running_broker, agent_process, subscriber, publisher
+    tmp_path, running_broker, agent_process, subscriber, publisher, payload
 ):
-    # The source reads everything, the sink's own output (edge/...) included.
-    agent = agent_process(config(tmp_path, running_broker.port, "gw-loop", source='topics = ["#"]'))
+    # The source reads everything, the sink's own output (edge/...) included; in binary
+    # mode the sink's CloudEvents attributes are user properties named as the attributes.
+    agent = agent_process(
+        config(
+            tmp_path,
+            running_broker.port,
+            f"gw-loop-{payload}",
+            source='topics = ["#"]',
+            sink=f'payload = "{payload}"',
+        )
+    )
     agent.start()
     agent.wait_started()
     publisher.send("sensors/loop", json.dumps({"v": 1})).wait_for_publish(10)
-    wait_for(lambda: forwarded(subscriber, "gw-loop"), 10, "the event upstream")
+    wait_for(lambda: forwarded(subscriber, f"gw-loop-{payload}"), 10, "the event upstream")
 
     def skipped() -> int:
         result = run_cli("status", "-c", str(agent.config_path), "--json")
@@ -303,7 +325,10 @@ def test_no_loop_when_source_and_sink_share_a_broker(
     wait_for(lambda: skipped() >= 1, 10, "its own message skipped")
     publisher.send("sensors/loop", json.dumps({"v": 2})).wait_for_publish(10)
     wait_for(lambda: skipped() >= 2, 10, "the second one skipped too")
-    assert [e["data"] for e in forwarded(subscriber, "gw-loop")] == [{"v": 1}, {"v": 2}]
+    sent = forwarded(subscriber, f"gw-loop-{payload}")
+    if payload == "cloudevent":
+        sent = [e["data"] for e in sent]
+    assert sent == [{"v": 1}, {"v": 2}]
 
 
 def test_a_shared_subscription_splits_the_stream(
