@@ -601,6 +601,11 @@ def _make_handler(source: HttpSource) -> type:
                 if self._unread and self.close_connection:
                     self._linger()
                 return
+            except TimeoutError:  # the body did not come whole within request_timeout
+                self.close_connection = True
+                source.counted("refused_408")
+                self._answer(408, "the request did not arrive whole within request_timeout")
+                return
             except Exception as exc:
                 source.log.exception("a request failed: %r", exc)
                 self._answer(500, f"the agent failed to take the request: {exc!r}")

@@ -203,6 +203,24 @@ def test_slow_and_idle_clients_do_not_starve_the_others(source):
     assert len(harness.events) == 5
 
 
+def test_a_body_shorter_than_its_length_gets_408_and_a_closed_connection(source):
+    harness = source(request_timeout=1)
+    client = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
+    try:
+        client.sendall(
+            b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"a": 1}'
+        )
+        answer = b""
+        while chunk := client.recv(4096):  # the agent closes the connection after its answer
+            answer += chunk
+    finally:
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in answer.lower()
+    assert harness.events == []
+
+
 def test_an_idempotency_key_makes_a_retry_a_no_op(source):
     harness = source()
     headers = {"Idempotency-Key": "order-17"}
