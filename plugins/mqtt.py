@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import select
-import socket
-import ssl
 import time
 from typing import Any
 
@@ -45,13 +43,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
-from agent.tls import describe_tls_error
 from plugins.mqtt_clients import OutboundClient
 from plugins.mqtt_messages import (
     MQTT_MAX_PACKET,
     MqttConfig,
     TopicCache,
     build_messages,
+    connect,
     message_problem,
     new_client,
     warn_if_insecure,
@@ -234,23 +232,11 @@ class MqttSink(Sink):
         if v5 and config.session_expiry:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = int(config.session_expiry)
-        try:
-            client.connect(
-                host,
-                port,
-                keepalive=config.keepalive,
-                clean_start=config.clean_start if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=properties,
-            )
-        except ssl.SSLError as exc:
-            raise SinkUnavailable(describe_tls_error(exc, host)) from None
-        except (OSError, ValueError) as exc:
-            raise SinkUnavailable(getattr(exc, "strerror", None) or str(exc)) from None
-        sock = client.socket()
-        if isinstance(sock, socket.socket):
-            # Small PUBLISH packets must not wait for Nagle's algorithm; paho leaves it on.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        problem = connect(
+            client, host, port, config, clean_start=config.clean_start, properties=properties
+        )
+        if problem is not None:
+            raise SinkUnavailable(problem)
         reason_code, connack_properties = self._await_connack()
         if reason_code.is_failure:
             raise SinkUnavailable(f"the broker refused the connection: {reason_code}")

@@ -7,10 +7,12 @@ templates, payload modes and batching can be read (and tested) on their own.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import os
 import re
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,6 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import ByteSize, Duration, QueuedEvent, option
+from agent.tls import describe_tls_error
 
 TOPIC_FIELDS = ("agent", "source", "type", "subject")
 #: The largest MQTT packet: a fixed header byte, 4 bytes of length, 268,435,455 bytes.
@@ -224,6 +227,38 @@ def new_client(
     if config.username:
         client.username_pw_set(config.username, config.password or None)
     return client
+
+
+def connect(
+    client: mqtt.Client,
+    host: str,
+    port: int,
+    config: MqttConnectionConfig,
+    *,
+    clean_start: bool,
+    properties: Any = None,
+) -> str | None:
+    """Open ``client``'s connection (CONNECT sent, not yet answered) with TCP_NODELAY on:
+    None, or why it could not, in words for the operator (TLS problems explained)."""
+    v5 = config.protocol == "5"
+    try:
+        client.connect(
+            host,
+            port,
+            keepalive=config.keepalive,
+            clean_start=clean_start if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+    except ssl.SSLError as exc:
+        return describe_tls_error(exc, host)
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    sock = client.socket()
+    if isinstance(sock, socket.socket):
+        # Small packets (PUBLISH, PUBACK) must not wait for Nagle's algorithm; paho leaves it on.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return None
 
 
 def warn_if_insecure(config: MqttConnectionConfig, log: logging.Logger) -> None:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -42,10 +40,9 @@ from agent import Duration, Event, Source, hookimpl, option
 from agent.backoff import Backoff
 from agent.errors import QueueError
 from agent.event import check_event
-from agent.tls import describe_tls_error
 from plugins.mqtt_clients import InboundClient, Received
 from plugins.mqtt_events import message_event, own_output
-from plugins.mqtt_messages import MqttConnectionConfig, new_client, warn_if_insecure
+from plugins.mqtt_messages import MqttConnectionConfig, connect, new_client, warn_if_insecure
 from plugins.mqtt_redelivery import RedeliveryLog, digest
 
 #: Most messages committed in one transaction.
@@ -302,22 +299,11 @@ class MqttSource(Source):
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = int(config.session_expiry)
             properties.ReceiveMaximum = config.receive_maximum
-        try:
-            client.connect(
-                host,
-                port,
-                keepalive=config.keepalive,
-                clean_start=config.clean_start if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=properties,
-            )
-        except ssl.SSLError as exc:
-            raise Unavailable(describe_tls_error(exc, host)) from None
-        except (OSError, ValueError) as exc:
-            raise Unavailable(getattr(exc, "strerror", None) or str(exc)) from None
-        sock = client.socket()
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):  # acknowledgements must not wait for Nagle
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        problem = connect(
+            client, host, port, config, clean_start=config.clean_start, properties=properties
+        )
+        if problem is not None:
+            raise Unavailable(problem)
         client.loop_start()
         kind, value = self._expect(("connack", "lost"), config.connect_timeout, "a CONNACK")
         if kind == "lost":
