@@ -305,7 +305,7 @@ class HostSource(Source):
                 self.log.info(
                     "no %s sensors: the kernel shows none (/sys/class/hwmon,"
                     " /sys/class/thermal); host.%s is not sent while there are none",
-                    kind,
+                    "fan" if kind == "fans" else kind,
                     kind,
                 )
             return None
