@@ -47,6 +47,11 @@ class QueueError(AgentError):
     """The on-disk queue cannot be opened or written."""
 
 
+class TooManyAtOnce(QueueError):
+    """More events in one commit than ``[queue] max_events`` lets the queue ever hold, with
+    ``when_full = "block"``: none were accepted, and the same commit can never succeed."""
+
+
 class QueueVanished(QueueError):
     """The queue file was deleted or replaced while the agent had it open."""
 

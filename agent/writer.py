@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from agent.bounds import ROW_OVERHEAD, Bounds, Limits
-from agent.errors import QueueError, QueueVanished
+from agent.errors import QueueError, QueueVanished, TooManyAtOnce
 from agent.event import Event
 from agent.queue import Checkpoint, QueueStore, QueueWriter
 from agent.routing import Route
@@ -355,7 +355,7 @@ class Writer:
             if len(pending.events) <= most:
                 kept.append(pending)
             elif self.limits.when_full == "block":
-                pending.error = QueueError(
+                pending.error = TooManyAtOnce(
                     f"{len(pending.events)} events at once are more than [queue] max_events"
                     f" ({most}) lets the queue hold; none were accepted. Raise max_events, or"
                     " have the source commit fewer at once"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import ByteSize, Duration, Event, Source, hookimpl, option
-from agent.errors import QueueError
+from agent.errors import QueueError, TooManyAtOnce
 from agent.event import canonical_time, check_event, encode_data
 
 JSON = "application/json"
@@ -380,6 +380,8 @@ class HttpSource(Source):
                 self.emit_many(events, checkpoint=checkpoint)
             except ValueError as exc:  # an event that cannot be queued: none were accepted
                 raise Refused(400, _which_event(events, exc)) from None
+            except TooManyAtOnce as exc:  # sent again, it would be refused again
+                raise Refused(413, str(exc)) from None
             except QueueError as exc:
                 if self.stopping.expired():
                     self._blocked = True

@@ -281,6 +281,8 @@ def test_a_full_blocking_queue_answers_503_with_retry_after(agent_process, tmp_p
     ).start()
     agent.wait_ready()
     auth = {"Authorization": "Bearer from-a-file"}
+    status, _, answer = post(port, [{"n": i} for i in range(11)], auth)
+    assert status == 413 and "max_events" in answer["error"]  # could never fit: not 503
     assert post(port, [{"n": i} for i in range(10)], auth)[0] == 200
     started = time.monotonic()
     status, headers, answer = post(port, {"n": 10}, auth)
