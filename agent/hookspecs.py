@@ -8,6 +8,21 @@ pluggy does not pass arguments that have defaults).
 
 Hooks are grouped by lifecycle: registration (at start-up, in the main
 thread), events (in source threads) and the agent's life (main thread).
+
+Order: implementations run in pluggy's order. Those marked
+``@hookimpl(tryfirst=True)`` come first, then the unmarked ones, the
+last-registered plugin first, then those marked ``trylast=True``. Built-in
+plugins register before third-party ones (entry points in the order Python's
+``importlib.metadata`` lists them), so a third-party implementation normally
+runs before the built-ins'; use ``tryfirst``/``trylast`` when the order
+matters. Each implementation is called through pluggy on its own, so pluggy's
+tracing and ``add_hookcall_monitoring`` see every call, and one plugin's
+exception is logged with its name without stopping the others.
+
+Wrappers (``@hookimpl(wrapper=True)`` or ``hookwrapper=True``) are not
+supported: a plugin with one is refused at load time with an error naming it,
+and the agent runs without it. A plugin implements a hook at most once (no
+second implementation through ``specname``).
 """
 
 from __future__ import annotations
@@ -91,8 +106,10 @@ def process_event(event, agent):
     """Filter, change or enrich an event before it is committed to the queue.
 
     Called in the emitting source's thread for every event, once per
-    implementation, in plugin registration order; each implementation
-    receives what the previous one returned. Keep it fast: the source waits.
+    implementation, in pluggy's order (``tryfirst`` ones, then the others
+    last-registered first, then ``trylast`` ones; see the module's docstring);
+    each implementation receives what the previous one returned. Runs before
+    the configured processors. Keep it fast: the source waits.
 
     :param event: the :class:`agent.Event` (``type``, ``source``, ``data``,
         ``subject``, ``id``, ``time``). It may be changed in place.
@@ -114,8 +131,8 @@ def startup(agent):
     """The agent has opened its queue and is about to start sources and sinks.
 
     Called once in the main thread. :param agent: the running agent.
-    Return value is ignored; an exception is logged with the plugin's name
-    and start-up carries on.
+    Implementations run in pluggy's order. Return value is ignored; an
+    exception is logged with the plugin's name and start-up carries on.
     """
 
 
@@ -124,6 +141,6 @@ def shutdown(agent):
     """The agent has stopped its sources and sinks and is about to exit.
 
     Called once in the main thread, after the queue has committed everything
-    it held. :param agent: the agent. Return value is ignored; an exception is
-    logged with the plugin's name.
+    it held. :param agent: the agent. Implementations run in pluggy's order.
+    Return value is ignored; an exception is logged with the plugin's name.
     """

@@ -112,32 +112,53 @@ class PluginHost:
     errors: list[tuple[str, str]] = field(default_factory=list)
     _origins: dict[str, tuple[str, str]] = field(default_factory=dict)
     slow: SlowReporter = field(default_factory=lambda: SlowReporter())
+    _caller_cache: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
 
     @property
     def hook(self) -> Any:
         return self.pm.hook
 
+    def _callers(self, hook_name: str) -> list[tuple[str, Any]]:
+        """One hook caller per implementing plugin, in the order pluggy calls them.
+
+        pluggy calls ``tryfirst`` implementations first, then the others
+        last-registered first, then ``trylast`` ones. Each caller here is
+        pluggy's own (``PluginManager.subset_hook_caller``) restricted to one
+        plugin, so a call goes through pluggy, its tracing and hook-call
+        monitoring see it, and one plugin's exception does not stop the rest.
+        """
+        cached = self._caller_cache.get(hook_name)
+        if cached is not None:
+            return cached
+        hook = getattr(self.pm.hook, hook_name)
+        plugins = self.pm.get_plugins()
+        callers = []
+        for impl in reversed(hook.get_hookimpls()):  # pluggy calls from the end
+            others = [p for p in plugins if p is not impl.plugin]
+            callers.append((impl.plugin_name, self.pm.subset_hook_caller(hook_name, others)))
+        self._caller_cache[hook_name] = callers
+        return callers
+
     def call_each(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a hook one plugin at a time, logging (not raising) each plugin's failure."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        """Call a hook one plugin at a time, in pluggy's order, logging each plugin's failure."""
+        for plugin_name, caller in self._callers(hook_name):
             try:
-                with self.slow.timed(f"plugin {impl.plugin_name}'s {hook_name} hook"):
-                    impl.function(*[kwargs[arg] for arg in impl.argnames])
+                with self.slow.timed(f"plugin {plugin_name}'s {hook_name} hook"):
+                    caller(**kwargs)
             except Exception as exc:
-                log.exception("plugin %s failed in hook %s: %s", impl.plugin_name, hook_name, exc)
+                log.exception("plugin %s failed in hook %s: %s", plugin_name, hook_name, exc)
 
     def process_event(self, event: Event, agent: Any) -> Event | None:
-        """Run the ``process_event`` chain; None when an implementation dropped the event."""
-        for impl in self.pm.hook.process_event.get_hookimpls():
-            args = {"event": event, "agent": agent}
+        """Run the ``process_event`` chain in pluggy's order; None when one dropped the event."""
+        for plugin_name, caller in self._callers("process_event"):
             try:
-                with self.slow.timed(f"plugin {impl.plugin_name}'s process_event hook"):
-                    result = impl.function(*[args[arg] for arg in impl.argnames])
+                with self.slow.timed(f"plugin {plugin_name}'s process_event hook"):
+                    (result,) = caller(event=event, agent=agent) or [None]
             except Exception as exc:
                 log.error(
                     "plugin %s raised in process_event for %s event from %s: %s;"
                     " the event is kept as it was",
-                    impl.plugin_name,
+                    plugin_name,
                     event.type,
                     event.source,
                     exc,
@@ -147,6 +168,25 @@ class PluginHost:
                 return None
             event = result
         return event
+
+    def _refuse(self, plugin: Any) -> str | None:
+        """Why pluggy's registration of ``plugin`` cannot be used here, or None."""
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            impls = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            for impl in impls:
+                if impl.wrapper or impl.hookwrapper:
+                    kind = "wrapper=True" if impl.wrapper else "hookwrapper=True"
+                    return (
+                        f"implements {caller.name} as a {kind} hook, which edge-agent does not"
+                        " support (it calls each plugin's implementation on its own); drop the"
+                        " option and implement the hook plainly"
+                    )
+            if len(impls) > 1:
+                return (
+                    f"implements {caller.name} {len(impls)} times (through specname); edge-agent"
+                    " calls a plugin's implementation of a hook once: merge them into one function"
+                )
+        return None
 
     def register_plugin(self, plugin: Any, name: str, package: str, version: str) -> bool:
         """Register one plugin object and collect its sources and sinks; False on failure."""
@@ -161,6 +201,12 @@ class PluginHost:
             self.pm.unregister(plugin)
             self.errors.append((name, f"implements an unknown hook: {exc}"))
             return False
+        refused = self._refuse(plugin)
+        if refused:
+            self.pm.unregister(plugin)
+            self.errors.append((name, refused))
+            return False
+        self._caller_cache.clear()
         self._origins[name] = (package, version)
         self._collect(plugin, name)
         return True

@@ -15,17 +15,28 @@ Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Duration``
 ``Literal[...]``, ``list[T]``, ``dict[str, T]``, ``T | None``, ``Any`` and a
 nested dataclass (a TOML table or inline table).
 
-Ranges are declared with the option: ``option(30, min=2, off=0)``,
-``option(10.0, above=0)``, ``option(1883, min=1, max=65535)``; a value outside
-them is reported at its own key path. Checks that span options go in
-``__post_init__``: raise ``ValueError`` with a sentence, and ``edge-agent
-check`` reports it at the table's key path like any other problem.
+Constraints are declared with the option: ``option(30, min=2, off=0)``,
+``option(10.0, above=0)``, ``option(1883, min=1, max=65535)``,
+``option("info", choices=["info", "debug"])``, ``option("", validator=f)``;
+a value outside them is reported at its own key path
+(``sources.thermal[1].interval: must be more than 0, got 0``).
+
+Checks that span options go in ``__post_init__``: raise
+``OptionError("interval", "must be less than timeout")`` to report the problem
+at that option's key path. A plain ``ValueError`` is reported at the option
+its message starts with (``"interval must be ..."`` or ``"tls.cert_file: ..."``)
+and otherwise at the table's key path. ``__post_init__`` runs even when other
+options of the table have problems (with their defaults in place of the wrong
+values), so that ``edge-agent check`` reports every problem of a table at once;
+a problem it reports about an option that already has one is left out, and
+the others say that defaults stood in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -42,6 +53,19 @@ class Duration(float):
 
 class ByteSize(int):
     """A size in bytes; the config may say ``1048576``, ``"64KiB"``, ``"256MiB"``."""
+
+
+class OptionError(ValueError):
+    """Raised in a Config's ``__post_init__``: ``option`` (a key, or a dotted path
+    below the table such as ``"tls.cert_file"``) has the problem ``message``.
+
+    ``edge-agent check`` reports it as ``sources.NAME[i].OPTION: message``.
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
 
 
 class EnvStr(str):
@@ -71,6 +95,8 @@ def option(
     max: float | None = None,
     above: float | None = None,
     off: Any = None,
+    choices: typing.Iterable[Any] | None = None,
+    validator: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Declare one configuration option of a dataclass schema.
 
@@ -84,11 +110,23 @@ def option(
     ``off`` is one more value allowed outside those bounds, that turns the
     feature off (``keepalive``: ``off=0, min=2``). ``edge-agent check`` reports
     a value outside them at its key path: "must be at least 1, got 0".
+
+    ``choices`` lists the values allowed (for a ``list`` option: allowed for
+    each item). ``validator`` is called with the converted value when every
+    other check passed; it raises ``ValueError`` with a sentence ("is not a
+    topic filter") to refuse it, reported at the option's key path.
     """
     if isinstance(default, list | dict) and default_factory is dataclasses.MISSING:
         value = default
         default, default_factory = dataclasses.MISSING, lambda: type(value)(value)
-    bounds = {"min": min, "max": max, "above": above, "off": off}
+    bounds = {
+        "min": min,
+        "max": max,
+        "above": above,
+        "off": off,
+        "choices": None if choices is None else tuple(choices),
+        "validator": validator,
+    }
     return dataclasses.field(
         default=default,
         default_factory=default_factory,
@@ -127,6 +165,47 @@ def _out_of_bounds(value: Any, metadata: Any) -> str | None:
     if off is not None:
         wanted = f"{off:g} (off) or {wanted}"
     return f"must be {wanted}, got {value:g}"
+
+
+def _option_problem(value: Any, metadata: Any) -> str | None:
+    """Why ``value`` breaks the option's declared constraints, or None."""
+    wrong = _out_of_bounds(value, metadata)
+    if wrong:
+        return wrong
+    choices = metadata.get("choices")
+    if choices is not None:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not any(
+                item == c and isinstance(item, bool) == isinstance(c, bool) for c in choices
+            ):
+                allowed = ", ".join(_show(c) for c in choices)
+                return f"must be one of {allowed}, got {_show(item)}"
+    validator = metadata.get("validator")
+    if validator is not None:
+        try:
+            validator(value)
+        except ValueError as exc:
+            return str(exc) or "is not a valid value"
+    return None
+
+
+_LEADING_PATH = re.compile(r"([A-Za-z_]\w*)((?:\.[A-Za-z_]\w*|\[\d+\])*): (.+)", re.DOTALL)
+_LEADING_NAME = re.compile(r"([A-Za-z_]\w*) \S")
+
+
+def _post_init_problem(exc: ValueError, path: str, known: typing.Container[str]) -> Problem:
+    """Where a ``__post_init__`` problem belongs: the option it names, else the table."""
+    if isinstance(exc, OptionError):
+        return _join(path, exc.option), exc.message
+    text = str(exc)
+    match = _LEADING_PATH.match(text)
+    if match and match.group(1) in known:
+        return f"{_join(path, match.group(1))}{match.group(2)}", match.group(3)
+    match = _LEADING_NAME.match(text)
+    if match and match.group(1) in known:
+        return _join(path, match.group(1)), text
+    return path, text
 
 
 def describe(tp: Any) -> str:
@@ -296,11 +375,17 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem], secret: bo
 
 
 def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem]) -> Any:
-    """Build ``cls`` from ``table``; a ``__post_init__`` raising ValueError is a problem too."""
+    """Build ``cls`` from ``table``; a ``__post_init__`` raising ValueError is a problem too.
+
+    When some options are wrong but every required one is usable, the class is
+    still built with the defaults of the wrong ones, so that ``__post_init__``
+    reports its problems too; the instance is thrown away in that case.
+    """
     before = len(problems)
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    faulty: set[str] = set()
     for key, value in table.items():
         if key not in known:
             hint = difflib.get_close_matches(str(key), known, n=1)
@@ -311,22 +396,41 @@ def _build_dataclass(cls: type, table: dict, path: str, problems: list[Problem])
             )
             continue
         field = known[key]
-        kwargs[key] = _convert(
+        seen = len(problems)
+        converted = _convert(
             hints[key], value, _join(path, key), problems, bool(field.metadata.get("secret"))
         )
-        wrong = _out_of_bounds(kwargs[key], field.metadata)
-        if wrong:
-            problems.append((_join(path, key), wrong))
+        if len(problems) == seen:
+            wrong = _option_problem(converted, field.metadata)
+            if wrong:
+                problems.append((_join(path, key), wrong))
+        if len(problems) == seen:
+            kwargs[key] = converted
+        else:
+            faulty.add(key)
     for name, field in known.items():
         required = (
             field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         )
         if required and name not in table:
             problems.append((_join(path, name), f"missing required key ({describe(hints[name])})"))
-    if len(problems) > before:
+            faulty.add(name)
+    usable = all(
+        name not in faulty
+        or f.default is not dataclasses.MISSING
+        or f.default_factory is not dataclasses.MISSING
+        for name, f in known.items()
+    )
+    if not usable:
         return None
     try:
-        return cls(**kwargs)
+        instance = cls(**kwargs)
     except ValueError as exc:  # the schema's own checks, in __post_init__
-        problems.append((path, str(exc)))
+        where, message = _post_init_problem(exc, path, known)
+        named = where[len(path) :].lstrip(".").split(".")[0].split("[")[0]
+        if named not in faulty:
+            if faulty:  # it may be a consequence of a default standing in for a wrong value
+                message += " (found with defaults in place of the wrong values above)"
+            problems.append((where, message))
         return None
+    return instance if len(problems) == before else None

@@ -33,7 +33,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent import ByteSize, Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
+from agent import (
+    ByteSize,
+    Duration,
+    OptionError,
+    QueuedEvent,
+    Sink,
+    SinkUnavailable,
+    hookimpl,
+    option,
+)
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -57,9 +66,10 @@ class HttpTlsConfig:
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
-                raise ValueError(f"tls.{name}: cannot read {path}; check the path and permissions")
+                raise OptionError(name, f"cannot read {path}; check the path and permissions")
         if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("tls: give cert_file and key_file together, for mutual TLS")
+            missing = "key_file" if self.cert_file else "cert_file"
+            raise OptionError(missing, "give cert_file and key_file together, for mutual TLS")
 
 
 @dataclass(kw_only=True)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent import ByteSize, Duration, QueuedEvent, option
+from agent import ByteSize, Duration, OptionError, QueuedEvent, option
 from agent.tls import describe_tls_error
 
 TOPIC_FIELDS = ("agent", "source", "type", "subject")
@@ -53,11 +53,12 @@ class TlsConfig:
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):
-                raise ValueError(f"tls.{name}: cannot read {path}; check the path and permissions")
+                raise OptionError(name, f"cannot read {path}; check the path and permissions")
             if path and not os.path.isfile(path):
-                raise ValueError(f"tls.{name}: {path} is not a regular file; give a PEM file")
+                raise OptionError(name, f"{path} is not a regular file; give a PEM file")
         if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("tls: give cert_file and key_file together, for mutual TLS")
+            missing = "key_file" if self.cert_file else "cert_file"
+            raise OptionError(missing, "give cert_file and key_file together, for mutual TLS")
 
 
 @dataclass(kw_only=True)

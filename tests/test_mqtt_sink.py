@@ -306,11 +306,11 @@ def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError) as error:
         parse_config(data, "t.toml", load_plugins())
     text = str(error.value)
-    assert "sinks.mqtt[0]: topic 'a/{nope}' uses unknown field(s) nope" in text
-    assert 'sinks.mqtt[1]: payload = "binary" needs protocol = "5"' in text
-    assert "sinks.mqtt[2]: hosts: 'x:notaport' is not host:port" in text
-    assert "sinks.mqtt[3].tls: tls.ca_file: cannot read /no/such/ca.pem" in text
-    assert "sinks.mqtt[4].tls: tls.ca_file: /dev/zero is not a regular file" in text
+    assert "sinks.mqtt[0].topic: topic 'a/{nope}' uses unknown field(s) nope" in text
+    assert 'sinks.mqtt[1].payload: payload = "binary" needs protocol = "5"' in text
+    assert "sinks.mqtt[2].hosts: 'x:notaport' is not host:port" in text
+    assert "sinks.mqtt[3].tls.ca_file: cannot read /no/such/ca.pem" in text
+    assert "sinks.mqtt[4].tls.ca_file: /dev/zero is not a regular file" in text
 
 
 def test_websockets_transport(tmp_path):

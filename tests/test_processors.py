@@ -133,7 +133,7 @@ def test_processor_config_errors_are_named(tmp_path):
     text = str(error.value)
     assert "processors.drop: give at least one of types, sources or match" in text
     assert "processors.rate_limit.rate: must be more than 0, got -1" in text
-    assert "processors.dedupe: fields knows" in text
+    assert "processors.dedupe.fields: fields knows" in text
 
 
 def test_a_processor_that_raises_lets_the_event_through(tmp_path, caplog):
