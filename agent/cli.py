@@ -51,16 +51,55 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+#: sd-daemon(3) priority prefixes, by logging level (the nearest at or below it).
+JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4))
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes every line with sd-daemon's ``<N>`` priority, which journald takes as the
+    entry's level (``journalctl -p err``) and strips: 3 error, 4 warning, 6 info, 7 debug."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = 6 if record.levelno >= logging.INFO else 7
+        for level, number in JOURNAL_PRIORITIES:
+            if record.levelno >= level:
+                priority = number
+                break
+        text = self.inner.format(record)
+        # journald stores each line as an entry of its own: a traceback's lines too.
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is connected to journald: ``$JOURNAL_STREAM`` ("DEV:INODE", set by
+    systemd) names stderr's own device and inode, as sd-daemon(3) says to check; a child
+    whose stderr was redirected elsewhere inherits the variable but not the stream."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def setup_logging(level: str = "info", log_format: str = "text") -> None:
-    """Log lines to stderr; without timestamps under journald, which adds its own."""
+    """Log lines to stderr; under journald without timestamps (it adds its own) and with
+    each line's level as a ``<N>`` prefix, so ``journalctl -p err`` finds the errors."""
     handler = logging.StreamHandler(sys.stderr)
+    journal = stderr_is_journal()
+    formatter: logging.Formatter
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        formatter = JsonFormatter()
     else:
         fmt = "%(levelname)s %(name)s: %(message)s"
-        if not os.environ.get("JOURNAL_STREAM"):
+        if not journal:
             fmt = "%(asctime)s " + fmt
-        handler.setFormatter(logging.Formatter(fmt))
+        formatter = logging.Formatter(fmt)
+    handler.setFormatter(JournalFormatter(formatter) if journal else formatter)
     handler.addFilter(_quiet_watchdog_shutdown)
     handler.addFilter(RepeatFolder(handler))
     handler.setLevel(level.upper())
