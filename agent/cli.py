@@ -202,6 +202,27 @@ def check(config_path: str | None) -> None:
         click.echo(f"warning: plugin {name} {message}", err=True)
 
 
+@cli.group()
+def config() -> None:
+    """Configuration tools: a commented sample."""
+
+
+@config.command("sample")
+@click.argument("plugin_names", metavar="[PLUGIN]...", nargs=-1)
+def config_sample(plugin_names: tuple[str, ...]) -> None:
+    """Print a commented sample configuration: the core tables and a table for each PLUGIN
+    (default: every installed one). A name that is both a source and a sink (mqtt, http)
+    gives both; "sources.mqtt" or "sinks.mqtt" gives one."""
+    from agent import sample
+
+    host = _host()
+    try:
+        chosen = sample.select(host, list(plugin_names))
+    except sample.UnknownPlugin as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(sample.render(host, chosen), nl=False)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def plugins(as_json: bool) -> None:

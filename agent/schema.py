@@ -71,6 +71,7 @@ def option(
     max: float | None = None,
     above: float | None = None,
     off: Any = None,
+    example: Any = None,
 ) -> Any:
     """Declare one configuration option of a dataclass schema.
 
@@ -84,6 +85,9 @@ def option(
     ``off`` is one more value allowed outside those bounds, that turns the
     feature off (``keepalive``: ``off=0, min=2``). ``edge-agent check`` reports
     a value outside them at its key path: "must be at least 1, got 0".
+
+    ``example``: a value ``edge-agent config sample`` writes for the option
+    (give one for every required option, so that the sample runs as it stands).
     """
     if isinstance(default, list | dict) and default_factory is dataclasses.MISSING:
         value = default
@@ -96,6 +100,7 @@ def option(
             "doc": doc,
             "secret": secret,
             **{k: v for k, v in bounds.items() if v is not None},
+            **({"example": example} if example is not None else {}),
         },
     )
 
