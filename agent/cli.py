@@ -181,8 +181,23 @@ def run(config_path: str | None) -> None:
 
 @cli.command()
 @config_option
-def check(config_path: str | None) -> None:
-    """Validate the config file and the plugins it names; exit 0 or 78."""
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also connect each sink (TLS, credentials) and report it; exit 1 if one cannot.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="With --connect: seconds to wait for the sinks.",
+)
+def check(config_path: str | None, connect: bool, timeout: float) -> None:
+    """Validate the config file and the plugins it names; exit 0, or 78 (invalid).
+
+    With --connect, also connect each sink once, as the agent would, and report
+    each one: exit 1 if a sink could not connect."""
     setup_logging("warning")
     path = config_path or default_config_path()
     try:
@@ -200,6 +215,35 @@ def check(config_path: str | None) -> None:
         click.echo(f"warning: {warning}", err=True)
     for name, message in plugin_errors:
         click.echo(f"warning: plugin {name} {message}", err=True)
+    if connect:
+        _check_connect(config, timeout)
+
+
+def _check_connect(config: Config, timeout: float) -> None:
+    from agent.probe import probe_sinks
+
+    failed = 0
+    # Each line below carries the reason; the libraries' own logs (pika's tracebacks)
+    # would only repeat it.
+    logging.disable(logging.CRITICAL)
+    try:
+        probes = probe_sinks(config, timeout)
+    finally:
+        logging.disable(logging.NOTSET)
+    for probe in probes:
+        where = f"sink {probe.name} ({probe.target})"
+        if probe.problem is None:
+            click.echo(f"{where}: connected in {probe.seconds:.2f}s")
+        else:
+            failed += 1
+            click.echo(f"{where}: cannot connect: {probe.problem}")
+    if failed:
+        click.echo(
+            f"{failed} of {len(config.sinks)} sinks could not connect; the agent would keep"
+            " their events queued and retry",
+            err=True,
+        )
+        sys.exit(1)
 
 
 @cli.group()
