@@ -308,6 +308,11 @@ class Sink:
     #: Backoff floor and cap, in seconds, between failed attempts.
     retry_min: float = 1.0
     retry_max: float = 60.0
+    #: True in ``edge-agent check --connect``, which calls :meth:`open` then
+    #: :meth:`close` only to prove the destination answers, possibly while the agent
+    #: runs: an ``open`` that would disturb it (take over its MQTT session, publish a
+    #: retained status) leaves that out.
+    probing: bool = False
 
     def __init__(self, *, name: str, config: Any, agent_id: str) -> None:
         self.name = name

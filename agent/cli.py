@@ -51,16 +51,55 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+#: sd-daemon(3) priority prefixes, by logging level (the nearest at or below it).
+JOURNAL_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4))
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes every line with sd-daemon's ``<N>`` priority, which journald takes as the
+    entry's level (``journalctl -p err``) and strips: 3 error, 4 warning, 6 info, 7 debug."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = 6 if record.levelno >= logging.INFO else 7
+        for level, number in JOURNAL_PRIORITIES:
+            if record.levelno >= level:
+                priority = number
+                break
+        text = self.inner.format(record)
+        # journald stores each line as an entry of its own: a traceback's lines too.
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is connected to journald: ``$JOURNAL_STREAM`` ("DEV:INODE", set by
+    systemd) names stderr's own device and inode, as sd-daemon(3) says to check; a child
+    whose stderr was redirected elsewhere inherits the variable but not the stream."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def setup_logging(level: str = "info", log_format: str = "text") -> None:
-    """Log lines to stderr; without timestamps under journald, which adds its own."""
+    """Log lines to stderr; under journald without timestamps (it adds its own) and with
+    each line's level as a ``<N>`` prefix, so ``journalctl -p err`` finds the errors."""
     handler = logging.StreamHandler(sys.stderr)
+    journal = stderr_is_journal()
+    formatter: logging.Formatter
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        formatter = JsonFormatter()
     else:
         fmt = "%(levelname)s %(name)s: %(message)s"
-        if not os.environ.get("JOURNAL_STREAM"):
+        if not journal:
             fmt = "%(asctime)s " + fmt
-        handler.setFormatter(logging.Formatter(fmt))
+        formatter = logging.Formatter(fmt)
+    handler.setFormatter(JournalFormatter(formatter) if journal else formatter)
     handler.addFilter(_quiet_watchdog_shutdown)
     handler.addFilter(RepeatFolder(handler))
     handler.setLevel(level.upper())
@@ -142,8 +181,23 @@ def run(config_path: str | None) -> None:
 
 @cli.command()
 @config_option
-def check(config_path: str | None) -> None:
-    """Validate the config file and the plugins it names; exit 0 or 78."""
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also connect each sink (TLS, credentials) and report it; exit 1 if one cannot.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="With --connect: seconds to wait for the sinks.",
+)
+def check(config_path: str | None, connect: bool, timeout: float) -> None:
+    """Validate the config file and the plugins it names; exit 0, or 78 (invalid).
+
+    With --connect, also connect each sink once, as the agent would, and report
+    each one: exit 1 if a sink could not connect."""
     setup_logging("warning")
     path = config_path or default_config_path()
     try:
@@ -161,6 +215,56 @@ def check(config_path: str | None) -> None:
         click.echo(f"warning: {warning}", err=True)
     for name, message in plugin_errors:
         click.echo(f"warning: plugin {name} {message}", err=True)
+    if connect:
+        _check_connect(config, timeout)
+
+
+def _check_connect(config: Config, timeout: float) -> None:
+    from agent.probe import probe_sinks
+
+    failed = 0
+    # Each line below carries the reason; the libraries' own logs (pika's tracebacks)
+    # would only repeat it.
+    logging.disable(logging.CRITICAL)
+    try:
+        probes = probe_sinks(config, timeout)
+    finally:
+        logging.disable(logging.NOTSET)
+    for probe in probes:
+        where = f"sink {probe.name} ({probe.target})"
+        if probe.problem is None:
+            click.echo(f"{where}: connected in {probe.seconds:.2f}s")
+        else:
+            failed += 1
+            click.echo(f"{where}: cannot connect: {probe.problem}")
+    if failed:
+        click.echo(
+            f"{failed} of {len(config.sinks)} sinks could not connect; the agent would keep"
+            " their events queued and retry",
+            err=True,
+        )
+        sys.exit(1)
+
+
+@cli.group()
+def config() -> None:
+    """Configuration tools: a commented sample."""
+
+
+@config.command("sample")
+@click.argument("plugin_names", metavar="[PLUGIN]...", nargs=-1)
+def config_sample(plugin_names: tuple[str, ...]) -> None:
+    """Print a commented sample configuration: the core tables and a table for each PLUGIN
+    (default: every installed one). A name that is both a source and a sink (mqtt, http)
+    gives both; "sources.mqtt" or "sinks.mqtt" gives one."""
+    from agent import sample
+
+    host = _host()
+    try:
+        chosen = sample.select(host, list(plugin_names))
+    except sample.UnknownPlugin as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(sample.render(host, chosen), nl=False)
 
 
 @cli.command()

@@ -41,6 +41,7 @@ class AgentSettings:
 
     id: str = option(
         default_factory=socket.gethostname,
+        example="gw-01",
         doc="This device's name in event sources and topics. Default: the host name.",
     )
     state_dir: str = option(

@@ -1,15 +1,26 @@
 """The optional Prometheus endpoint: ``[metrics] listen = "127.0.0.1:9108"``.
 
-Off unless configured; it then serves the text exposition format on that
-address only. Values are read from the running agent at each scrape, from the
+Off unless configured; it then serves the text exposition format at
+``/metrics`` and a health check at ``/health`` on that address only (404
+elsewhere). Values are read from the running agent at each scrape, from the
 same data as ``edge-agent status``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import logging
+import selectors
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from agent import __version__
 
 log = logging.getLogger("edge_agent.metrics")
 
@@ -29,6 +40,11 @@ class AgentCollector:
 
         from agent import status
 
+        build_info = GaugeMetricFamily(
+            "edge_agent_build_info", "Always 1; the version in a label.", labels=["version"]
+        )
+        build_info.add_metric([__version__], 1)
+        yield build_info
         data = status.snapshot(self.agent)
         queue = data["queue"]
         events = GaugeMetricFamily("edge_agent_queue_events", "Events in the queue on disk.")
@@ -184,14 +200,191 @@ def _age(time_text: str | None) -> float:
     return max(0.0, (datetime.now(UTC) - then).total_seconds())
 
 
-def serve(agent: Any, listen: str) -> Any:
+#: Connections held at once (waiting for their request, queued or being answered); past
+#: it, the one that waited longest without a byte is closed.
+MAX_CONNECTIONS = 64
+#: Threads that answer requests: a connection gets one only once its request has begun.
+WORKERS = 4
+#: Seconds a connection may stay without sending its request.
+IDLE_TIMEOUT = 10.0
+#: Seconds from a request's first byte to the end of the answer; a slower client is cut off.
+REQUEST_TIMEOUT = 10.0
+
+
+def health(agent: Any) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) for ``/health``: 200 while the queue writer and every sink's
+    forwarder make progress (the systemd watchdog's rule, :meth:`Agent.stuck`), else 503."""
+    try:
+        stuck = agent.stuck()
+    except Exception as exc:  # a probe must answer, whatever happened
+        return 503, {"status": "unknown", "reason": f"cannot tell: {exc}"}
+    if stuck is None:
+        return 200, {"status": "ok"}
+    what, seconds = stuck
+    if seconds == float("inf"):
+        reason = f"{what} has stopped"
+    else:
+        reason = f"{what} made no progress for {seconds:.0f}s"
+    return 503, {"status": "stuck", "reason": reason}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Answers one request: ``/metrics``, ``/health``, or 404."""
+
+    server: MetricsServer  # type: ignore[assignment]
+    server_version = "edge-agent"
+    timeout = REQUEST_TIMEOUT
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            from prometheus_client.exposition import choose_encoder
+
+            # The format the scraper asks for (OpenMetrics or text), as prometheus-client does.
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._answer(200, content_type, encoder(self.server.registry))
+        elif path == "/health":
+            code, body = health(self.server.agent)
+            self._answer(code, "application/json", json.dumps(body).encode() + b"\n")
+        else:
+            text = f"not found: {path}; this endpoint serves /metrics and /health\n"
+            self._answer(404, "text/plain; charset=utf-8", text.encode())
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def _answer(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would flood the journal
+
+
+class MetricsServer:
+    """The metrics listener: one thread waits on every connection (a selector), and a
+    connection gets one of :data:`WORKERS` threads only once its request has begun.
+
+    An idle connection costs a file descriptor until :data:`IDLE_TIMEOUT`; at most
+    :data:`MAX_CONNECTIONS` are held (past it the longest idle is closed); a request
+    that takes more than :data:`REQUEST_TIMEOUT` to read and answer is cut off.
+    """
+
+    def __init__(self, agent: Any, registry: Any, host: str, port: int) -> None:
+        self.agent = agent
+        self.registry = registry
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(128)
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.socket, selectors.EVENT_READ)
+        self._idle: dict[socket.socket, float] = {}  # waiting for a request: since when
+        self._busy: dict[socket.socket, float] = {}  # handed to a worker: its deadline
+        self._lock = threading.Lock()
+        self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="metrics")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for key, _mask in self._selector.select(0.25):
+                if key.fileobj is self.socket:
+                    self._accept()
+                else:
+                    self._dispatch(key.fileobj)  # type: ignore[arg-type]
+            self._expire()
+
+    def _accept(self) -> None:
+        try:
+            conn, _address = self.socket.accept()
+        except OSError:
+            return
+        with self._lock:
+            held = len(self._idle) + len(self._busy)
+        if held >= MAX_CONNECTIONS and self._idle:
+            self._close_idle(min(self._idle, key=self._idle.__getitem__))
+        elif held >= MAX_CONNECTIONS:
+            conn.close()  # every slot is answering a request: come back later
+            return
+        conn.setblocking(False)
+        self._idle[conn] = time.monotonic()
+        self._selector.register(conn, selectors.EVENT_READ)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._idle[conn]
+        conn.setblocking(True)
+        with self._lock:
+            self._busy[conn] = float("inf")  # its time starts when a worker takes it
+        self._workers.submit(self._handle, conn)
+
+    def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._busy[conn] = time.monotonic() + REQUEST_TIMEOUT
+        try:
+            _Handler(conn, conn.getpeername(), self)  # type: ignore[arg-type]
+        except Exception as exc:  # a broken client must not end the worker
+            log.debug("metrics request failed: %s", exc)
+        finally:
+            with self._lock:
+                self._busy.pop(conn, None)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _close_idle(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._idle[conn]
+        conn.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn, since in list(self._idle.items()):
+            if now - since > IDLE_TIMEOUT:
+                self._close_idle(conn)
+        with self._lock:
+            late = [conn for conn, deadline in self._busy.items() if now > deadline]
+        for conn in late:  # the worker's read or write ends at once; it closes the socket
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def connections(self) -> tuple[int, int]:
+        """(idle, busy) connections held now."""
+        with self._lock:
+            return len(self._idle), len(self._busy)
+
+    def shutdown(self) -> None:
+        """Stop listening and close every connection."""
+        self._stop.set()
+        self._thread.join(5.0)
+        for conn in list(self._idle):
+            self._close_idle(conn)
+        self._selector.close()
+        self.socket.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+def serve(agent: Any, listen: str) -> MetricsServer:
     """Start the endpoint on ``host:port``; returns the server (``shutdown()`` stops it)."""
-    from prometheus_client import start_http_server
+    from prometheus_client import ProcessCollector
     from prometheus_client.core import CollectorRegistry
 
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-    log.info("serving Prometheus metrics on http://%s/metrics", listen)
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, _resident_memory_bytes...
+    server = MetricsServer(agent, registry, host.strip("[]"), int(port))
+    log.info("serving Prometheus metrics on http://%s/metrics (health: /health)", listen)
     return server

@@ -97,6 +97,7 @@ def option(
     off: Any = None,
     choices: typing.Iterable[Any] | None = None,
     validator: Callable[[Any], Any] | None = None,
+    example: Any = None,
 ) -> Any:
     """Declare one configuration option of a dataclass schema.
 
@@ -115,6 +116,9 @@ def option(
     each item). ``validator`` is called with the converted value when every
     other check passed; it raises ``ValueError`` with a sentence ("is not a
     topic filter") to refuse it, reported at the option's key path.
+
+    ``example``: a value ``edge-agent config sample`` writes for the option
+    (give one for every required option, so that the sample runs as it stands).
     """
     if isinstance(default, list | dict) and default_factory is dataclasses.MISSING:
         value = default
@@ -134,6 +138,7 @@ def option(
             "doc": doc,
             "secret": secret,
             **{k: v for k, v in bounds.items() if v is not None},
+            **({"example": example} if example is not None else {}),
         },
     )
 

@@ -336,6 +336,7 @@ class Run:
             kind = self.rng.choice(kinds)
             quiet = self.rng.uniform(1.0, 3.0)
             self.check_agent()
+            self.world.sweep_inbox()  # a consumer takes what has arrived (not a fault)
             window = Window(kind, time.time())
             self.windows.append(window)
             try:

@@ -19,7 +19,7 @@ import threading
 import time
 
 from agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
-from bench.chaos_oracle import Ledger, serial_text
+from bench.chaos_oracle import Ledger, serial_text, serials_in
 from bench.common import NotifySocket
 
 AGENT_ID = "chaos"
@@ -184,6 +184,8 @@ class World:
         self.broker_paused = False
         self.proxy: CuttableProxy | None = None
         self.subscriber: CountingSubscriber | None = None
+        self._arrived: set[int] = set()  # serials the subscriber has seen (sweep_inbox)
+        self._arrived_read = 0
         self.agent = Agent(folder, self.config_path)
         self.variant = "full"
         #: (stopped, ready again) of every agent stop, for the oracle's "cut".
@@ -332,6 +334,26 @@ class World:
         if self.broker_paused and self.broker and self.broker.process:
             self.broker.process.send_signal(signal.SIGCONT)
         self.broker_paused = False
+
+    def sweep_inbox(self) -> int:
+        """Act as the inbox's consumer: delete the files whose events have arrived upstream,
+        as an application that processes an inbox does. Without it the inbox only grows
+        (450,000 files in 30 minutes), and so does the file source's index of it, until it
+        fills the small state disk the soak gives the agent. Returns how many went."""
+        assert self.subscriber is not None
+        messages = self.subscriber.messages
+        for message in messages[self._arrived_read : len(messages)]:
+            self._arrived |= serials_in(message.payload.decode("utf-8", "replace"))
+            self._arrived_read += 1
+        removed = 0
+        with os.scandir(self.inbox) as entries:
+            for entry in entries:
+                found = serials_in(entry.name)
+                if entry.is_file() and found and found <= self._arrived:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     # -- what producers make --------------------------------------------------------------
 

@@ -70,7 +70,8 @@ class ExecSource(Source):
     @dataclass(kw_only=True)
     class Config:
         command: list[str] | str = option(
-            doc='["/usr/bin/sensors", "-j"]; a single string only with shell = true.'
+            example=["/bin/uptime"],
+            doc='["/usr/bin/sensors", "-j"]; a single string only with shell = true.',
         )
         shell: bool = option(False, doc="Run command through /bin/sh -c. Off unless you must.")
         mode: Literal["interval", "stream"] = option(

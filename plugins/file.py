@@ -189,7 +189,9 @@ class FileSource(Source):
 
     @dataclass(kw_only=True)
     class Config:
-        paths: list[str] = option(doc="Folders (or single files) to watch.")
+        paths: list[str] = option(
+            doc="Folders (or single files) to watch.", example=["/var/spool/inbox"]
+        )
         recursive: bool = option(True, doc="Watch sub-folders too.")
         include: list[str] = option(
             [],

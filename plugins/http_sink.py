@@ -76,7 +76,10 @@ class HttpTlsConfig:
 class HttpSinkConfig:
     """The ``[[sinks.http]]`` table."""
 
-    url: str = option(doc="Where events are POSTed: http:// or https://, with the path.")
+    url: str = option(
+        doc="Where events are POSTed: http:// or https://, with the path.",
+        example="https://collector.example.net/events",
+    )
     batch_max_events: int = option(
         100,
         min=1,
@@ -93,7 +96,11 @@ class HttpSinkConfig:
     token: str = option(
         "", secret=True, doc="Sent as Authorization: Bearer TOKEN; or token_file = PATH."
     )
-    tls: HttpTlsConfig | None = option(None, doc="TLS settings for an https:// URL.")
+    tls: HttpTlsConfig | None = option(
+        None,
+        example={"ca_file": "/etc/edge-agent/ca.pem"},
+        doc="TLS settings for an https:// URL.",
+    )
     timeout: Duration = option(
         30.0, above=0, doc="How long connecting, or waiting for an answer, may take."
     )

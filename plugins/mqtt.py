@@ -178,17 +178,20 @@ class MqttSink(Sink):
 
     def _client_for(self) -> mqtt.Client:
         config = self.config
+        client_id = config.client_id or f"edge-agent-{self.agent_id}-{self.name}"
+        if self.probing:  # beside the running agent: never take over its session
+            client_id += "-check"
         client = new_client(
             config,
-            config.client_id or f"edge-agent-{self.agent_id}-{self.name}",
-            clean_start=config.clean_start,
+            client_id,
+            clean_start=config.clean_start or self.probing,
             client_class=OutboundClient,
         )
         # The window is kept by publish() (never more than self.window in flight); paho's
         # own limit would only make it walk its whole store on every acknowledgement.
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
-        if config.status_topic:
+        if config.status_topic and not self.probing:
             client.will_set(self._status_topic(), config.status_offline, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -229,11 +232,16 @@ class MqttSink(Sink):
         self._confirmed_here = 0
         self._client = client
         properties = None
-        if v5 and config.session_expiry:
+        if v5 and config.session_expiry and not self.probing:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = int(config.session_expiry)
         problem = connect(
-            client, host, port, config, clean_start=config.clean_start, properties=properties
+            client,
+            host,
+            port,
+            config,
+            clean_start=config.clean_start or self.probing,
+            properties=properties,
         )
         if problem is not None:
             raise SinkUnavailable(problem)
@@ -252,7 +260,7 @@ class MqttSink(Sink):
             raise SinkUnavailable(
                 f"connection lost right after CONNACK ({self._disconnect_reason})"
             )
-        if config.status_topic:
+        if config.status_topic and not self.probing:
             client.publish(self._status_topic(), config.status_online, qos=1, retain=True)
 
     def _await_connack(self) -> tuple[Any, Any]:
@@ -440,7 +448,7 @@ class MqttSink(Sink):
         if client is None:
             return
         clean = True
-        if self._connected and self.config.status_topic:
+        if self._connected and self.config.status_topic and not self.probing:
             # A clean disconnect: say so, since the broker does not send the will then.
             clean = False
             with contextlib.suppress(Exception):

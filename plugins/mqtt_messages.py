@@ -72,7 +72,11 @@ class MqttConnectionConfig:
     )
     transport: Literal["tcp", "websockets"] = option("tcp", doc='"tcp" or "websockets".')
     ws_path: str = option("/mqtt", doc="The URL path, with websockets.")
-    tls: TlsConfig | None = option(None, doc="TLS settings; no table: plain TCP.")
+    tls: TlsConfig | None = option(
+        None,
+        example={"ca_file": "/etc/edge-agent/ca.pem"},
+        doc="TLS settings; no table: plain TCP.",
+    )
     protocol: Literal["3.1.1", "5"] = option(
         "5",
         doc='MQTT version: "5", or "3.1.1" for old brokers (which cannot report a'

@@ -143,7 +143,8 @@ class MqttSource(Source):
     @dataclass(kw_only=True)
     class Config(MqttConnectionConfig):
         topics: list[Any] = option(
-            doc='Topic filters: "sensors/#", or {filter = "plc/+/state", qos = 2}.'
+            example=["sensors/#"],
+            doc='Topic filters: "sensors/#", or {filter = "plc/+/state", qos = 2}.',
         )
         qos: Literal[0, 1, 2] = option(
             1,

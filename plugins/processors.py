@@ -47,7 +47,9 @@ class MatchConfig:
     types: list[str] = option([], doc='Event types, globs allowed: ["file.*"].')
     sources: list[str] = option([], doc="Source instance names, globs allowed.")
     match: dict[str, str] = option(
-        {}, doc='Field globs: { "data.path" = "*.tmp", subject = "/var/*" }.'
+        {},
+        example={"data.path": "*.tmp"},
+        doc='Field globs: { "data.path" = "*.tmp", subject = "/var/*" }.',
     )
 
     def __post_init__(self) -> None:
@@ -94,7 +96,9 @@ class Enrich(Processor):
 
     @dataclass(kw_only=True)
     class Config:
-        fields: dict[str, Any] = option({}, doc='Fields to add: { site = "berlin", rack = 4 }.')
+        fields: dict[str, Any] = option(
+            {}, example={"site": "berlin"}, doc='Fields to add: { site = "berlin", rack = 4 }.'
+        )
         hostname: str = option(
             "", doc='Add the host name under this key, e.g. "host". Empty: do not.'
         )
@@ -130,7 +134,7 @@ class RateLimit(Processor):
 
     @dataclass(kw_only=True)
     class Config:
-        rate: float = option(above=0, doc="Events per second allowed, per source.")
+        rate: float = option(above=0, example=10.0, doc="Events per second allowed, per source.")
         burst: int = option(
             0, min=0, doc="Events allowed at once after a quiet spell. Default: rate."
         )
@@ -166,7 +170,7 @@ class Dedupe(Processor):
     @dataclass(kw_only=True)
     class Config:
         window: Duration = option(
-            above=0, doc='How long a seen event suppresses equal ones, e.g. "10s".'
+            above=0, example="10s", doc='How long a seen event suppresses equal ones, e.g. "10s".'
         )
         fields: list[str] = option(
             ["source", "type", "subject", "data"],

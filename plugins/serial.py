@@ -46,7 +46,10 @@ class SerialSource(Source):
 
     @dataclass(kw_only=True)
     class Config:
-        port: str = option(doc='The device, e.g. "/dev/ttyUSB0" or "/dev/serial/by-id/...".')
+        port: str = option(
+            doc='The device, e.g. "/dev/ttyUSB0" or "/dev/serial/by-id/...".',
+            example="/dev/ttyUSB0",
+        )
         baudrate: int = option(9600, min=1, doc="Line speed.")
         bytesize: Literal[5, 6, 7, 8] = option(8, doc="Data bits.")
         parity: Literal["none", "even", "odd", "mark", "space"] = option("none", doc="Parity.")

@@ -69,7 +69,10 @@ class TailSource(Source):
 
     @dataclass(kw_only=True)
     class Config:
-        paths: list[str] = option(doc='Files to follow; globs allowed ("/var/log/app/*.log").')
+        paths: list[str] = option(
+            doc='Files to follow; globs allowed ("/var/log/app/*.log").',
+            example=["/var/log/syslog"],
+        )
         start_at: Literal["beginning", "end"] = option(
             "end",
             doc='For files present the first time the source runs: "end" sends only new'

@@ -118,3 +118,38 @@ def test_a_listener_that_stops_reading_never_blocks_the_agent(tmp_path):
         assert listener.recv(4096) == b"STATUS=still here"
     finally:
         listener.close()
+
+
+def _journal_stream(path: Path) -> str:
+    info = path.stat()
+    return f"{info.st_dev}:{info.st_ino}"
+
+
+def test_under_the_journal_each_line_carries_its_level(tmp_path, agent_process):
+    """stderr is "the journal" (JOURNAL_STREAM names its device and inode): journald would
+    store each line at the ``<N>`` priority it starts with."""
+    agent = agent_process(mqtt_agent_config(tmp_path, free_port()))
+    agent.log_path.touch()
+    agent.start(env={"JOURNAL_STREAM": _journal_stream(agent.log_path)})
+    agent.wait_ready(15)
+    # Nothing listens on the sink's port: the failed connect is a warning or an error.
+    wait_for(lambda: re.search(r"^<[34]>.*cloud", agent.log(), re.M), 15, "a sink warning")
+    assert agent.terminate() == 0
+    lines = agent.log().splitlines()
+    assert lines and all(re.match(r"<[2-7]>\S", line) for line in lines), lines
+    assert any(line.startswith("<6>INFO edge_agent: edge-agent test-gw ready") for line in lines)
+    # The journal adds its own time stamp; the line has none.
+    assert not any(re.match(r"<\d>\d{4}-\d\d-\d\d", line) for line in lines)
+
+
+def test_a_journal_stream_that_is_not_stderr_gets_plain_lines(tmp_path, agent_process):
+    """A child that inherited JOURNAL_STREAM but writes to a file: no prefixes."""
+    agent = agent_process(mqtt_agent_config(tmp_path, free_port()))
+    other = tmp_path / "other"
+    other.touch()
+    agent.start(env={"JOURNAL_STREAM": _journal_stream(other)})
+    agent.wait_ready(15)
+    assert agent.terminate() == 0
+    lines = agent.log().splitlines()
+    assert lines and not any(line.startswith("<") for line in lines), lines
+    assert all(re.match(r"\d{4}-\d\d-\d\d", line) for line in lines), lines
