@@ -273,9 +273,9 @@ class QueuedEvent:
         """The CloudEvents ``source``: ``edge-agent://{agent}/{source}``."""
         return f"edge-agent://{self.agent_id}/{self.source}"
 
-    def attributes(self) -> dict[str, str]:
-        """The CloudEvents context attributes (everything but ``data``)."""
-        attributes = {
+    def _own_attributes(self) -> dict[str, Any]:
+        """The attributes every event has (``subject`` when it has one)."""
+        attributes: dict[str, Any] = {
             "specversion": "1.0",
             "id": self.id,
             "source": self.source_uri,
@@ -286,6 +286,11 @@ class QueuedEvent:
         }
         if self.subject is not None:
             attributes["subject"] = self.subject
+        return attributes
+
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvents context attributes (everything but ``data``)."""
+        attributes = self._own_attributes()
         if self.attributes_json is not None:
             for name, value in self.extra_attributes().items():
                 if name == "source":
@@ -320,17 +325,7 @@ class QueuedEvent:
 
     def _extended_cloudevent_json(self) -> str:
         extra = self.extra_attributes()
-        envelope: dict[str, Any] = {
-            "specversion": "1.0",
-            "id": self.id,
-            "source": self.source_uri,
-            "type": self.type,
-            "time": self.time,
-            "sequence": str(self.sequence).zfill(SEQUENCE_DIGITS),
-            "datacontenttype": "application/json",
-        }
-        if self.subject is not None:
-            envelope["subject"] = self.subject
+        envelope = self._own_attributes()
         if "source" in extra:
             envelope["agentsource"] = envelope["source"]
         base64 = bool(extra.pop("data_base64", False))
