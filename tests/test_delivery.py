@@ -36,6 +36,9 @@ def test_an_event_leaves_the_queue_only_when_every_sink_confirmed(
     with Subscriber(running_broker.port, "edge/#") as first_sub:
         agent = agent_process(config).start()
         agent.wait_log("sink backup: cannot reach")
+        # The first start's scan takes what is already in the folder as its silent
+        # baseline: the file is written once the watch and that baseline are in place.
+        agent.wait_ready()
         (tmp_path / "inbox" / "a.csv").write_text("1")
         wait_for(lambda: created_paths(first_sub.events()), 15, "delivery to the first broker")
         wait_for(lambda: agent.queued() == 2, 5, "created + closed still queued for backup")
