@@ -266,6 +266,7 @@ def render(data: dict[str, Any]) -> str:
     for table in tables:
         lines.append("")
         lines += _aligned(table, first)
+    notes = len(lines)
     for name, sink in data["sinks"].items():
         if sink.get("dead_letters"):
             lines.append(
@@ -282,6 +283,8 @@ def render(data: dict[str, Any]) -> str:
             counters = sorted(source["counters"].items())
             counts = ", ".join(f"{key} {value}" for key, value in counters)
             lines.append(f"source {name}: {counts}")
+    if len(lines) > notes:
+        lines.insert(notes, "")  # the notes below the tables, apart from the last one
     return "\n".join(lines)
 
 
