@@ -371,6 +371,17 @@ def _instances(
             problems.append(ConfigProblem(file, at, why))
             continue
         schema = registration.cls.Config
+        if kind == "processor" and schema is not None and "type" in _field_names(schema):
+            problems.append(
+                ConfigProblem(
+                    file,
+                    f"{here}.type",
+                    f"processor plugin {item.plugin!r} has an option named 'type', which every"
+                    " [[processors]] table uses for its plugin's name, so it cannot be set;"
+                    " the plugin must rename it",
+                )
+            )
+            continue
         table = dict(item.table)
         name = table.pop("name", None)
         if name is None:
@@ -412,6 +423,10 @@ def _instances(
             InstanceConfig(kind, item.plugin, name, here, config, registration, index, route, file)
         )
     return result
+
+
+def _field_names(schema: type) -> set[str]:
+    return {f.name for f in fields(schema)}
 
 
 #: The tables a configuration has; the first three hold settings, the others plugin instances.

@@ -271,3 +271,31 @@ def test_the_docs_example_does_what_its_comments_say(tmp_path):
     # "Tag every event with where the device stands and its host name."
     assert kept is not None and kept.data["site"] == "berlin-3" and kept.data["rack"] == 4
     assert kept.data["host"] == socket.gethostname()
+
+
+def test_a_processor_plugin_with_an_option_named_type_is_refused(tmp_path):
+    from dataclasses import dataclass
+
+    from agent import Processor, hookimpl, option
+    from agent.config import parse_config
+
+    class Tagger(Processor):
+        @dataclass(kw_only=True)
+        class Config:
+            type: str = option("", doc="Clashes with the table's own type key.")
+
+        def process(self, event):
+            return event
+
+    class Plugin:
+        @hookimpl
+        def register_processors(self, register):
+            register("tagger", Tagger)
+
+    host = load_plugins(extra=[(Plugin(), "tagger-plugin")])
+    data = {"processors": [{"type": "tagger"}], "sinks": {"stdout": [{}]}}
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, "agent.toml", host)
+    [problem] = error.value.problems
+    assert problem.key == "processors[0].type"
+    assert "has an option named 'type'" in problem.message
