@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from agent.drain import UNLIMITED, DrainLimits, parse_limits
 from agent.errors import ConfigError, ConfigProblem
 from agent.plugins import PluginHost, Registration
 from agent.routing import EVERYTHING, Route, parse_route
@@ -129,6 +130,8 @@ class InstanceConfig:
     index: int = 0  # which [[KIND.PLUGIN]] table of that plugin, counting from 0
     #: A sink's selection (``sources``, ``types``; agent/routing.py); sources' is everything.
     route: Route = EVERYTHING
+    #: A sink's ``max_rate``, ``max_bytes_rate`` and ``priority`` (agent/drain.py).
+    limits: DrainLimits = UNLIMITED
 
 
 @dataclass
@@ -279,9 +282,14 @@ def _instances(
                 continue
             used[name] = here
             route = parse_route(table, here, name, problems) if kind == "sink" else EVERYTHING
+            limits = parse_limits(table, here, problems) if kind == "sink" else UNLIMITED
             table = _read_secret_files(schema, table, here, problems)
             if schema is None:
-                takes = "'name', 'sources' and 'types'" if kind == "sink" else "'name'"
+                takes = (
+                    "'name', 'sources', 'types', 'max_rate', 'max_bytes_rate' and 'priority'"
+                    if kind == "sink"
+                    else "'name'"
+                )
                 for extra in table:
                     problems.append(
                         (f"{here}.{extra}", f"unknown key ({plugin_name} takes only {takes})")
@@ -290,7 +298,9 @@ def _instances(
             else:
                 config = build(schema, table, here, problems)
             result.append(
-                InstanceConfig(kind, plugin_name, name, here, config, registration, index, route)
+                InstanceConfig(
+                    kind, plugin_name, name, here, config, registration, index, route, limits
+                )
             )
     return result
 

@@ -1,0 +1,166 @@
+"""Drain limits: how fast a sink may send, and whether live events go before its backlog.
+
+Every sink takes three optional common options, handled by its forwarder and
+not by the plugin (as ``name``, ``sources`` and ``types`` are)::
+
+    [[sinks.mqtt]]
+    name = "cloud"
+    max_rate = 200              # events per second; 0 (default): no limit
+    max_bytes_rate = "64KiB"    # bytes of event data per second; 0 (default): no limit
+    priority = "live"           # or "fifo" (default)
+
+**Rates.** Each limit is a token bucket that fills at the given rate and
+holds at most a tenth of a second's worth. An event goes when both buckets
+hold something; it then takes its cost (1 event; the size of its data as
+stored, JSON in UTF-8, the measure of the ``confirmed_bytes`` counter) even
+if that leaves a bucket in debt, and nothing more goes until the debt is paid
+back. So an event (or a batch) larger than one second's budget still goes,
+at once, and the sink then waits as long as the budget needs to pay for it:
+the average holds, the largest burst is one event. Each event is counted when
+it is handed to the sink the first time on a connection; an event sent again
+after a reconnect is counted again. ``max_bytes_rate`` counts the event data
+only: the CloudEvents envelope (about 250 bytes), topics and MQTT headers come
+on top.
+
+**Priority.** With ``priority = "live"``, when the sink connects (at start,
+after an outage) with events waiting, the newest queued position at that
+moment is the cut-off: the events up to it are the backlog, the events
+committed after it are live. Live events are handed to the sink first, and
+the backlog is sent with what the rate limits and the sink's window leave.
+The cut-off stays until the whole backlog is confirmed (a reconnect in the
+middle keeps it); after that the sink is back to queue order until it next
+connects with a backlog. Events that pile up while the sink is connected
+(arriving faster than ``max_rate``) are live: sent in queue order among
+themselves. ``fifo`` sends everything in queue order.
+
+Live events therefore reach the destination before older ones: a consumer
+restores the order of each source from ``sequence``. Nothing else changes:
+an event leaves the queue only once every sink that wants it confirmed it,
+and the sink's position on disk moves only over its confirmed backlog, so a
+live event confirmed before the backlog is sent again after a restart (at
+least once, the same ``id``). Refusals and dead letters follow the same rules
+as in queue order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.schema import ByteSize, build, option
+
+#: The sink options this module reads; no plugin may take them.
+DRAIN_KEYS = ("max_rate", "max_bytes_rate", "priority")
+#: A bucket holds at most this many seconds of its rate.
+BURST_SECONDS = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainLimits:
+    """A sink's ``max_rate``, ``max_bytes_rate`` and ``priority`` (see the module docstring)."""
+
+    max_rate: float = option(
+        0.0, min=0, doc="Events per second this sink sends at most; 0: no limit."
+    )
+    max_bytes_rate: ByteSize = option(
+        ByteSize(0),
+        min=0,
+        doc='Bytes of event data per second this sink sends at most ("64KiB"); 0: no limit.',
+    )
+    priority: Literal["fifo", "live"] = option(
+        "fifo",
+        doc='"fifo": queue order. "live": events newer than the backlog the sink found when'
+        " it connected go first; the backlog drains with what the limits leave.",
+    )
+
+    @property
+    def limited(self) -> bool:
+        """True when a rate limit is set."""
+        return self.max_rate > 0 or self.max_bytes_rate > 0
+
+    def describe(self) -> str:
+        """For log lines: ``at most 200 events/s, 65536 bytes/s; live first``."""
+        said = []
+        if self.max_rate:
+            said.append(f"{self.max_rate:g} events/s")
+        if self.max_bytes_rate:
+            said.append(f"{int(self.max_bytes_rate)} bytes/s")
+        text = f"at most {', '.join(said)}" if said else "no rate limit"
+        return text + ("; live events first" if self.priority == "live" else "")
+
+
+UNLIMITED = DrainLimits()
+
+
+def parse_limits(table: dict[str, Any], where: str, problems: list[tuple[str, str]]) -> DrainLimits:
+    """Take ``max_rate``, ``max_bytes_rate`` and ``priority`` out of a sink's table.
+
+    ``where`` is the table's key path (``sinks.mqtt[1]``); a problem per bad value.
+    """
+    found = {key: table.pop(key) for key in DRAIN_KEYS if key in table}
+    if not found:
+        return UNLIMITED
+    return build(DrainLimits, found, where, problems) or UNLIMITED
+
+
+class TokenBucket:
+    """Fills at ``rate`` per second up to ``rate * BURST_SECONDS``; may go into debt.
+
+    :meth:`ready` says whether anything may go now; :meth:`take` spends (also
+    beyond what is there); :meth:`wait` is how long until :meth:`ready`.
+    ``clock`` (monotonic seconds) may be given for tests.
+    """
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = float(rate)
+        self.capacity = self.rate * BURST_SECONDS
+        self.clock = clock
+        self.tokens = self.capacity
+        self.stamp = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def ready(self) -> bool:
+        self._refill()
+        return self.tokens > 0
+
+    def take(self, amount: float) -> None:
+        self.tokens -= amount
+
+    def wait(self) -> float:
+        """Seconds until :meth:`ready` (0 if it is)."""
+        self._refill()
+        if self.tokens > 0:
+            return 0.0
+        return (-self.tokens) / self.rate + 1e-4
+
+
+class Limiter:
+    """A sink's two buckets (either may be absent), and which events were paid for."""
+
+    def __init__(self, limits: DrainLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.buckets: list[tuple[TokenBucket, bool]] = []  # (bucket, counts bytes)
+        if limits.max_rate > 0:
+            self.buckets.append((TokenBucket(limits.max_rate, clock), False))
+        if limits.max_bytes_rate > 0:
+            self.buckets.append((TokenBucket(limits.max_bytes_rate, clock), True))
+        #: Positions paid for on this connection and not yet confirmed.
+        self.paid: set[int] = set()
+
+    def ready(self) -> bool:
+        return all(bucket.ready() for bucket, _ in self.buckets)
+
+    def pay(self, position: int, size: int) -> None:
+        self.paid.add(position)
+        for bucket, counts_bytes in self.buckets:
+            bucket.take(size if counts_bytes else 1)
+
+    def wait(self) -> float:
+        """Seconds until the next event may go."""
+        return max((bucket.wait() for bucket, _ in self.buckets), default=0.0)
