@@ -152,11 +152,23 @@ class Limiter:
             self.buckets.append((TokenBucket(limits.max_bytes_rate, clock), True))
         #: Positions paid for on this connection and not yet confirmed.
         self.paid: set[int] = set()
+        #: Seconds during which an event waited for the budget (summed when it goes).
+        self.waited = 0.0
+        self._clock = clock
+        self._held_since: float | None = None
 
     def ready(self) -> bool:
-        return all(bucket.ready() for bucket, _ in self.buckets)
+        """Whether an event may go now; if not, the time it waits from now on is counted."""
+        if all(bucket.ready() for bucket, _ in self.buckets):
+            return True
+        if self._held_since is None:
+            self._held_since = self._clock()
+        return False
 
     def pay(self, position: int, size: int) -> None:
+        if self._held_since is not None:
+            self.waited += self._clock() - self._held_since
+            self._held_since = None
         self.paid.add(position)
         for bucket, counts_bytes in self.buckets:
             bucket.take(size if counts_bytes else 1)

@@ -73,7 +73,8 @@ class Forwarder:
         self.route = route
         #: ``max_rate``, ``max_bytes_rate``, ``priority`` (agent/drain.py).
         self.limits = limits
-        #: Seconds spent waiting for the rate limits since start.
+        #: Seconds events waited for the rate limits since start (while new events were
+        #: held back by them).
         self.rate_waited = 0.0
         #: The cut-off position while live events go before a backlog (priority "live").
         self.live_after: int | None = None
@@ -240,6 +241,7 @@ class Forwarder:
         report = _DrainReport(sink.name, cursor)
         verdicts = _Verdicts(self, cursor)
         limiter = Limiter(self.limits) if self.limits.limited else None
+        waited_before = self.rate_waited
         confirmed_ahead: set[int] = set()  # confirmed or set aside, after a gap
         # position → when handed to the sink (read, and handed over the same round)
         sent_at: dict[int, float] = {}
@@ -349,10 +351,9 @@ class Forwarder:
             batch = retried + [e for e in live_events + events if e.position not in skip]
             if limiter is not None and batch:
                 batch = _affordable(limiter, batch)
+                self.rate_waited = waited_before + limiter.waited
                 if not batch:
-                    wait = limiter.wait()
-                    self.rate_waited += wait
-                    self._pause(wait)
+                    self._pause(limiter.wait())
                     continue
             try:
                 if not batch and not events and not live_events:
