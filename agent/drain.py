@@ -44,12 +44,18 @@ as in queue order.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from agent.counters import utf8_len
 from agent.schema import ByteSize, build, option
+
+if TYPE_CHECKING:
+    from agent.event import QueuedEvent
+    from agent.queue import SinkCursor
 
 #: The sink options this module reads; no plugin may take them.
 DRAIN_KEYS = ("max_rate", "max_bytes_rate", "priority")
@@ -176,3 +182,71 @@ class Limiter:
     def wait(self) -> float:
         """Seconds until the next event may go."""
         return max((bucket.wait() for bucket, _ in self.buckets), default=0.0)
+
+    def choose(self, batch: list[QueuedEvent]) -> list[QueuedEvent]:
+        """The events of ``batch`` (in its order) that may be handed to the sink now: those
+        paid for already on this connection (in flight, or sent again after a partial
+        confirmation), and new ones while the budget lasts (the last may take it into
+        debt). New events go in order: none after one that has to wait."""
+        chosen = []
+        open_budget = True
+        for event in batch:
+            if event.position in self.paid:
+                chosen.append(event)
+            elif open_budget and self.ready():
+                self.pay(event.position, utf8_len(event.data_json))
+                chosen.append(event)
+            else:
+                open_budget = False
+        return chosen
+
+
+class LiveLane:
+    """Priority "live": the events after the cut-off position ``after``, read ahead and
+    confirmed apart from the backlog, in memory only (the cursor on disk moves over the
+    backlog alone)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.read_through = after
+        self._through = after
+        self.unsent: collections.deque[QueuedEvent] = collections.deque()
+
+    @property
+    def through(self) -> int:
+        """Every event this sink wants after the cut-off and up to here is confirmed or
+        set aside."""
+        return self.read_through if not self.unsent else self._through
+
+    def fill(self, cursor: SinkCursor, limit: int) -> list[QueuedEvent]:
+        """Read the live events that fit beside those read already; return the new ones."""
+        room = limit - len(self.unsent)
+        if room <= 0:
+            return []
+        fresh = cursor.read(self.read_through, room)
+        self.read_through = max(self.read_through, cursor.seen_through)
+        self.unsent.extend(fresh)
+        return fresh
+
+    def settle(self, read: list[QueuedEvent], done: set[int]) -> None:
+        """Move over the confirmed prefix of the live events ``read`` this round (taking
+        them out of ``done``, the positions confirmed after a gap) and forget them."""
+        count = 0
+        for event in read:
+            if event.position not in done:
+                break
+            done.discard(event.position)
+            count += 1
+        for _ in range(count):
+            self.unsent.popleft()
+        if count:
+            self._through = read[count - 1].position
+
+    def forget_through(self, position: int) -> list[int]:
+        """Events up to ``position`` are gone from disk (dropped by the bounds)."""
+        gone = []
+        while self.unsent and self.unsent[0].position <= position:
+            gone.append(self.unsent.popleft().position)
+        self.read_through = max(self.read_through, position)
+        self._through = max(self._through, position)
+        return gone

@@ -33,7 +33,7 @@ from agent import dead_letters
 from agent.api import Sink
 from agent.backoff import Backoff
 from agent.counters import Latency, utf8_len
-from agent.drain import UNLIMITED, DrainLimits, Limiter
+from agent.drain import UNLIMITED, DrainLimits, Limiter, LiveLane
 from agent.errors import QueueError, SinkUnavailable
 from agent.event import QueuedEvent
 from agent.queue import QueueStore, SinkCursor
@@ -251,7 +251,7 @@ class Forwarder:
         read_through = cursor.position
         # Priority "live": the events after the cut-off, read and confirmed apart
         # (in memory only; the cursor on disk moves over the backlog).
-        live: _LiveLane | None = None
+        live: LiveLane | None = None
         dropped_through = self.store.dropped_through
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
@@ -283,7 +283,7 @@ class Forwarder:
                 if self.limits.priority == "live" and live is None:
                     newest = _newest(cursor)
                     if newest > cursor.position:
-                        live = _LiveLane(newest)
+                        live = LiveLane(newest)
                         self.live_after = newest
                         log.info(
                             "sink %s: events after position %d go before the %d waiting",
@@ -350,7 +350,7 @@ class Forwarder:
             skip = confirmed_ahead | again | verdicts.held
             batch = retried + [e for e in live_events + events if e.position not in skip]
             if limiter is not None and batch:
-                batch = _affordable(limiter, batch)
+                batch = limiter.choose(batch)
                 self.rate_waited = waited_before + limiter.waited
                 if not batch:
                     self._pause(limiter.wait())
@@ -436,75 +436,6 @@ def _retry_delay(backoff: Backoff, exc: BaseException) -> float:
 def _newest(cursor: SinkCursor) -> int:
     row = cursor.conn.execute("SELECT MAX(position) FROM events").fetchone()
     return int(row[0] or 0)
-
-
-def _affordable(limiter: Limiter, batch: list[QueuedEvent]) -> list[QueuedEvent]:
-    """The events of ``batch`` (in its order) that may be handed to the sink now: those
-    paid for already on this connection (in flight, or sent again after a partial
-    confirmation), and new ones while the budget lasts (the last may take it into debt)."""
-    paid = limiter.paid
-    chosen = []
-    open_budget = True
-    for event in batch:
-        if event.position in paid:
-            chosen.append(event)
-        elif open_budget and limiter.ready():
-            limiter.pay(event.position, utf8_len(event.data_json))
-            chosen.append(event)
-        else:
-            open_budget = False  # new events go in order: none after one that waits
-    return chosen
-
-
-class _LiveLane:
-    """Priority "live": the events after the cut-off position ``after``, read ahead and
-    confirmed apart from the backlog, in memory only (the cursor on disk moves over the
-    backlog alone)."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-        self.read_through = after
-        self._through = after
-        self.unsent: collections.deque[QueuedEvent] = collections.deque()
-
-    @property
-    def through(self) -> int:
-        """Every event this sink wants after the cut-off and up to here is confirmed or
-        set aside."""
-        return self.read_through if not self.unsent else self._through
-
-    def fill(self, cursor: SinkCursor, limit: int) -> list[QueuedEvent]:
-        """Read the live events that fit beside those read already; return the new ones."""
-        room = limit - len(self.unsent)
-        if room <= 0:
-            return []
-        fresh = cursor.read(self.read_through, room)
-        self.read_through = max(self.read_through, cursor.seen_through)
-        self.unsent.extend(fresh)
-        return fresh
-
-    def settle(self, read: list[QueuedEvent], done: set[int]) -> None:
-        """Move over the confirmed prefix of the live events ``read`` this round (taking
-        them out of ``done``, the positions confirmed after a gap) and forget them."""
-        count = 0
-        for event in read:
-            if event.position not in done:
-                break
-            done.discard(event.position)
-            count += 1
-        for _ in range(count):
-            self.unsent.popleft()
-        if count:
-            self._through = read[count - 1].position
-
-    def forget_through(self, position: int) -> list[int]:
-        """Events up to ``position`` are gone from disk (dropped by the bounds)."""
-        gone = []
-        while self.unsent and self.unsent[0].position <= position:
-            gone.append(self.unsent.popleft().position)
-        self.read_through = max(self.read_through, position)
-        self._through = max(self._through, position)
-        return gone
 
 
 class _Verdicts:

@@ -16,7 +16,6 @@ from agent.config import load_config
 from agent.drain import BURST_SECONDS, Limiter, TokenBucket, parse_limits
 from agent.errors import ConfigError
 from agent.event import Event
-from agent.forwarder import _affordable
 from agent.plugins import load_plugins
 from agent.queue import QueueStore, QueueWriter
 from agent.testing import queued_events, wait_for
@@ -99,13 +98,13 @@ def test_affordable_keeps_paid_events_and_queue_order():
     clock = Clock()
     limiter = Limiter(parse_limits({"max_rate": 20}, "sinks.x", []), clock)
     events = queued_events([Event(type="t.x", source="s", data=i) for i in range(10)])
-    first = _affordable(limiter, events)
+    first = limiter.choose(events)
     assert [e.position for e in first] == [1, 2]  # 2 tokens at most: 1 + the one in debt
-    again = _affordable(limiter, events)  # no time passed: only the paid ones
+    again = limiter.choose(events)  # no time passed: only the paid ones
     assert [e.position for e in again] == [1, 2]
     limiter.paid.difference_update({1, 2})
     clock.now += 0.1
-    assert [e.position for e in _affordable(limiter, events[2:])] == [3, 4]
+    assert [e.position for e in limiter.choose(events[2:])] == [3, 4]
 
 
 def test_limits_are_checked_at_their_key_paths(tmp_path):
