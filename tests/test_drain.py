@@ -18,7 +18,7 @@ from agent.errors import ConfigError
 from agent.event import Event
 from agent.plugins import load_plugins
 from agent.queue import QueueStore, QueueWriter
-from agent.testing import queued_events, wait_for
+from agent.testing import CuttableProxy, queued_events, wait_for
 
 
 class Clock:
@@ -257,3 +257,76 @@ def test_live_events_go_before_a_backlog_and_nothing_is_lost(
         assert agent.terminate() == 0
     finally:
         arrivals.stop()
+
+
+def test_a_cut_in_the_middle_of_a_live_drain_loses_nothing(tmp_path, running_broker, agent_process):
+    """Live events keep coming while the backlog drains; the line is cut and restored
+    twice. Every event arrives (by id), live ones keep going first after each
+    reconnect, and the queue empties."""
+    state = tmp_path / "state"
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    backlog = 4000
+    prefill(state, backlog, size=50)
+    proxy = CuttableProxy(running_broker.port).start()
+    arrivals = Arrivals(running_broker.port, "cut/#")
+    try:
+        agent = agent_process(
+            f"""
+            [agent]
+            id = "gw"
+            state_dir = "{state}"
+            shutdown_grace = "1s"
+
+            [[sources.file]]
+            name = "inbox"
+            paths = ["{inbox}"]
+
+            [[sinks.mqtt]]
+            name = "cloud"
+            port = {proxy.port}
+            topic = "cut/{{type}}"
+            max_rate = 500
+            priority = "live"
+            reconnect_min = "0.1s"
+            reconnect_max = "0.5s"
+            """
+        )
+        agent.start()
+        agent.wait_ready(20)
+        agent.wait_log("go before the 4000 waiting", 20)
+        written = 0
+        for cut in range(2):
+            wait_for(
+                lambda cut=cut: len(arrivals.on("cut/test.old")) > (cut + 1) * 600,
+                30,
+                "the backlog to flow",
+            )
+            for _ in range(5):
+                (inbox / f"f{written:03d}.csv").write_text("x\n")
+                written += 1
+            wait_for(
+                lambda n=written: len(arrivals.on("cut/file.created")) >= n, 20, "the live events"
+            )
+            proxy.cut()
+            for _ in range(5):  # written while the line is down: live all the same
+                (inbox / f"f{written:03d}.csv").write_text("x\n")
+                written += 1
+            proxy.restore()
+            wait_for(
+                lambda n=written: len(arrivals.on("cut/file.created")) >= n,
+                20,
+                "the live events written during the cut",
+            )
+            old_now = len(arrivals.on("cut/test.old"))
+            assert old_now < backlog, "the backlog was through already: the test proves nothing"
+        wait_for(lambda: agent.queued() <= 1, 60, "the queue to empty")
+        olds = {json.loads(p)["id"] for _, p in arrivals.on("cut/test.old")}
+        lives = {json.loads(p)["data"]["path"] for _, p in arrivals.on("cut/file.created")}
+        print(f"{len(olds)} backlog and {len(lives)} live events after {proxy.cuts} cuts")
+        assert len(olds) == backlog and len(lives) == written
+        assert agent.log().count("go before the 4000 waiting") == 1  # the cut-off stayed
+        assert agent.terminate() == 0
+    finally:
+        arrivals.stop()
+        proxy.stop()
