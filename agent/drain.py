@@ -9,8 +9,10 @@ not by the plugin (as ``name``, ``sources`` and ``types`` are)::
     max_bytes_rate = "64KiB"    # bytes of event data per second; 0 (default): no limit
     priority = "live"           # or "fifo" (default)
 
-**Rates.** Each limit is a token bucket that fills at the given rate and
-holds at most a tenth of a second's worth. An event goes when both buckets
+**Rates.** Each limit is a token bucket that starts empty, fills at the
+given rate and holds at most one second's worth (a sink that was idle, or
+held up for a moment, may send that much at once; a busy moment of the device
+costs no budget). An event goes when both buckets
 hold something; it then takes its cost (1 event; the size of its data as
 stored, JSON in UTF-8, the measure of the ``confirmed_bytes`` counter) even
 if that leaves a bucket in debt, and nothing more goes until the debt is paid
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 #: The sink options this module reads; no plugin may take them.
 DRAIN_KEYS = ("max_rate", "max_bytes_rate", "priority")
 #: A bucket holds at most this many seconds of its rate.
-BURST_SECONDS = 0.1
+BURST_SECONDS = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +114,8 @@ def parse_limits(table: dict[str, Any], where: str, problems: list[tuple[str, st
 
 
 class TokenBucket:
-    """Fills at ``rate`` per second up to ``rate * BURST_SECONDS``; may go into debt.
+    """Starts empty, fills at ``rate`` per second up to ``rate * BURST_SECONDS``; may go
+    into debt.
 
     :meth:`ready` says whether anything may go now; :meth:`take` spends (also
     beyond what is there); :meth:`wait` is how long until :meth:`ready`.
@@ -123,7 +126,7 @@ class TokenBucket:
         self.rate = float(rate)
         self.capacity = self.rate * BURST_SECONDS
         self.clock = clock
-        self.tokens = self.capacity
+        self.tokens = 0.0  # no burst at start: a fleet that comes up at once stays calm
         self.stamp = clock()
 
     def _refill(self) -> None:
