@@ -12,13 +12,14 @@ not by the plugin (as ``name``, ``sources`` and ``types`` are)::
 **Rates.** Each limit is a token bucket that starts empty, fills at the
 given rate and holds at most one second's worth (a sink that was idle, or
 held up for a moment, may send that much at once; a busy moment of the device
-costs no budget). An event goes when both buckets
-hold something; it then takes its cost (1 event; the size of its data as
-stored, JSON in UTF-8, the measure of the ``confirmed_bytes`` counter) even
-if that leaves a bucket in debt, and nothing more goes until the debt is paid
-back. So an event (or a batch) larger than one second's budget still goes,
-at once, and the sink then waits as long as the budget needs to pay for it:
-the average holds, the largest burst is one event. Each event is counted when
+costs no budget). An event goes when both buckets hold something; it then
+takes its cost (1 event; the size of its data as stored, JSON in UTF-8, the
+measure of the ``confirmed_bytes`` counter) even if that leaves a bucket in
+debt, and nothing more goes until the debt is paid back. So an event (or a
+batch) larger than one second's budget still goes, at once, and the sink then
+waits as long as the budget needs to pay for it. Over any stretch of time,
+what is sent is at most the rate times the time, plus one second's worth,
+plus one event. Each event is counted when
 it is handed to the sink the first time on a connection; an event sent again
 after a reconnect is counted again. ``max_bytes_rate`` counts the event data
 only: the CloudEvents envelope (about 250 bytes), topics and MQTT headers come
