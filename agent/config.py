@@ -24,6 +24,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from agent.drain import UNLIMITED, DrainLimits, parse_limits
 from agent.errors import ConfigError, ConfigProblem
 from agent.plugins import PluginHost, Registration
 from agent.routing import EVERYTHING, Route, parse_route
@@ -133,6 +134,8 @@ class InstanceConfig:
     route: Route = EVERYTHING
     #: The file the table is in (``key`` is its path there).
     file: str = ""
+    #: A sink's ``max_rate``, ``max_bytes_rate`` and ``priority`` (agent/drain.py).
+    limits: DrainLimits = UNLIMITED
 
 
 @dataclass
@@ -408,9 +411,14 @@ def _instances(
         used[name] = item
         local: list[tuple[str, str]] = []
         route = parse_route(table, here, name, local) if kind == "sink" else EVERYTHING
+        limits = parse_limits(table, here, local) if kind == "sink" else UNLIMITED
         table = _read_secret_files(schema, table, here, local)
         if schema is None:
-            takes = "'name', 'sources' and 'types'" if kind == "sink" else "'name'"
+            takes = (
+                "'name', 'sources', 'types', 'max_rate', 'max_bytes_rate' and 'priority'"
+                if kind == "sink"
+                else "'name'"
+            )
             if kind == "processor":
                 takes = "'type' and 'name'"
             for extra in table:
@@ -420,7 +428,9 @@ def _instances(
             config = build(schema, table, here, local)
         problems += [ConfigProblem(file, key, message) for key, message in local]
         result.append(
-            InstanceConfig(kind, item.plugin, name, here, config, registration, index, route, file)
+            InstanceConfig(
+                kind, item.plugin, name, here, config, registration, index, route, file, limits
+            )
         )
     return result
 

@@ -30,6 +30,7 @@ from agent.backoff import Backoff
 from agent.bounds import Limits
 from agent.config import Config, InstanceConfig
 from agent.counters import LoggedProblems, utf8_len
+from agent.drain import UNLIMITED
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
@@ -397,6 +398,7 @@ class Agent:
             sink,
             self.store,
             route=instance.route,
+            limits=instance.limits,
             on_confirmed=self.writer.request_cleanup,
             dead_letter_after=self.config.queue.dead_letter_after,
         )
@@ -404,6 +406,8 @@ class Agent:
             log.info(
                 "sink %s gets only the events it selects: %s", sink.name, instance.route.describe()
             )
+        if instance.limits != UNLIMITED:
+            log.info("sink %s sends %s", sink.name, instance.limits.describe())
         retired = self.retired.pop(("sink", instance.name), None)
         if retired is not None:
             forwarder.carry_over(retired)

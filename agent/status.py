@@ -74,6 +74,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "errors": f.errors,
                 "warnings": problems.get("sink", f.name),
                 "latency": {"count": f.latency.count, **f.latency.percentiles()},
+                "drain": _drain(f),
                 "last_error": f.last_error,
             }
             for f in agent.forwarders
@@ -301,6 +302,19 @@ def _aligned(table: list[tuple[str, ...]], first: int) -> list[str]:
 def _problems(counters: dict[str, Any]) -> str:
     """errors/warnings; "-" for either one a snapshot of an older version lacks."""
     return f"{counters.get('errors', '-')}/{counters.get('warnings', '-')}"
+
+
+def _drain(forwarder: Any) -> dict[str, Any]:
+    """A sink's drain limits (agent/drain.py), the seconds it waited for them, and the
+    cut-off while live events go before a backlog (None otherwise)."""
+    limits = forwarder.limits
+    return {
+        "max_rate": limits.max_rate,
+        "max_bytes_rate": int(limits.max_bytes_rate),
+        "priority": limits.priority,
+        "rate_waited": round(forwarder.rate_waited, 3),
+        "live_after": forwarder.live_after,
+    }
 
 
 def _latency(latency: dict[str, Any] | None) -> str:

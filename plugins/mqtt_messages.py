@@ -171,6 +171,18 @@ class MqttConfig(MqttConnectionConfig):
         doc='Retained status topic, e.g. "edge/{agent}/status": the birth message on'
         " connect, the broker-side last will when the agent vanishes. Empty: none.",
     )
+    reconnect_jitter: bool = option(
+        True,
+        doc="Draw each wait between connection attempts at random between 0 and its"
+        " doubling ceiling, from the first retry on (full jitter); false: the ceiling"
+        " itself (reconnect_min, twice that, ... up to reconnect_max), every time.",
+    )
+    first_connect_delay: Duration = option(
+        0.0,
+        min=0,
+        doc='The first connection after start waits a random time up to this; "10s" spreads'
+        " a fleet that starts at once (after a power cut). 0: connect at once.",
+    )
     status_online: str = option("online", doc="Birth message.")
     status_offline: str = option("offline", doc="Last will, and the word left on a clean stop.")
 
