@@ -237,10 +237,11 @@ def test_mqtt_3_1_1_refuses_commands_with_a_config_error(tmp_path):
     )
     checked = run_cli("check", "-c", str(config))
     assert checked.returncode == 78
-    assert "sinks.mqtt.commands: remote commands need" in checked.stderr and 'protocol = "5"' in checked.stderr
+    assert "sinks.mqtt.commands: remote commands need" in checked.stderr
+    assert 'protocol = "5"' in checked.stderr
 
 
-PLUGIN = '''
+PLUGIN = """
 import time
 
 from agent import hookimpl
@@ -265,7 +266,7 @@ def register_remote_commands(register):
     register("slow", slow)
     register("broken", broken)
     register("ping", echo)  # a built-in's name: refused, the built-in stays
-'''
+"""
 
 
 @pytest.fixture
