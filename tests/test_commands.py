@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.testing import Subscriber, wait_for
+from agent.testing import Mosquitto, Subscriber, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -27,9 +28,17 @@ class Requester:
     """The cloud's side: publishes requests with a response topic and correlation data,
     and collects the answers by correlation."""
 
-    def __init__(self, port: int) -> None:
-        self.client_id = f"cloud-{uuid.uuid4().hex[:8]}"
-        self.reply_topic = f"cloud/{self.client_id}/replies"
+    def __init__(
+        self,
+        port: int,
+        client_id: str | None = None,
+        reply_topic: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.client_id = client_id or f"cloud-{uuid.uuid4().hex[:8]}"
+        self.reply_topic = reply_topic or f"cloud/{self.client_id}/replies"
+        self.acks: dict[int, object] = {}
         self.answers: dict[bytes, tuple[dict, object]] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -41,6 +50,9 @@ class Requester:
         self.client.on_connect = lambda c, *a: c.subscribe(self.reply_topic, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
+        self.client.on_publish = lambda c, u, mid, reason, p: self.acks.__setitem__(mid, reason)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         wait_for(self._subscribed.is_set, 10, "the requester's subscription")
@@ -57,18 +69,21 @@ class Requester:
         *,
         response: bool = True,
         requester: str | None = None,
+        reply_topic: str | None = None,
+        agent: str = AGENT,
     ) -> bytes:
         correlation = uuid.uuid4().bytes
         properties = Properties(PacketTypes.PUBLISH)
         if response:
-            properties.ResponseTopic = self.reply_topic
+            properties.ResponseTopic = reply_topic or self.reply_topic
         properties.CorrelationData = correlation
         if requester:
             properties.UserProperty = ("client_id", requester)
         info = self.client.publish(
-            f"edge/{AGENT}/cmd/{command}", payload, qos=1, properties=properties
+            f"edge/{agent}/cmd/{command}", payload, qos=1, properties=properties
         )
-        info.wait_for_publish(10)
+        wait_for(lambda: info.mid in self.acks, 10, "the broker's PUBACK")
+        self.last_ack = self.acks[info.mid]
         return correlation
 
     def ask(self, command: str, payload: bytes = b"", timeout: float = 20.0) -> dict:
@@ -309,3 +324,72 @@ def test_a_plugin_registered_command_works(
     assert failed["ok"] is False and failed["code"] == "failed"
     assert "plugin fleet_tools's command 'broken' raised RuntimeError" in failed["error"]
     assert requester.ask("echo")["result"] == {"echoed": {}}
+
+
+def docs_acl() -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "commands.md").read_text()
+    [block] = [b for b in text.split("```") if b.startswith("\n# /etc/mosquitto/acl")]
+    return block
+
+
+@pytest.fixture
+def acl_broker(tmp_path):
+    """A Mosquitto with per-device passwords and the ACL of docs/commands.md."""
+    passwords = tmp_path / "passwd"
+    for index, user in enumerate(("ops", AGENT, "gw-02")):
+        command = ["mosquitto_passwd", "-b", *(["-c"] if index == 0 else [])]
+        subprocess.run([*command, str(passwords), user, f"{user}-secret"], check=True)
+    os.chmod(passwords, 0o644)
+    acl = tmp_path / "acl"
+    acl.write_text(docs_acl())
+    broker = Mosquitto(
+        str(tmp_path / "acl-broker"), extra_config=f"password_file {passwords}\nacl_file {acl}"
+    )
+    broker.write_config()
+    with open(broker.config_path) as handle:  # allow_anonymous is global: the last one wins
+        text = handle.read().replace("allow_anonymous true\n", "allow_anonymous false\n")
+    with open(broker.config_path, "w") as handle:
+        handle.write(text)
+    broker.write_config = lambda: None
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_the_docs_acl_lets_operators_command_and_confines_devices(
+    tmp_path, acl_broker, agent_process
+):
+    (tmp_path / "secret").write_text(f"{AGENT}-secret\n")
+    table = f"""
+        username = "{AGENT}"
+        password_file = "{tmp_path / "secret"}"
+        [sinks.mqtt.commands]
+    """
+    agent = started(agent_process, commands_config(tmp_path, acl_broker.port, table))
+    agent.wait_log(LISTENING, 30)
+
+    ops = Requester(acl_broker.port, "ops-1", f"reply/{AGENT}/ops-1", "ops", "ops-secret")
+    other = Requester(acl_broker.port, "gw-02", f"reply/{AGENT}/gw-02", "gw-02", "gw-02-secret")
+    try:
+        answer = ops.ask("status")
+        assert answer["ok"] is True and answer["result"]["status"]["agent"] == AGENT
+
+        # Another device may not command this one: the broker refuses the request.
+        correlation = other.send("ping", requester="gw-02")
+        assert other.last_ack.is_failure and other.last_ack.value == 0x87
+        # Nor may it read the operator's answers (it never sees the next one).
+        other._subscribed.clear()
+        other.client.subscribe(f"reply/{AGENT}/ops-1", qos=1)
+        wait_for(other._subscribed.is_set, 10, "the other device's SUBACK")
+        answered = ops.send("ping", requester="ops-1")
+        wait_for(lambda: ops.answers.get(answered), 20, "the operator's answer")
+        assert correlation not in other.answers and answered not in other.answers
+
+        # An answer outside the device's own reply/{agent}/... is refused by the broker,
+        # and the agent says so.
+        ops.send("ping", reply_topic="reply/gw-02/ops-1", requester="ops-1")
+        agent.wait_log("the broker refused the answer on reply/gw-02/ops-1", 20)
+        assert "command 'ping' from client 'gw-02'" not in agent.log()
+    finally:
+        ops.close()
+        other.close()
