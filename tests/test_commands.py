@@ -393,3 +393,34 @@ def test_the_docs_acl_lets_operators_command_and_confines_devices(
     finally:
         ops.close()
         other.close()
+
+
+def test_commands_that_overrun_are_answered_timeout_then_busy(tmp_path):
+    """In process: two handlers that never return hold both places; the third is 'busy'."""
+    import tomllib
+
+    from agent import hookimpl
+    from agent.commands import MAX_RUNNING, Dispatcher
+    from agent.config import parse_config
+    from agent.plugins import load_plugins
+    from agent.runtime import Agent
+
+    release = threading.Event()
+
+    class Stuck:
+        @hookimpl
+        def register_remote_commands(self, register):
+            register("stuck", lambda arguments: release.wait(60))
+
+    host = load_plugins(extra=[(Stuck(), "stuck")])
+    data = tomllib.loads(f'[agent]\nid = "gw"\nstate_dir = "{tmp_path / "s"}"\n[[sinks.stdout]]\n')
+    agent = Agent(parse_config(data, "test.toml", host), host)
+    dispatcher = Dispatcher(agent)
+    ask = {"allow": ["stuck", "ping"], "timeout": 0.2, "max_bytes": 100}
+    try:
+        answers = [dispatcher.answer("stuck", b"", **ask) for _ in range(MAX_RUNNING + 1)]
+        assert [a["code"] for a in answers] == ["timeout"] * MAX_RUNNING + ["busy"]
+        assert dispatcher.answer("ping", b"", **ask)["code"] == "busy"
+    finally:
+        release.set()
+    wait_for(lambda: dispatcher.answer("ping", b"", **ask)["ok"], 10, "a free place again")
