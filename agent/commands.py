@@ -176,8 +176,7 @@ class Dispatcher:
         assert plugin is not None
 
         def run_plugin(arguments: dict[str, Any], _deadline: float) -> Any:
-            with self.agent.slow.timed(f"plugin {plugin.plugin}'s remote command {name}"):
-                return plugin.handler(arguments)
+            return plugin.handler(arguments)
 
         return run_plugin
 
