@@ -396,8 +396,9 @@ class Sink:
 class Processor:
     """Base class of processor plugins: filter, change or enrich events before they are queued.
 
-    The agent creates one instance per ``[[processors.NAME]]`` table; the
-    instances run in the order of their tables in the config file, in the
+    The agent creates one instance per ``[[processors]]`` table whose ``type``
+    names it; the instances run in the order of those tables in the
+    configuration (a config folder's files in name order), in the
     emitting source's thread (so several threads may call :meth:`process` at
     once: guard shared state with a lock). Keep it fast: the source waits.
 

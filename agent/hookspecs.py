@@ -75,12 +75,13 @@ def register_processors(register):
     Called once when plugins are loaded, in the main thread.
 
     :param register: call ``register(name, cls)`` once per processor, where
-        ``name`` is the table name in the config (``[[processors.NAME]]``)
-        and ``cls`` a subclass of :class:`agent.Processor`. Duplicate names
-        are handled as for :func:`register_sources`.
+        ``name`` is what a config's ``[[processors]]`` table gives as its
+        ``type`` (``type = "NAME"``) and ``cls`` a subclass of
+        :class:`agent.Processor`. Duplicate names are handled as for
+        :func:`register_sources`.
 
-    Configured processor instances run in the order of their tables in the
-    config file, after every :func:`process_event` implementation.
+    Configured processor instances run in the order of their ``[[processors]]``
+    tables in the configuration, after every :func:`process_event` implementation.
     Return value is ignored. An exception is logged with the plugin's name.
     """
 
