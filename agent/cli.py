@@ -400,6 +400,12 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
 
     config = _state(config_path)
     store = _store(config)
+    if as_json:
+        from agent.status import queue_stats as stats_data
+
+        with _queue_errors(store):
+            click.echo(json.dumps(stats_data(store, config.routes())))
+        return
     with _queue_errors(store):
         stats = read_stats(store, config.routes())
     size = sum(
@@ -407,18 +413,6 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
         for suffix in ("", "-wal")
         if os.path.exists(store.path + suffix)
     )
-    if as_json:
-        data = {
-            "path": store.path,
-            "events": stats.events,
-            "bytes": size,
-            "oldest": stats.oldest_time,
-            "newest": stats.newest_time,
-            "sinks": stats.sink_backlog,
-            "dead_letters": stats.dead_letters,
-        }
-        click.echo(json.dumps(data))
-        return
     click.echo(f"{store.path}: {stats.events} events, {size / 2**20:.1f} MiB on disk")
     click.echo(f"oldest {stats.oldest_time or '-'}, newest {stats.newest_time or '-'}")
     for sink, backlog in sorted(stats.sink_backlog.items()):

@@ -105,6 +105,21 @@ def snapshot(agent: Any) -> dict[str, Any]:
     }
 
 
+def queue_stats(store: Any, routes: Any) -> dict[str, Any]:
+    """The queue as ``edge-agent queue stats --json`` prints it: events, bytes on disk
+    (with the WAL), oldest and newest, each sink's backlog and dead letters."""
+    stats = read_stats(store, routes)
+    return {
+        "path": store.path,
+        "events": stats.events,
+        "bytes": _size(store.path) + _size(store.path + "-wal"),
+        "oldest": stats.oldest_time,
+        "newest": stats.newest_time,
+        "sinks": stats.sink_backlog,
+        "dead_letters": stats.dead_letters,
+    }
+
+
 def _waiting(since: float | None) -> float | None:
     """Seconds a publish call has been waiting for its answer, or None when none is."""
     return None if since is None else round(time.monotonic() - since, 1)

@@ -43,6 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
+from plugins import mqtt_commands
 from plugins.mqtt_clients import OutboundClient
 from plugins.mqtt_hints import BUSY, MOVED, reason_value, server_reference
 from plugins.mqtt_messages import (
@@ -535,3 +536,14 @@ class MqttSink(Sink):
 @hookimpl
 def register_sinks(register):
     register("mqtt", MqttSink)
+
+
+@hookimpl
+def startup(agent):
+    """Open the command connections of MQTT sinks with a ``commands`` table."""
+    mqtt_commands.start_listeners(agent)
+
+
+@hookimpl
+def shutdown(agent):
+    mqtt_commands.stop_listeners(agent)
