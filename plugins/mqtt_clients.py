@@ -24,9 +24,9 @@ Both clients keep paho for everything but the hot path:
   call, in the order received. :meth:`InboundClient.ack_many` queues the
   PUBACKs of many messages as one write, with one wake-up of the network
   thread instead of one per message.
-- :class:`OutboundClient` (the sink): a PUBACK with success and no
-  properties goes straight to ``on_publish`` (with one shared success
-  ``ReasonCode``); between :meth:`OutboundClient.cork` and
+- :class:`OutboundClient` (the sink): a PUBACK with success (no reason code,
+  0x00, or 0x10 "no matching subscribers") and no properties goes straight to
+  ``on_publish`` (with one shared ``ReasonCode`` per code); between :meth:`OutboundClient.cork` and
   :meth:`OutboundClient.uncork` packets are queued, then written together.
 
 paho-mqtt is pinned to 2.x (``paho-mqtt>=2,<3``); tests/test_mqtt_clients.py
@@ -262,6 +262,8 @@ class InboundClient(BufferedClient):
 #: What a PUBACK without reason code or properties means; shared, never changed.
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+#: PUBACK reason codes of success the sink's client handles itself; shared, never changed.
+_SUCCESS = {0x00: _PUBACK_SUCCESS, 0x10: ReasonCode(PacketTypes.PUBACK, identifier=0x10)}
 
 
 class OutboundClient(BufferedClient):
@@ -334,12 +336,21 @@ class OutboundClient(BufferedClient):
         return super()._packet_write()
 
     def _fast_packet(self, header: int, body: bytes) -> MQTTErrorCode | None:
-        if header != PUBACK or len(body) != 2:
-            return None  # with a reason code or properties: paho's own handler
+        if header != PUBACK:
+            return None
+        size = len(body)
+        if size == 2:
+            reason = _PUBACK_SUCCESS
+        elif self._v5 and (size == 3 or (size == 4 and body[3] == 0)) and body[2] in _SUCCESS:
+            # MQTT 5, success with a reason code and no properties: 0x10 "no matching
+            # subscribers" is what a broker says to every message nobody subscribed to.
+            reason = _SUCCESS[body[2]]
+        else:
+            return None  # a refusal, or properties: paho's own handler
         mid = (body[0] << 8) | body[1]
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                return self._do_on_publish(mid, reason, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 

@@ -156,6 +156,42 @@ def test_corked_publishes_are_written_together_and_all_confirmed(running_broker,
         counter.loop_stop()
 
 
+def test_pubacks_saying_no_matching_subscribers_confirm_the_messages(running_broker):
+    """MQTT 5: a broker acknowledges a message nobody subscribed to with reason 0x10, a
+    success the sink's client handles itself; a refusal still goes through paho."""
+    sink = OutboundClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    sink.max_inflight_messages_set(0)
+    acks: list[tuple[int, int, bool]] = []
+    sink.on_publish = lambda client, userdata, mid, rc, props: acks.append(
+        (mid, rc.value, rc.is_failure)
+    )
+    connected = threading.Event()
+    sink.on_connect = lambda *args: connected.set()
+
+    def service(seconds: float) -> None:
+        sock = sink.socket()
+        readable, writable, _ = select.select(
+            [sock], [sock] if sink.want_write() else [], [], seconds
+        )
+        if readable:
+            assert sink.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        if writable:
+            assert sink.loop_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        sink.loop_misc()
+
+    try:
+        sink.connect("127.0.0.1", running_broker.port)
+        wait_for(lambda: service(0.1) or connected.is_set(), 10, "CONNACK")
+        sink.cork()
+        mids = [sink.publish(f"nobody/{uuid.uuid4().hex}", b"x", qos=1).mid for _ in range(50)]
+        sink.uncork()
+        wait_for(lambda: service(0.1) or len(acks) >= 50, 20, "50 acknowledgements")
+        assert sorted(mid for mid, _, _ in acks) == sorted(mids)
+        assert {(value, failed) for _, value, failed in acks} == {(0x10, False)}
+    finally:
+        sink.disconnect()
+
+
 def _commit(log: RedeliveryLog, messages: list[tuple[int, str, bool]]) -> tuple[list, dict]:
     """One commit of (packet id, digest, dup) messages: (those already committed, rows)."""
     again = []
