@@ -1,17 +1,20 @@
 """MQTT source throughput: a local broker → the agent's queue → the MQTT sink, at QoS 1.
 
-N messages of about 100 bytes are published at QoS 1 to a local Mosquitto with
-its default ``max_inflight_messages`` (20); the agent's ``mqtt`` source
-(MQTT 5, asking a Receive Maximum of 65535) commits them and acknowledges
-them, and its ``mqtt`` sink publishes them back under ``edge/...``, where a
-subscriber counts them. Two runs:
+N messages of about 100 bytes are published at QoS 1 by ``--publishers``
+mosquitto_pub processes (C) to a local Mosquitto with its default
+``max_inflight_messages`` (20; an MQTT 5 client's Receive Maximum overrides it
+for what the broker sends that client); the agent's ``mqtt`` source (MQTT 5,
+asking a Receive Maximum of 65535) commits them and acknowledges them, and its
+``mqtt`` sink (``--sink-batch`` events per message) publishes them back under
+``edge/...``, where a subscriber counts them. Two runs:
 
 - live: the agent is running and subscribed; time from the first publish to
   the last event at the subscriber (end to end) and to the last one committed;
 - backlog: the messages wait in the broker's session while the agent is
   stopped; time from its start to the last event at the subscriber.
 
-    .venv/bin/python bench/mqtt_source.py [-n 20000] [--repeat 3]
+    .venv/bin/python bench/mqtt_source.py [-n 20000] [--repeat 3] [--sink-batch 100]
+        [--publishers 4] [--profile]
 """
 
 from __future__ import annotations
