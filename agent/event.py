@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -62,6 +63,51 @@ def new_event_id() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+#: The UUID variant's hex digit (binary 10xx) for a random hex digit: its low two bits kept.
+_VARIANT_DIGIT = {f"{n:x}": f"{0b1000 | (n & 0b11):x}" for n in range(16)}
+
+
+def new_event_ids(count: int) -> list[str]:
+    """``count`` ids as :func:`new_event_id` makes them, in increasing order, at once.
+
+    For a source that builds many events in one go (lines of one read): one clock
+    read, one lock and one slice of random bytes for all of them.
+    """
+    global _id_last_ms, _id_counter, _random_pool, _random_at
+    with _id_lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms > _id_last_ms:
+            _id_last_ms, _id_counter = now_ms, -1
+        ms, first = _id_last_ms, _id_counter + 1
+        # Past 4096 ids in one ms, the next ms is borrowed (ids stay strictly increasing).
+        last = first + count - 1
+        _id_last_ms, _id_counter = ms + (last >> 12), last & 0xFFF
+        need = 8 * count
+        at = _random_at
+        if at + need > len(_random_pool):
+            _random_pool, at = os.urandom(max(_RANDOM_CHUNK, need)), 0
+        _random_at = at + need
+        random_hex = _random_pool[at : at + need].hex()
+    ids: list[str] = []
+    variant = _VARIANT_DIGIT
+    n = first
+    while n <= last:  # one run of counters per millisecond
+        stamp = f"{ms + (n >> 12):012x}"
+        head = f"{stamp[:8]}-{stamp[8:]}-7"
+        end = min(last, n | 0xFFF) + 1
+        at = 16 * (n - first)
+        ids += [
+            f"{head}{k & 0xFFF:03x}-{variant[r[0]]}{r[1:4]}-{r[4:]}"
+            for k, r in zip(
+                range(n, end),
+                [random_hex[i : i + 16] for i in range(at, at + 16 * (end - n), 16)],
+                strict=True,
+            )
+        ]
+        n = end
+    return ids
+
+
 #: (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC): formatted once per second, not per event.
 _second_text: tuple[int, str] = (-1, "")
 
@@ -100,6 +146,22 @@ class Event:
     #: (lowercase letters and digits; string, integer or boolean values). With
     #: ``"data_base64": True`` the data is a base64 string sent as ``data_base64``.
     attributes: dict[str, Any] | None = None
+
+
+def make_events(
+    type: str, source: str, data: Sequence[Any], *, subject: str | None = None
+) -> list[Event]:
+    """Events of one ``type`` from one ``source``, one per item of ``data``, made at once.
+
+    For a source that turns many things read in one go (a chunk of log lines) into
+    events: their ids come from one call of :func:`new_event_ids` and they share one
+    ``time``, the moment they were read, instead of each calling the clock.
+    """
+    now = utc_now()
+    return [
+        Event(type, source, item, subject, event_id, now)
+        for item, event_id in zip(data, new_event_ids(len(data)), strict=True)
+    ]
 
 
 def canonical_time(value: object) -> str:
@@ -145,33 +207,50 @@ def check_event(event: Event) -> None:
     ``type`` becomes part of MQTT topics, so it must be short, printable UTF-8
     without spaces, ``/``, ``+`` or ``#``; ``subject`` must be UTF-8 text.
     """
+    # Printable ASCII is valid UTF-8 without control characters: the common case, known
+    # from two flags CPython keeps on every str, without encoding or searching it.
     for name in ("id", "source"):
         value = getattr(event, name)
         if not isinstance(value, str) or not value or not _is_utf8(value):
             raise ValueError(f"event {name} must be a non-empty UTF-8 string, got {value!r}")
-    if len(event.id) > MAX_ID_CHARS or _CONTROL_CHARS.search(event.id):
+    identifier = event.id
+    if len(identifier) > MAX_ID_CHARS or not (
+        (identifier.isascii() and identifier.isprintable()) or not _CONTROL_CHARS.search(identifier)
+    ):
         # The id travels as an MQTT 5 user property and an AMQP message id: a broker
         # drops the connection over a control character there.
         raise ValueError(
             f"event id must be at most {MAX_ID_CHARS} characters without control characters,"
-            f" got {event.id[:80]!r}{'...' if len(event.id) > 80 else ''}"
+            f" got {identifier[:80]!r}{'...' if len(identifier) > 80 else ''}"
         )
     event.time = canonical_time(event.time)
-    if not isinstance(event.type, str) or not event.type or len(event.type) > 128:
-        raise ValueError(
-            f"event type must be a non-empty string of at most 128 characters, got {event.type!r}"
-        )
-    if _BAD_TYPE_CHARS.search(event.type) or not _is_utf8(event.type):
-        raise ValueError(
-            f"event type {event.type!r} may not hold spaces, control characters, '/', '+', '#'"
-            " or undecodable bytes"
-        )
+    if not isinstance(event.type, str) or event.type not in _GOOD_TYPES:
+        _check_type(event.type)
     if event.subject is not None and (
         not isinstance(event.subject, str) or not _is_utf8(event.subject)
     ):
         raise ValueError(f"event subject must be UTF-8 text, got {event.subject!r}")
     if event.attributes is not None:
         check_attributes(event.attributes, event.data)
+
+
+#: Event types already found good (a source uses a handful): checked once, not per event.
+_GOOD_TYPES: set[str] = set()
+_GOOD_TYPES_MAX = 1024
+
+
+def _check_type(type: object) -> None:
+    if not isinstance(type, str) or not type or len(type) > 128:
+        raise ValueError(
+            f"event type must be a non-empty string of at most 128 characters, got {type!r}"
+        )
+    if _BAD_TYPE_CHARS.search(type) or not _is_utf8(type):
+        raise ValueError(
+            f"event type {type!r} may not hold spaces, control characters, '/', '+', '#'"
+            " or undecodable bytes"
+        )
+    if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+        _GOOD_TYPES.add(type)
 
 
 #: Attributes an event holds itself: ``Event.attributes`` may not name them.
@@ -213,6 +292,8 @@ def encode_attributes(event: Event) -> str | None:
 
 
 def _is_utf8(text: str) -> bool:
+    if text.isascii():  # a flag CPython keeps: no encoding needed
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -230,13 +311,11 @@ def encode_data(data: Any) -> str:
         text = _DATA_ENCODER.encode(data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event data is not JSON-serialisable: {exc}") from None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    if not _is_utf8(text):
         raise ValueError(
             "event data holds text that is not valid UTF-8 (undecodable bytes);"
             " decode it with errors='replace' or send the bytes as base64"
-        ) from None
+        )
     return text
 
 
