@@ -301,6 +301,18 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+#: The C encoder behind ``_DATA_ENCODER.encode``, made once instead of per call. Without
+#: circular-reference markers (a dict shared by every thread could report a false
+#: cycle): data that holds itself ends in RecursionError instead, reported alike.
+_C_DATA_ENCODER = (
+    json.encoder.c_make_encoder(
+        None, _DATA_ENCODER.default, encode_basestring, None, ":", ",", False, False, False
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
 def encode_data(data: Any) -> str:
     """Serialise event data to compact JSON that is valid UTF-8.
 
@@ -308,9 +320,16 @@ def encode_data(data: Any) -> str:
     holds text that cannot be UTF-8 (a lone surrogate from an undecodable name).
     """
     try:
-        text = _DATA_ENCODER.encode(data)
+        if _C_DATA_ENCODER is None or isinstance(data, str):
+            text = _DATA_ENCODER.encode(data)
+        else:
+            text = "".join(_C_DATA_ENCODER(data, 0))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event data is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise ValueError(
+            "event data is not JSON-serialisable: it holds itself (or is nested too deep)"
+        ) from None
     if not _is_utf8(text):
         raise ValueError(
             "event data holds text that is not valid UTF-8 (undecodable bytes);"

@@ -577,8 +577,7 @@ class TailSource(Source):
     def _line_events(self, item: Tailed, lines: list[bytes], offsets: list[int]) -> list[Event]:
         """``log.line`` events for ``lines`` (without their newline) starting at ``offsets``."""
         encoding, path = self.config.encoding, item.path
-        texts = [line.decode(encoding, errors="replace") for line in lines]
-        texts = [text.removesuffix("\r") for text in texts]
+        texts = [line.decode(encoding, errors="replace").removesuffix("\r") for line in lines]
         data = [
             {"path": path, "line": text, "offset": offset}
             for text, offset in zip(texts, offsets, strict=False)
