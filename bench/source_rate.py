@@ -121,10 +121,13 @@ def measure_burst(
     count: int,
     timeout: float = 300.0,
     profile: str | None = None,
+    count_sql: str = "SELECT max(position) FROM events",
 ) -> Burst:
     """Run ``make_burst`` (the agent is READY), then wait until ``expected`` events are in
     the queue; ``count`` items (lines, files) made them. ``profile``: a file for py-spy's
-    samples of the agent during the burst (raw format, one line per stack)."""
+    samples of the agent during the burst (raw format, one line per stack).
+    ``count_sql`` counts the events that matter (by default all: positions count from 1
+    in a fresh queue, so the highest is how many were committed)."""
     pid = agent.pid
     profiler = None
     if profile:  # py-spy attached for the burst only, stopped with SIGINT (it then writes)
@@ -142,8 +145,7 @@ def measure_burst(
         conn = sqlite3.connect(f"file:{queue_path}?mode=ro", uri=True, check_same_thread=False)
         try:
             while not done.is_set():
-                # positions count from 1 in a fresh queue: the highest is how many were committed
-                seen = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+                seen = conn.execute(count_sql).fetchone()[0] or 0
                 now = time.perf_counter()
                 if seen and not first:
                     first.append(now)

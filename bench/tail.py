@@ -80,7 +80,6 @@ def tail_run(
         return measure_burst(agent, queue, burst, count, count, profile=profile)
     finally:
         agent.stop()
-        shutil.rmtree(agent_dir, ignore_errors=True)
 
 
 def enqueue_rate(folder: str, count: int, data_bytes: int) -> float:
