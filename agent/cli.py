@@ -134,8 +134,9 @@ def _root_host(ctx: click.Context) -> PluginHost:
 
 
 class AgentGroup(click.Group):
-    """The root command: plugins' own commands (``register_commands``) are added when
-    a command that is not built in is asked for, or when the commands are listed."""
+    """The root command: plugins' own commands (``register_commands``) are added before a
+    command is looked up or the commands are listed, so ``--version`` loads no plugin, and
+    a plugin may still add to (or replace) any command, as when they were added at start."""
 
     _commands_from: PluginHost | None = None
 
@@ -146,11 +147,8 @@ class AgentGroup(click.Group):
             host.call_each("register_commands", cli=self)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        command = super().get_command(ctx, cmd_name)
-        if command is None:
-            self._add_plugin_commands(ctx)
-            command = super().get_command(ctx, cmd_name)
-        return command
+        self._add_plugin_commands(ctx)
+        return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._add_plugin_commands(ctx)
@@ -662,6 +660,6 @@ def queue_dead_purge(config_path: str | None, sink: str | None, before: str | No
 
 
 def main() -> None:
-    """Entry point of the ``edge-agent`` command: plugins are loaded when a command
-    needs them (once), so ``--version`` and ``--help`` of a built-in command stay quick."""
+    """Entry point of the ``edge-agent`` command: plugins are loaded (once) when a command
+    is looked up, so ``edge-agent --version`` loads none."""
     cli(prog_name="edge-agent")

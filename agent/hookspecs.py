@@ -89,9 +89,9 @@ def register_processors(register):
 def register_commands(cli):
     """Add subcommands to the ``edge-agent`` command line.
 
-    Called once per process, when the command line is asked for a command that
-    is not built in or lists its commands (``edge-agent --help``); built-in
-    commands such as ``edge-agent --version`` and ``check`` run without it.
+    Called once per process, before the command line looks up the command to
+    run or lists its commands (``edge-agent --help``); not for
+    ``edge-agent --version``, which loads no plugin.
 
     :param cli: the root ``click.Group``; add commands with ``@cli.command()``.
 

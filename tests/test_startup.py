@@ -117,8 +117,8 @@ class Greeter:
             print("hello from a plugin")
 
 
-def test_plugin_commands_are_added_when_asked_for(monkeypatch):
-    """A plugin's command works and is listed, though plugins load only when needed."""
+def test_plugin_commands_are_added_before_a_command_is_looked_up(monkeypatch):
+    """A plugin's command works and is listed; --version loads no plugin."""
     import agent.cli
     from agent.plugins import load_plugins
 
