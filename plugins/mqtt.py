@@ -35,16 +35,14 @@ from __future__ import annotations
 import contextlib
 import select
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
 from plugins import mqtt_commands
-from plugins.mqtt_clients import OutboundClient
 from plugins.mqtt_hints import BUSY, MOVED, reason_value, server_reference
 from plugins.mqtt_messages import (
     MQTT_MAX_PACKET,
@@ -57,6 +55,13 @@ from plugins.mqtt_messages import (
     new_client,
     warn_if_insecure,
 )
+
+if TYPE_CHECKING:
+    # paho.mqtt.client (with ssl and urllib) and the client classes built on it are imported
+    # when the sink first connects, so that `edge-agent check` and `plugins` start without them.
+    import paho.mqtt.client as mqtt
+
+    from plugins.mqtt_clients import OutboundClient
 
 #: poll() events that send the sink to loop_read: data, or a hang-up or error it reports.
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -176,7 +181,9 @@ class MqttSink(Sink):
     def _lost(self, rc: MQTTErrorCode) -> bool:
         """The connection is unusable (paho said why in ``rc``): always False."""
         if self._disconnect_reason is None or self._connected:
-            self._disconnect_reason = mqtt.error_string(rc)
+            from paho.mqtt.client import error_string
+
+            self._disconnect_reason = error_string(rc)
         # paho's answer to a packet it cannot take, such as the PUBACK with 0x95
         # (packet too large) that Mosquitto 2.0 sends for a message over its
         # message_size_limit, a code MQTT 5 does not allow in a PUBACK.
@@ -187,6 +194,8 @@ class MqttSink(Sink):
     # -- connecting ----------------------------------------------------------
 
     def _client_for(self) -> mqtt.Client:
+        from plugins.mqtt_clients import OutboundClient
+
         config = self.config
         client_id = config.client_id or f"edge-agent-{self.agent_id}-{self.name}"
         if self.probing:  # beside the running agent: never take over its session
@@ -277,6 +286,8 @@ class MqttSink(Sink):
         config = self.config
         v5 = config.protocol == "5"
         client = self._client_for()
+        from plugins.mqtt_clients import OutboundClient
+
         assert isinstance(client, OutboundClient)
         self._connack = []
         self._acks = []
@@ -401,7 +412,9 @@ class MqttSink(Sink):
                     )
                 break  # nothing more can go out; what went out may still be acked
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise SinkUnavailable(f"publish failed: {mqtt.error_string(rc)}")
+                from paho.mqtt.client import error_string
+
+                raise SinkUnavailable(f"publish failed: {error_string(rc)}")
             for event in message.events:
                 self._inflight[event.position] = event
             self._mids[mid] = [event.position for event in message.events]

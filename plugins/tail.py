@@ -30,9 +30,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
 from agent import ByteSize, Duration, Event, Source, hookimpl, option
 from agent.errors import QueueError
 from agent.event import make_events
@@ -54,14 +51,6 @@ LINES_PER_COMMIT = 1000
 #: Checkpoint key saying this source has run before (files it meets later are new).
 STARTED_KEY = "started"
 WARN_EVERY = 60.0
-
-
-class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        self.event.set()
 
 
 class TailSource(Source):
@@ -116,11 +105,16 @@ class TailSource(Source):
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
+        # watchdog is imported here, so that `edge-agent check` and `plugins` start without it.
+        from watchdog.observers import Observer
+
+        from plugins.file_watch import Wake
+
         observer = Observer()
         observer.daemon = True
         for folder in {os.path.dirname(os.path.abspath(p)) for p in self.config.paths}:
             if not glob.has_magic(folder) and os.path.isdir(folder):
-                observer.schedule(_Wake(self._wake), folder, recursive=False)
+                observer.schedule(Wake(self._wake), folder, recursive=False)
         observer.start()
         tailed: dict[str, Tailed] = {}
         try:
