@@ -352,6 +352,30 @@ def status(config_path: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@config_option
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="GLOB",
+    help="Only events of sources whose name matches (repeatable).",
+)
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    metavar="GLOB",
+    help="Only events whose type matches, e.g. 'file.*' (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One CloudEvents JSON line per event.")
+def tap(config_path: str | None, sources: tuple[str, ...], types: tuple[str, ...], as_json: bool):
+    """Show events live as the running agent commits them to its queue (Ctrl-C ends it)."""
+    from agent import tap as tapping
+
+    sys.exit(tapping.run(_status_state_dir(config_path), sources, types, as_json))
+
+
 @cli.group()
 def queue() -> None:
     """Look into the backlog on disk: stats, peek, purge, and dead letters."""
