@@ -44,6 +44,9 @@ MAX_TAPPERS = 16
 HELLO_TIMEOUT = 5.0
 #: How often an idle tapper's thread looks whether its client went away.
 IDLE_CHECK = 2.0
+#: A tapper's thread gathers what comes within this long into one send (fewer
+#: wake-ups and system calls for the agent; a person does not see 50 ms).
+GATHER = 0.05
 #: Longest path ``bind``/``connect`` take (108 bytes with the final NUL, on Linux).
 _MAX_SUN_PATH = 107
 MISSED_LINE = "tap: {count} events not shown (the tap could not keep up)"
@@ -116,12 +119,13 @@ class _Tapper:
                 if room > 0:
                     self._buffer += matched[:room]
                 self._missed += len(matched) - max(room, 0)
-            self._cond.notify()
+            if len(self._buffer) == len(matched) or self._missed:
+                self._cond.notify()  # the first since the last send: wake the sender
 
     def close(self) -> None:
         with self._cond:
             self.closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         with contextlib.suppress(OSError):
             self.conn.shutdown(socket.SHUT_RDWR)  # ends a send that waits for the client
 
@@ -156,6 +160,8 @@ class _Tapper:
                 with self._cond:
                     if not (self._buffer or self._missed or self.closed):
                         self._cond.wait(IDLE_CHECK)
+                        if self._buffer and not self.closed:
+                            self._cond.wait(GATHER)  # woken early only by close()
                     if self.closed:
                         return
                     items, self._buffer = self._buffer, []
