@@ -304,7 +304,7 @@ def _state(config_path: str | None) -> Config:
     return config
 
 
-def _status_state_dir(config_path: str | None) -> str:
+def _status_state_dir(config_path: str | None, what: str = "Status") -> str:
     """The state directory to read the status from, even while the config file is invalid.
 
     The running agent goes on with the configuration it read at start, so a
@@ -328,7 +328,7 @@ def _status_state_dir(config_path: str | None) -> str:
         click.echo(
             f"warning: {path} is invalid ({count} problem{'s' if count != 1 else ''}; run"
             f" edge-agent check -c {path}); the agent runs on what it read at its start."
-            f" Status from {state_dir}:",
+            f" {what} from {state_dir}:",
             err=True,
         )
         return state_dir
@@ -373,7 +373,8 @@ def tap(config_path: str | None, sources: tuple[str, ...], types: tuple[str, ...
     """Show events live as the running agent commits them to its queue (Ctrl-C ends it)."""
     from agent import tap as tapping
 
-    sys.exit(tapping.run(_status_state_dir(config_path), sources, types, as_json))
+    state_dir = _status_state_dir(config_path, "Events")
+    sys.exit(tapping.run(state_dir, sources, types, as_json))
 
 
 @cli.group()

@@ -263,8 +263,12 @@ class TapServer:
             with conn.makefile("rb") as reader:
                 hello = reader.readline(65536)
             selection = json.loads(hello)
-            if not isinstance(selection, dict):
-                raise ValueError("not a JSON object")
+            if not isinstance(selection, dict) or not all(
+                isinstance(selection.get(key, []), list)
+                and all(isinstance(glob, str) for glob in selection.get(key, []))
+                for key in ("sources", "types")
+            ):
+                raise ValueError('not {"sources": [GLOB...], "types": [GLOB...]}')
             conn.settimeout(None)
         except (OSError, ValueError) as exc:
             self._refuse(conn, f"the tap expects one JSON line with the selection: {exc}")
