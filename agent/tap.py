@@ -177,6 +177,8 @@ class _Tapper:
                 self.conn.sendall(("\n".join(lines) + "\n").encode())
         except OSError:
             return  # the client went away (or the agent is stopping)
+        except Exception as exc:  # a tap must never take more than itself down
+            log.warning("a tap ended on an error: %r", exc)
         finally:
             with self._cond:
                 self.closed = True
