@@ -421,15 +421,26 @@ def human_line(line: str) -> str:
 
 def follow(reader: BinaryIO, as_json: bool, out: TextIO, err: TextIO) -> bool:
     """Print what the agent sends until it closes the tap; True if it did (False: the
-    reader of ``out`` went away)."""
+    reader of ``out`` went away). Writes what came in one read, then flushes once."""
+    rest = b""
     try:
-        for raw in reader:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith('{"missed"'):
-                count = json.loads(line).get("missed", 0)
-                print(MISSED_LINE.format(count=count), file=err if as_json else out, flush=True)
-                continue
-            print(line if as_json else human_line(line), file=out, flush=True)
+        while chunk := reader.read1(65536):
+            *lines, rest = (rest + chunk).split(b"\n")
+            shown = []
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                if line.startswith('{"missed"'):
+                    note = MISSED_LINE.format(count=json.loads(line).get("missed", 0))
+                    if as_json:
+                        err.write(note + "\n")
+                        err.flush()
+                    else:
+                        shown.append(note)
+                    continue
+                shown.append(line if as_json else human_line(line))
+            if shown:
+                out.write("\n".join(shown) + "\n")
+                out.flush()
     except BrokenPipeError:
         return False
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -242,33 +243,18 @@ def test_a_slow_tapper_is_told_what_it_missed_and_never_holds_the_writer(tmp_pat
 
 
 def test_missed_lines_are_printed_for_people_and_kept_off_json_output():
-    class Lines(list):
-        def __iter__(self):
-            return iter(
-                [
-                    b'{"specversion":"1.0","source":"edge-agent://g/s","type":"t","time":'
-                    b'"2026-12-01T10:00:00.123456Z","data":{"a":1}}\n',
-                    b'{"missed": 7}\n',
-                ]
-            )
-
-    class Sink:
-        def __init__(self) -> None:
-            self.text = ""
-
-        def write(self, text: str) -> None:
-            self.text += text
-
-        def flush(self) -> None:
-            pass
-
-    out, err = Sink(), Sink()
-    assert follow(Lines(), False, out, err)
-    assert out.text == '10:00:00.123 s t {"a":1}\n' + MISSED_LINE.format(count=7) + "\n"
-    out, err = Sink(), Sink()
-    assert follow(Lines(), True, out, err)
-    assert out.text.startswith('{"specversion"') and "missed" not in out.text
-    assert err.text == "tap: 7 events not shown (the tap could not keep up)\n"
+    sent = (
+        b'{"specversion":"1.0","source":"edge-agent://g/s","type":"t","time":'
+        b'"2026-12-01T10:00:00.123456Z","data":{"a":1}}\n'
+        b'{"missed": 7}\n'
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert follow(io.BytesIO(sent), False, out, err)
+    assert out.getvalue() == '10:00:00.123 s t {"a":1}\n' + MISSED_LINE.format(count=7) + "\n"
+    out, err = io.StringIO(), io.StringIO()
+    assert follow(io.BytesIO(sent), True, out, err)
+    assert out.getvalue().startswith('{"specversion"') and "missed" not in out.getvalue()
+    assert err.getvalue() == "tap: 7 events not shown (the tap could not keep up)\n"
 
 
 def test_the_socket_path_may_be_longer_than_a_unix_address(tmp_path):
