@@ -6,8 +6,9 @@ One real agent (``edge-agent run``, a child process) follows a file with the
 no broker's cost hides the tap's). Lines are written at a steady rate
 (default 10,000/s) for ``--seconds``; a phase ends once the source's last
 ``sequence`` in the queue says every line is committed. Phases alternate in
-the same agent, "no tapper" then "one tapper" (``edge-agent tap --json`` with
-its output to /dev/null), ``--repeat`` times; the table shows medians. CPU
+the same agent, "no tapper" and "one tapper" (``edge-agent tap --json`` with
+its output to /dev/null), each first in every other run, ``--repeat`` times; the
+table shows medians. CPU
 seconds are the agent's (all threads, from the scheduler's count) during a
 phase, and the tapper's own beside them.
 
@@ -107,7 +108,7 @@ def phase(agent: AgentProcess, log_file: str, db: str, mode: str, args, first: i
     if mode == "one tapper":
         with open(err_path, "w") as err:
             tapper = subprocess.Popen(
-                [*agent_command(), "tap", "--json", "-c", agent.config_path],
+                [*agent_command(), "tap", "--json", "-c", agent.config_path, *args.tap_args],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
@@ -146,6 +147,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each phase; median")
     parser.add_argument("--rate", type=int, default=10000, help="lines offered per second")
     parser.add_argument("--line-bytes", type=int, default=120, help="bytes per log line")
+    parser.add_argument(
+        "--tap-args",
+        nargs="*",
+        default=[],
+        metavar="ARG",
+        help="more arguments for the tapper, e.g. --tap-args=--type=none (selects nothing)",
+    )
     add_output_arguments(parser)
     args = parser.parse_args()
     if args.rate < 1 or args.seconds <= 0 or args.repeat < 1:
@@ -155,7 +163,8 @@ def main() -> None:
     print_machine(info, args.dir or os.getcwd())
     print(
         f"workload:  lines of {args.line_bytes} B written to a tailed file at {args.rate:,}/s"
-        f" for {args.seconds:g}s, stdout sink to /dev/null; phases alternate in one agent,"
+        f" for {args.seconds:g}s, stdout sink to /dev/null; phases alternate in one agent"
+        " (ABBA),"
         f" {args.repeat} runs of each, median"
     )
     print(flush=True)
@@ -173,7 +182,9 @@ def main() -> None:
             agent.start()
             agent.wait_ready()
             for run in range(1, args.repeat + 1):
-                for mode in MODES:
+                # ABBA: each mode goes first in every other run, so that whatever drifts
+                # during a run (the WAL, the machine's load) does not favour one of them.
+                for mode in MODES if run % 2 else MODES[::-1]:
                     result = phase(
                         agent, log_file, os.path.join(state, "queue.db"), mode, args, written + 1
                     )
