@@ -453,13 +453,13 @@ def run(state_dir: str, sources: Sequence[str], types: Sequence[str], as_json: b
     except TapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"tap: showing events as edge-agent {agent_id} commits them (state dir {state_dir});"
-        " Ctrl-C to stop",
-        file=sys.stderr,
-        flush=True,
-    )
     try:
+        print(
+            f"tap: showing events as edge-agent {agent_id} commits them (state dir"
+            f" {state_dir}); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         ended = follow(reader, as_json, sys.stdout, sys.stderr)
     except KeyboardInterrupt:
         return 0
