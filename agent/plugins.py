@@ -151,6 +151,11 @@ class PluginHost:
             except Exception as exc:
                 log.exception("plugin %s failed in hook %s: %s", plugin_name, hook_name, exc)
 
+    @property
+    def processes_events(self) -> bool:
+        """True if some plugin implements ``process_event`` (else events skip the chain)."""
+        return bool(self._callers("process_event"))
+
     def process_event(self, event: Event, agent: Any) -> Event | None:
         """Run the ``process_event`` chain in pluggy's order; None when one dropped the event."""
         for plugin_name, caller in self._callers("process_event"):

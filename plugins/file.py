@@ -27,7 +27,19 @@ from datetime import UTC, datetime
 from stat import S_ISLNK
 from typing import Any, Literal, TypeVar
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 from watchdog.version import VERSION_INFO as WATCHDOG_VERSION
@@ -57,6 +69,16 @@ OVERFLOW_QUIET = 1.0
 #: ... or this long after the first one, if they keep coming.
 OVERFLOW_WAIT_MAX = 30.0
 _WAKE = object()  # put in the hand-off to wake the source's thread
+#: The watchdog events each reported kind comes from (the folder ones only with
+#: ``directories``). A watch asks inotify for these alone: a file written, opened or
+#: read costs nothing when nobody asked for it.
+_WATCHDOG_EVENTS: dict[str, tuple[type[FileSystemEvent], ...]] = {
+    "created": (FileCreatedEvent, DirCreatedEvent),
+    "modified": (FileModifiedEvent, DirModifiedEvent),
+    "closed": (FileClosedEvent,),
+    "deleted": (FileDeletedEvent, DirDeletedEvent),
+    "moved": (FileMovedEvent, DirMovedEvent),
+}
 T = TypeVar("T")
 
 
@@ -359,7 +381,9 @@ class FileSource(Source):
             reason = self._unwatchable(path)
             if reason is None:
                 try:
-                    watches[path] = self._schedule(observer, _Collector(self, path), path)
+                    watches[path] = self._schedule(
+                        observer, _Collector(self, path), path, event_filter=self._event_filter()
+                    )
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
             if reason is None:
@@ -392,11 +416,12 @@ class FileSource(Source):
         handler: FileSystemEventHandler,
         path: str,
         recursive: bool | None = None,
+        event_filter: list[type[FileSystemEvent]] | None = None,
     ) -> ObservedWatch:
         if recursive is None:
             recursive = self.config.recursive
         watch, threads = _threads_started_by(
-            lambda: observer.schedule(handler, path, recursive=recursive)
+            lambda: observer.schedule(handler, path, recursive=recursive, event_filter=event_filter)
         )
         _OVERFLOWS.register(self, threads)
         return watch
@@ -416,6 +441,15 @@ class FileSource(Source):
             self.log.info("cannot watch %s for %s to come back: %s", parent, root, exc.strerror)
         if os.path.exists(root):
             self.wake()  # it came back before the watch on its parent was set
+
+    def _event_filter(self) -> list[type[FileSystemEvent]]:
+        """The watchdog events to ask for: the configured kinds, and always deletions (a
+        watched root that is deleted must be noticed)."""
+        wanted = {*self.config.events, "deleted"}
+        classes = [cls for kind in sorted(wanted) for cls in _WATCHDOG_EVENTS[kind]]
+        if not self.config.directories:  # a folder's own events matter only for its deletion
+            classes = [cls for cls in classes if not cls.is_directory or cls is DirDeletedEvent]
+        return classes
 
     @staticmethod
     def _unwatchable(path: str) -> str | None:

@@ -48,6 +48,7 @@ from plugins.mqtt_clients import OutboundClient
 from plugins.mqtt_hints import BUSY, MOVED, reason_value, server_reference
 from plugins.mqtt_messages import (
     MQTT_MAX_PACKET,
+    Message,
     MqttConfig,
     TopicCache,
     build_messages,
@@ -425,31 +426,47 @@ class MqttSink(Sink):
             )
             if problem is None:
                 try:
-                    info = client.publish(
-                        message.topic,
-                        message.payload,
-                        qos=config.qos,
-                        retain=config.retain,
-                        properties=message.properties,
-                    )
+                    rc, mid = self._send(client, message)
                 except ValueError as exc:  # paho refuses the message itself
                     problem = f"the MQTT library cannot send it: {exc}"
             if problem is not None:
                 for event in message.events:
                     self.reject(event, problem, invalid=True)
                 continue
-            if info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
-                self._lost(info.rc)
+            if rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
+                self._lost(rc)
                 if not self._inflight:
                     raise SinkUnavailable(
                         f"connection lost ({self._disconnect_reason})", busy=self._busy
                     )
                 break  # nothing more can go out; what went out may still be acked
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise SinkUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise SinkUnavailable(f"publish failed: {mqtt.error_string(rc)}")
             for event in message.events:
                 self._inflight[event.position] = event
-            self._mids[info.mid] = [event.position for event in message.events]
+            self._mids[mid] = [event.position for event in message.events]
+
+    def _send(self, client: OutboundClient, message: Message) -> tuple[MQTTErrorCode, int]:
+        """Hand one checked message to the client: (rc, packet id).
+
+        QoS 1, the usual case, goes out without paho's bookkeeping for each
+        message (about a third of the CPU per message): the forwarder keeps
+        the messages in flight and resends from disk, never paho.
+        """
+        config = self.config
+        if config.qos == 1:
+            properties = message.properties.pack() if message.properties is not None else None
+            return client.publish_qos1(
+                message.topic.encode("utf-8"), message.payload, config.retain, properties
+            )
+        info = client.publish(
+            message.topic,
+            message.payload,
+            qos=config.qos,
+            retain=config.retain,
+            properties=message.properties,
+        )
+        return info.rc, info.mid
 
     def _judge_loss(self) -> None:
         """The connection is lost: find the message the broker could not take, if one was.
