@@ -337,7 +337,7 @@ def _state(config_path: str | None) -> Config:
     return config
 
 
-def _status_state_dir(config_path: str | None) -> str:
+def _status_state_dir(config_path: str | None, what: str = "Status") -> str:
     """The state directory to read the status from, even while the config file is invalid.
 
     The running agent goes on with the configuration it read at start, so a
@@ -368,7 +368,7 @@ def _status_state_dir(config_path: str | None) -> str:
         click.echo(
             f"warning: {path} is invalid ({count} problem{'s' if count != 1 else ''}; run"
             f" edge-agent check -c {path}); the agent runs on what it read at its start."
-            f" Status from {state_dir}:",
+            f" {what} from {state_dir}:",
             err=True,
         )
         return state_dir
@@ -390,6 +390,31 @@ def status(config_path: str | None, as_json: bool) -> None:
         if not as_json:
             click.echo(problem, err=True)
         sys.exit(1)
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="GLOB",
+    help="Only events of sources whose name matches (repeatable).",
+)
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    metavar="GLOB",
+    help="Only events whose type matches, e.g. 'file.*' (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One CloudEvents JSON line per event.")
+def tap(config_path: str | None, sources: tuple[str, ...], types: tuple[str, ...], as_json: bool):
+    """Show events live as the running agent commits them to its queue (Ctrl-C ends it)."""
+    from agent import tap as tapping
+
+    state_dir = _status_state_dir(config_path, "Events")
+    sys.exit(tapping.run(state_dir, sources, types, as_json))
 
 
 @cli.group()

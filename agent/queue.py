@@ -499,6 +499,11 @@ class QueueWriter:
         if checkpoints:
             self._checkpoints_changed = True
 
+    @property
+    def sequences(self) -> Mapping[str, int]:
+        """Each source's last sequence, as committed (read it right after :meth:`append`)."""
+        return self._sequences
+
     def skip_sequences(self, counts: Counter[str]) -> None:
         """Numbers for events dropped before they were queued: the loss shows in ``sequence``.
 

@@ -147,6 +147,8 @@ class Agent:
         self._wake = threading.Event()  # a signal arrived
         self.notifier = Notifier()
         self.metrics_server: Any = None
+        #: The ``edge-agent tap`` socket's server, once listening.
+        self.tap: Any = None
         self.version = __version__
         self.started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.status_interval = STATUS_EVERY
@@ -307,6 +309,7 @@ class Agent:
             ),
         )
         self.writer.start()
+        self._start_tap()
         self._report_lost_queue()
         for instance in self.config.sinks:
             self.start_sink(instance)
@@ -449,6 +452,19 @@ class Agent:
             self.writer.submit([], [(instance.name, INSTANCE_KEY, instance_record(instance))])
         except QueueError as exc:
             log.warning("source %s: %s; a rename of it will not be recognised", instance.name, exc)
+
+    def _start_tap(self) -> None:
+        """Listen for ``edge-agent tap`` on the state directory's socket (never fatal)."""
+        from agent.tap import TapError, TapServer
+
+        assert self.writer is not None
+        tap = TapServer(self.store.state_dir, self.id, self.writer)
+        try:
+            tap.start()
+        except TapError as exc:
+            log.warning("%s", exc)
+            return
+        self.tap = tap
 
     def _start_metrics(self) -> None:
         listen = self.config.metrics.listen
@@ -683,5 +699,7 @@ class Agent:
                 self.metrics_server.shutdown()
             log.info("edge-agent %s stopped; %s", self.id, self._left_behind())
         finally:
+            if self.tap is not None:
+                self.tap.stop()
             logging.getLogger("edge_agent").removeHandler(self.logged_problems)
             self.lock.release()

@@ -101,6 +101,9 @@ class Writer:
         self.failure: str | None = None
         #: Set when the queue file vanished (then the queue stays open for record_lost).
         self.vanished: QueueVanished | None = None
+        #: While someone taps (``edge-agent tap``), called after each commit with the
+        #: events and each source's last sequence (see agent/tap.py); else None.
+        self.tapped: Callable[[Sequence[tuple[Event, str]], Mapping[str, int]], None] | None = None
 
     @property
     def sink_names(self) -> list[str]:
@@ -456,6 +459,12 @@ class Writer:
         checkpoints = [row for pending in batch for row in pending.checkpoints]
         self._queue.append(events, checkpoints)
         self.committed += len(events)
+        tapped = self.tapped  # the whole cost of the tap while nobody taps
+        if tapped is not None and events:
+            try:
+                tapped(events, self._queue.sequences)
+            except Exception as exc:  # a tap must never cost a commit
+                log.warning("the tap failed: %r; the events are committed", exc)
         if self.bounds is not None:
             self.bounds.appended(
                 sum(pending.size() for pending in batch) + ROW_OVERHEAD * len(events)

@@ -57,6 +57,7 @@ SCRIPTS = [
     Script("backlog", ["-n", "20000"], "a large backlog: RSS, then the drain"),
     Script("footprint", ["--seconds", "5", "--repeat", "1"], "the idle agent, start-up time"),
     Script("latency", ["--seconds", "2", "--repeat", "1"], "line written → subscriber"),
+    Script("tap", ["--seconds", "2", "--repeat", "1"], "edge-agent tap: no tapper / one tapper"),
     Script("catchup", ["--files", "20000", "--idle", "5"], "the file source's catch-up scans"),
     Script("startup", ["--runs", "5"], "edge-agent --version, check and plugins: start to exit"),
 ]

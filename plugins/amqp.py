@@ -13,6 +13,7 @@ queues.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +29,27 @@ def _load_pika() -> None:
     global pika
     if pika is None:
         import pika.exceptions  # binds the package, with its exceptions, to the global
+
+        _quiet_pika()
+
+
+class _DropReturned(logging.Filter):
+    """Drops pika's dump of each returned message: the sink logs one line of its own
+    per routing key, which the agent's log folds into a count while it repeats."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Published message was returned")
+
+
+def _quiet_pika() -> None:
+    """pika logs about 18 INFO lines per connect, and a WARNING with the properties and
+    body of every returned message: keep it at WARNING (unless the agent logs at debug)
+    and leave returned messages to the sink's own line."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pika").setLevel(logging.WARNING)
+    blocking = logging.getLogger("pika.adapters.blocking_connection")
+    if not any(isinstance(f, _DropReturned) for f in blocking.filters):
+        blocking.addFilter(_DropReturned())
 
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -185,14 +207,15 @@ class AmqpSink(Sink):
                     else "nacked by the broker"
                 )
                 self.reject(event, f"{why} (exchange {config.exchange!r}, routing key {key!r})")
+                # The same line for each event with this key, so that the log folds the
+                # repeats into a count; which events, and why, is in the dead letters.
                 self.log.warning(
-                    "the broker did not take event %s (routing key %s: %s); it is sent again,"
-                    " and set aside as a dead letter after [queue] dead_letter_after refusals"
-                    " (%d refused since start)",
-                    event.id,
+                    "the broker did not take an event (exchange %r, routing key %s: %s); it"
+                    " is sent again, and set aside as a dead letter after [queue]"
+                    " dead_letter_after refusals (edge-agent queue dead list)",
+                    config.exchange,
                     key,
                     why,
-                    self.refused,
                 )
                 continue
             except (pika.exceptions.AMQPError, OSError) as exc:

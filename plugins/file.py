@@ -52,6 +52,8 @@ EventKind = Literal["created", "modified", "closed", "deleted", "moved"]
 BATCH_MAX = 500
 #: At most one overflow warning per this many seconds (the others are counted in it).
 OVERFLOW_LOG_INTERVAL = 60.0
+#: How many names that are not UTF-8 the source remembers having warned about.
+NOT_UTF8_REMEMBERED = 10_000
 #: After an overflow, rescan once none came for this many seconds...
 OVERFLOW_QUIET = 1.0
 #: ... or this long after the first one, if they keep coming.
@@ -204,6 +206,8 @@ class FileSource(Source):
         self._loss_first: float | None = None  # monotonic: first overflow not yet recovered
         self._loss_due: float | None = None  # monotonic: when to recover
         self._loss_from = self._loss_to = 0.0  # wall clock: the loss's window
+        #: Names not valid UTF-8 already warned about.
+        self._named_not_utf8: set[str] = set()
 
     def wanted(self, path: str, root: str) -> bool:
         """True if ``path`` passes the include and exclude patterns."""
@@ -598,11 +602,15 @@ class FileSource(Source):
         data: dict[str, Any] = {"path": path}
         if raw is not None:
             data["path_base64"] = raw
-            self.log.warning(
-                "file name is not valid UTF-8: %s; sent with replacement characters, the raw"
-                " name is in data.path_base64",
-                path,
-            )
+            if fs_path not in self._named_not_utf8:  # once per name, not per event
+                if len(self._named_not_utf8) >= NOT_UTF8_REMEMBERED:
+                    self._named_not_utf8.clear()
+                self._named_not_utf8.add(fs_path)
+                self.log.warning(
+                    "file name is not valid UTF-8: %s; its events are sent with replacement"
+                    " characters, the raw name in data.path_base64 (said once for this name)",
+                    path,
+                )
         return data
 
     def _to_event(self, event: FileSystemEvent, updates: dict[str, str | None]) -> Event:

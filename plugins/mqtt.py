@@ -69,6 +69,27 @@ _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 TRANSIENT_REFUSALS = {0x89: "server busy", 0x91: "packet identifier in use", 0x97: "quota exceeded"}
 #: DISCONNECT reason codes that blame what the client sent (MQTT 5).
 _PROTOCOL_DISCONNECTS = {0x81, 0x82, 0x90, 0x95, 0x99}
+#: What to do about a broker's DISCONNECT reasons that have a usual cause.
+_DISCONNECT_HINTS = {
+    0x8E: "another client connected with the same client id; give each agent its own"
+    " [[sinks.mqtt]] client_id (the default is made from [agent] id and the sink's name)",
+    0x8B: "the broker is shutting down",
+    0x87: "the broker's ACL or authentication no longer allows this client",
+}
+
+
+def broker_disconnect_reason(reason_code: Any, properties: Any) -> str:
+    """The broker's MQTT 5 DISCONNECT as a person reads it: code, name, the broker's
+    own reason string if it sent one, and what to do about the usual causes."""
+    value = getattr(reason_code, "value", None)
+    text = f"the broker disconnected us: {reason_code}"
+    if isinstance(value, int):
+        text += f" (0x{value:02X})"
+    reason_string = getattr(properties, "ReasonString", None)
+    if reason_string:
+        text += f', "{reason_string}"'
+    hint = _DISCONNECT_HINTS.get(value) if isinstance(value, int) else None
+    return f"{text}: {hint}" if hint else text
 
 
 class MqttSink(Sink):
@@ -101,6 +122,7 @@ class MqttSink(Sink):
         self._acks: list[tuple[int, Any]] = []
         self._connected = False  # only the forwarder's thread reads or sets it
         self._disconnect_reason: str | None = None
+        self._client_id = ""
         self._inflight: dict[int, QueuedEvent] = {}  # queue position -> event, this connection
         self._mids: dict[int, list[int]] = {}  # paho message id -> positions it carries
         self._protocol_error = False  # the connection ended for a protocol error
@@ -129,11 +151,28 @@ class MqttSink(Sink):
         self._connack.append((reason_code, properties))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._disconnect_reason = str(reason_code)
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            # The broker said why (MQTT 5): keep it. paho calls this again once it
+            # notices the closed socket, with "Unspecified error", which says nothing.
+            self._disconnect_reason = broker_disconnect_reason(reason_code, properties)
+        elif self._disconnect_reason is None or self._connected:
+            # paho's "Unspecified error" means the socket closed: say that, and the
+            # usual cause, rather than an error paho made up.
+            unspecified = getattr(reason_code, "value", None) == 0x80
+            self._disconnect_reason = self._closed_silently() if unspecified else str(reason_code)
         self._hint(reason_code, properties)
         self._protocol_error |= getattr(reason_code, "value", 0) in _PROTOCOL_DISCONNECTS
         self._connected = False
         self._connack.append(None)  # ends a wait in open()
+
+    def _closed_silently(self) -> str:
+        mqtt5 = " (no MQTT 5 DISCONNECT with a reason)" if self.config.protocol == "5" else ""
+        return (
+            f"the connection was closed without a reason from the broker{mqtt5}; if this"
+            " repeats soon after each connect, another client may be using the client id"
+            f" {self._client_id!r} (Mosquitto closes the older connection of a client id"
+            " without a word): give each its own client_id"
+        )
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acks.append((mid, reason_code))
@@ -200,6 +239,7 @@ class MqttSink(Sink):
         client_id = config.client_id or f"edge-agent-{self.agent_id}-{self.name}"
         if self.probing:  # beside the running agent: never take over its session
             client_id += "-check"
+        self._client_id = client_id
         client = new_client(
             config,
             client_id,

@@ -46,6 +46,8 @@ USEFUL = {
     "ID_SERIAL_SHORT": "serial",
 }
 BATCH_MAX = 200
+#: The udev daemon's control socket: where it is missing, no udev daemon runs.
+UDEV_CONTROL = "/run/udev/control"
 OVERFLOW_REASON = "netlink receive buffer overflowed"
 RESTART_REASON = "device events were not read while the source restarted after an error"
 
@@ -110,6 +112,7 @@ class UdevSource(Source):
         #: When the last device event was received (time.time()); None before the
         #: first run has its baseline. A run after a failed one starts from it.
         self.last_received: float | None = None
+        self._told_no_udev = False  # said once, not at every retry
 
     # -- filtering and building events -----------------------------------------
 
@@ -166,7 +169,16 @@ class UdevSource(Source):
         context = pyudev.Context()
         source = self.config.netlink
         if source == "auto":
-            source = "udev" if os.path.exists("/run/udev/control") else "kernel"
+            source = "udev" if os.path.exists(UDEV_CONTROL) else "kernel"
+        elif source == "udev" and not os.path.exists(UDEV_CONTROL) and not self._told_no_udev:
+            self._told_no_udev = True
+            self.log.warning(
+                'netlink = "udev", but no udev daemon runs here (%s is missing): its events'
+                ' never come, and this source sees no device. Set netlink = "kernel" (or'
+                ' "auto") for the kernel\'s own events, or start the udev daemon'
+                " (systemd-udevd).",
+                UDEV_CONTROL,
+            )
         monitor = pyudev.Monitor.from_netlink(context, source=source)
         for subsystem in self.config.subsystems:
             # The kernel filters by subsystem (and device type) before we wake up.

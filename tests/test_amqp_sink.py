@@ -183,3 +183,51 @@ def test_a_stalled_connection_shows_in_status_and_the_log_within_seconds(
         assert agent.terminate() == 0
     finally:
         proxy.stop()
+
+
+def test_pika_stays_quiet_and_returned_messages_fold_into_one_line(exchange):
+    """pika's INFO chatter at connect and its dump of each returned message stay out of
+    the log; the sink's own line per routing key is folded into a count."""
+    import io
+    import logging
+
+    from agent.logfold import RepeatFolder
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    folder = RepeatFolder(handler, window=0.5)
+    handler.addFilter(folder)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)  # as the agent at log_level = "info"
+    try:
+        name, _channel, _queue = exchange
+        config = {
+            "url": URL.format(port=5672),
+            "exchange": name,
+            "declare_exchange": False,
+            "routing_key": "{source}.{type}",
+        }
+        harness = SinkHarness(AmqpSink, config, agent_id="gw-01")
+        lost = [Event(type="file.created", source="nobody", data={"n": i}) for i in range(10)]
+        routed = Event(type="file.created", source="gw-01", data={})  # bound: gw-01.#
+        harness.deliver([*lost, routed])
+        assert len(harness.dead_letters) == 10  # each returned three times: 30 returns
+
+        def summed_up() -> bool:
+            folder.flush_due()
+            return "more like this" in out.getvalue()
+
+        wait_for(summed_up, 10, "the count of the folded lines")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = out.getvalue()
+    assert "INFO pika" not in text  # about 18 lines per connect, otherwise
+    assert "Published message was returned" not in text
+    ours = [line for line in text.splitlines() if "the broker did not take an event" in line]
+    assert len(ours) == 2, text  # the first, then one with the count of the rest
+    assert "routing key nobody.file.created" in ours[0]
+    assert "29 more like this" in ours[1]

@@ -85,6 +85,26 @@ def test_udev_property_match_keeps_only_matching_devices(veth, caplog):
     assert interface_events(harness.events, {a, b}) == [("device.added", a), ("device.removed", a)]
 
 
+@pytest.mark.parametrize("daemon_runs", [False, True])
+def test_netlink_udev_without_a_udev_daemon_says_so(tmp_path, monkeypatch, caplog, daemon_runs):
+    """netlink = "udev" where no udev daemon runs (no control socket) would listen to
+    nothing at all: a warning says so, once, and what to set instead."""
+    import plugins.udev
+
+    control = tmp_path / "control"
+    if daemon_runs:
+        control.touch()
+    monkeypatch.setattr(plugins.udev, "UDEV_CONTROL", str(control))
+    caplog.set_level(logging.INFO)
+    with SourceHarness(UdevSource, {"subsystems": ["net"], "netlink": "udev"}):
+        wait_for(lambda: "listening to udev device events" in caplog.text, 5, "the monitor")
+    warned = "no udev daemon runs here" in caplog.text
+    assert warned != daemon_runs
+    if warned:
+        assert caplog.text.count("no udev daemon runs here") == 1
+        assert 'netlink = "kernel"' in caplog.text and str(control) in caplog.text
+
+
 def test_udev_enumerates_present_devices_once():
     config = {"subsystems": ["net"], "enumerate_on_start": True}
     with SourceHarness(UdevSource, config) as harness:

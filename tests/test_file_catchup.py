@@ -297,3 +297,24 @@ def test_files_in_a_watched_folder_made_again_are_reported(
     made = set(touch_many(inbox, 50, "later"))
     wait_for(lambda: made <= paths_of(received(subscriber), "file.created"), 15, "50 more")
     assert agent.terminate() == 0
+
+
+def test_a_name_that_is_not_utf8_is_warned_about_once(tmp_path, caplog):
+    """Each event of such a file carries path_base64; the warning comes once per name."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    names = [os.fsencode(str(inbox)) + b"/bad-\xff-%d.txt" % i for i in range(2)]
+    with SourceHarness(FileSource, {"paths": [str(inbox)]}) as harness:
+        harness.wait_listening()
+        for _round in range(3):
+            for raw in names:
+                with open(raw, "ab") as handle:
+                    handle.write(b"x")
+        wait_for(lambda: len(harness.events) >= 6, 10, "an event per write")
+        bad = [e for e in harness.events if "path_base64" in e.data]
+        assert {base64.b64decode(e.data["path_base64"]) for e in bad} == set(names)
+    warnings = [r for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]

@@ -418,3 +418,65 @@ def test_a_socket_numbered_1024_or_above_still_works(broker):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(confirmed) == 3
+
+
+def sink_losing_its_connection(broker, provoke) -> str:
+    """Open an MQTT 5 sink, ``provoke(sink)``, and return why the sink says it was lost."""
+    from agent import SinkUnavailable
+
+    config = {"port": broker.port, "protocol": "5", "client_id": "edge-test-same-id"}
+    sink = SinkHarness(MqttSink, config, agent_id="gw-01").sink
+    sink.open()
+    try:
+        provoke(sink)
+
+        def lost() -> str | None:
+            try:
+                sink.check_connection()
+            except SinkUnavailable as exc:
+                return str(exc)
+            return None
+
+        return wait_for(lost, 10, "the sink to see its connection closed")
+    finally:
+        sink.close()
+
+
+def test_a_second_client_with_the_same_id_is_named_as_the_likely_cause(broker):
+    """MQTT 5, two clients with one client id: Mosquitto 2.0 closes the older connection
+    without a DISCONNECT (seen: no packet, just the close), and paho calls that
+    "Unspecified error". The sink says what happened and the likely cause instead."""
+    import paho.mqtt.client as mqtt
+
+    other = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="edge-test-same-id", protocol=mqtt.MQTTv5
+    )
+
+    def take_over(_sink) -> None:
+        other.connect("127.0.0.1", broker.port)
+        other.loop_start()
+
+    try:
+        reason = sink_losing_its_connection(broker, take_over)
+    finally:
+        other.loop_stop()
+        other.disconnect()
+    assert "Unspecified error" not in reason
+    assert "closed without a reason from the broker" in reason
+    assert "'edge-test-same-id'" in reason and "own client_id" in reason
+
+
+def test_the_reason_code_of_a_brokers_disconnect_is_reported(broker):
+    """A DISCONNECT with a reason code, from a real Mosquitto: a topic alias above the
+    broker's Topic Alias Maximum (10) gets DISCONNECT 0x94."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def bad_alias(sink) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.TopicAlias = 11
+        sink._client.publish("edge/alias", b"x", qos=0, properties=properties)
+
+    reason = sink_losing_its_connection(broker, bad_alias)
+    assert "the broker disconnected us: Topic alias invalid (0x94)" in reason
+    assert "Unspecified error" not in reason
