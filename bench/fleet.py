@@ -869,6 +869,7 @@ def account(consumer: Consumer, last: dict[str, int], faults: list[tuple]) -> li
                 duplicates.append((name, event_id, after_fault, redelivered))
         total = consumer.total
     outside = [d for d in duplicates if not d[2]]
+    resent = [d for d in duplicates if not d[3]]  # sent twice by an agent, not by the queue
     print(f"  {made:,} events made, {total:,} messages received, {len(duplicates)} duplicates")
     for name, event_id, after_fault, redelivered in duplicates[:10]:
         where = "after a fault" if after_fault else "OUTSIDE any fault"
@@ -887,7 +888,9 @@ def account(consumer: Consumer, last: dict[str, int], faults: list[tuple]) -> li
         ),
         Row(
             "accounting: duplicates (all after a fault?)",
-            f"{len(duplicates)} ({len(duplicates) - len(outside)} after a fault)",
+            f"{len(duplicates)} ({len(duplicates) - len(outside)} after a fault;"
+            f" {len(resent)} re-sent by an agent, {len(duplicates) - len(resent)} redelivered"
+            " by the queue)",
             beside="ids: " + ", ".join(d[1] for d in duplicates[:3]) if duplicates else "",
             met=not outside,
             values={"duplicates": duplicates},
