@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess
+from conftest import AgentProcess, run_cli
 
 from agent.testing import Mosquitto, Subscriber, free_port, wait_for
 
@@ -139,6 +139,21 @@ def test_the_page_shows_per_user_patterns_not_client_ids():
     acl = block("conf", "# /etc/mosquitto/acl")
     assert "pattern write edge/%u/#" in acl
     assert "%c" not in acl
+
+
+def test_the_pages_fleet_config_is_valid(tmp_path):
+    """The one file for every device, with the device's name from the environment."""
+    config = block("toml", '[agent]\nid = "${DEVICE_ID}"')
+    for name in ("ca.crt", "mqtt.pass"):
+        (tmp_path / name).write_text("x\n")
+    config = config.replace("/etc/edge-agent/", f"{tmp_path}/")
+    config = config.replace("[agent]\n", f'[agent]\nstate_dir = "{tmp_path / "state"}"\n')
+    path = tmp_path / "agent.toml"
+    path.write_text(config + '\n[[sources.exec]]\ncommand = ["true"]\n')
+    env = {**os.environ, "DEVICE_ID": "gw-01"}
+    checked = run_cli("check", "-c", str(path), env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "agent id 'gw-01'" in checked.stdout + checked.stderr
 
 
 def test_a_device_delivers_into_its_own_topics(fleet_broker, tmp_path):
