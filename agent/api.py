@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from agent.backoff import Jitter
 from agent.errors import QueueError
 from agent.event import Event, QueuedEvent
 
@@ -308,6 +309,13 @@ class Sink:
     #: Backoff floor and cap, in seconds, between failed attempts.
     retry_min: float = 1.0
     retry_max: float = 60.0
+    #: How each backoff delay is drawn below its doubling ceiling: "full" (anywhere
+    #: from 0, from the first retry on: spreads a fleet's reconnects), "none" (the
+    #: ceiling itself) or "equal" (between half the ceiling and the ceiling).
+    retry_jitter: Jitter = "full"
+    #: The first :meth:`open` after the forwarder starts waits a random time between
+    #: 0 and this many seconds, so that a fleet started at once does not connect at once.
+    first_open_delay: float = 0.0
     #: True in ``edge-agent check --connect``, which calls :meth:`open` then
     #: :meth:`close` only to prove the destination answers, possibly while the agent
     #: runs: an ``open`` that would disturb it (take over its MQTT session, publish a
@@ -396,8 +404,9 @@ class Sink:
 class Processor:
     """Base class of processor plugins: filter, change or enrich events before they are queued.
 
-    The agent creates one instance per ``[[processors.NAME]]`` table; the
-    instances run in the order of their tables in the config file, in the
+    The agent creates one instance per ``[[processors]]`` table whose ``type``
+    names it; the instances run in the order of those tables in the
+    configuration (a config folder's files in name order), in the
     emitting source's thread (so several threads may call :meth:`process` at
     once: guard shared state with a lock). Keep it fast: the source waits.
 

@@ -7,16 +7,18 @@ restart loop on a bad config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import click
 
 from agent import __version__
-from agent.config import Config, check_state_dir, default_config_path, load_config
+from agent.config import Config, check_state_dir, choose_config_path, load_config
 from agent.errors import AgentError, ConfigError
 from agent.logfold import RepeatFolder
 from agent.plugins import PluginHost, load_plugins
@@ -30,9 +32,10 @@ config_option = click.option(
     "-c",
     "--config",
     "config_path",
-    metavar="FILE",
+    metavar="PATH",
     default=None,
-    help="Config file. Default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml.",
+    help="Config file, or a folder whose *.toml files are read in name order."
+    " Default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml.",
 )
 
 
@@ -128,8 +131,8 @@ def _host() -> PluginHost:
 
 def _load(config_path: str | None) -> tuple[PluginHost, Config]:
     host = _host()
-    path = config_path or default_config_path()
-    return host, load_config(path, host)
+    path, chosen_by = choose_config_path(config_path)
+    return host, load_config(path, host, chosen_by)
 
 
 def _config_failed(error: ConfigError) -> None:
@@ -199,7 +202,7 @@ def check(config_path: str | None, connect: bool, timeout: float) -> None:
     With --connect, also connect each sink once, as the agent would, and report
     each one: exit 1 if a sink could not connect."""
     setup_logging("warning")
-    path = config_path or default_config_path()
+    path = choose_config_path(config_path)[0]
     try:
         host, config = _load(config_path)
         check_state_dir(config)
@@ -207,8 +210,9 @@ def check(config_path: str | None, connect: bool, timeout: float) -> None:
         _config_failed(error)
         return
     plugin_errors = [(name, message) for name, message in host.errors]
+    files = f"{len(config.files)} files, " if os.path.isdir(path) else ""
     click.echo(
-        f"{path}: ok ({len(config.sources)} sources, {len(config.sinks)} sinks,"
+        f"{path}: ok ({files}{len(config.sources)} sources, {len(config.sinks)} sinks,"
         f" agent id {config.agent.id!r})"
     )
     for warning in config.warnings:
@@ -313,15 +317,22 @@ def _status_state_dir(config_path: str | None) -> str:
     one gives its ``[agent] state_dir`` if that can be read, else the default,
     with a warning.
     """
-    from agent.config import AgentSettings, NotAFile, read_small_file, state_dir_hint
+    from agent.config import (
+        AgentSettings,
+        NotAFile,
+        config_files,
+        read_small_file,
+        state_dir_hint,
+    )
 
-    path = config_path or default_config_path()
+    path = choose_config_path(config_path)[0]
     try:
         return _load(config_path)[1].agent.state_dir
     except ConfigError as error:
         try:
-            read_small_file(path)
-        except (OSError, NotAFile):
+            for file in config_files(path):
+                read_small_file(file)
+        except (OSError, NotAFile, ConfigError):
             _config_failed(error)  # nothing there to read
         count = len(error.problems)
         state_dir = state_dir_hint(path) or AgentSettings().state_dir
@@ -366,6 +377,20 @@ def _store(config: Config):
     return store
 
 
+@contextlib.contextmanager
+def _queue_errors(store) -> Iterator[None]:
+    """The queue's own errors (a damaged file, above all) as one clear line and exit 1,
+    the same for every ``queue`` command."""
+    import sqlite3
+
+    try:
+        yield
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlite3.DatabaseError as exc:  # damage found below the first page
+        raise click.ClickException(f"the queue {store.path} is damaged: {exc}") from None
+
+
 @queue.command("stats")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -375,24 +400,19 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
 
     config = _state(config_path)
     store = _store(config)
-    stats = read_stats(store, config.routes())
+    if as_json:
+        from agent.status import queue_stats as stats_data
+
+        with _queue_errors(store):
+            click.echo(json.dumps(stats_data(store, config.routes())))
+        return
+    with _queue_errors(store):
+        stats = read_stats(store, config.routes())
     size = sum(
         os.path.getsize(store.path + suffix)
         for suffix in ("", "-wal")
         if os.path.exists(store.path + suffix)
     )
-    if as_json:
-        data = {
-            "path": store.path,
-            "events": stats.events,
-            "bytes": size,
-            "oldest": stats.oldest_time,
-            "newest": stats.newest_time,
-            "sinks": stats.sink_backlog,
-            "dead_letters": stats.dead_letters,
-        }
-        click.echo(json.dumps(data))
-        return
     click.echo(f"{store.path}: {stats.events} events, {size / 2**20:.1f} MiB on disk")
     click.echo(f"oldest {stats.oldest_time or '-'}, newest {stats.newest_time or '-'}")
     for sink, backlog in sorted(stats.sink_backlog.items()):
@@ -415,7 +435,10 @@ def queue_peek(config_path: str | None, count: int, sink: str | None) -> None:
 
     config = _state(config_path)
     route = config.routes().get(sink, EVERYTHING) if sink else EVERYTHING
-    for event in peek(_store(config), count, config.agent.id, sink, route):
+    store = _store(config)
+    with _queue_errors(store):
+        events = peek(store, count, config.agent.id, sink, route)
+    for event in events:
         body = json.loads(event.to_cloudevent_json())
         click.echo(json.dumps(body, indent=2, ensure_ascii=False))
 
@@ -444,15 +467,14 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
     store = _store(config)
     _held = _lock(config, "purge")  # until the command ends
     before_text = _before(before)
-    try:
+    with _queue_errors(store):
         taken, through = purge_plan(store, sink, before_text, config.routes().get(sink, EVERYTHING))
-    except AgentError as exc:
-        raise click.ClickException(str(exc)) from None
     if not taken:
         click.echo(f"sink {sink} has no events queued before {before_text}; nothing to purge")
         return
     _ask(f"Purge {taken} events queued before {before_text} from sink {sink}'s backlog?", yes)
-    purge(store, sink, through)
+    with _queue_errors(store):
+        purge(store, sink, through)
     click.echo(f"purged {taken} events from sink {sink}")
 
 
@@ -514,10 +536,8 @@ def _dead_connection(config_path: str | None, doing: str | None = None):
     config = _state(config_path)
     store = _store(config)
     lock = _lock(config, doing) if doing is not None else None
-    try:
+    with _queue_errors(store):
         conn = store.connect()
-    except AgentError as exc:
-        raise click.ClickException(str(exc)) from None
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'dead_letters'").fetchone() is None:
         conn.close()
         raise click.ClickException(

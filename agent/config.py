@@ -1,11 +1,12 @@
-"""The configuration file: TOML, environment variables, and validation.
+"""The configuration: TOML, environment variables, and validation.
 
-``load_config(path, host)`` reads one TOML file, replaces ``${VAR}`` and
-``${VAR:-default}`` in string values from the environment, reads secrets from
-``KEY_file`` keys, and validates every table against its schema: the core's
-below and each plugin's ``Config``. Every problem is collected and raised at
-once as :class:`agent.errors.ConfigError`, each naming the file, the key path
-and what was expected.
+``load_config(path, host)`` reads one TOML file, or every ``*.toml`` file of a
+folder in name order (merged by the rules of :func:`parse_documents`),
+replaces ``${VAR}`` and ``${VAR:-default}`` in string values from the
+environment, reads secrets from ``KEY_file`` keys, and validates every table
+against its schema: the core's below and each plugin's ``Config``. Every
+problem is collected and raised at once as :class:`agent.errors.ConfigError`,
+each naming the file, the key path and what was expected.
 
 Relative paths in the file are taken from the working directory, as Vector and
 Telegraf do; systemd runs the agent from ``/``, so use absolute paths there.
@@ -13,6 +14,7 @@ Telegraf do; systemd runs the agent from ``/``, so use absolute paths there.
 
 from __future__ import annotations
 
+import collections
 import difflib
 import os
 import re
@@ -22,6 +24,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from agent.drain import UNLIMITED, DrainLimits, parse_limits
 from agent.errors import ConfigError, ConfigProblem
 from agent.plugins import PluginHost, Registration
 from agent.routing import EVERYTHING, Route, parse_route
@@ -118,7 +121,7 @@ class MetricsSettings:
 
 @dataclass
 class InstanceConfig:
-    """One ``[[sources.X]]`` or ``[[sinks.X]]`` table, validated."""
+    """One ``[[sources.X]]``, ``[[sinks.X]]`` or ``[[processors]]`` table, validated."""
 
     kind: str
     plugin: str
@@ -126,15 +129,20 @@ class InstanceConfig:
     key: str
     config: Any
     registration: Registration
-    index: int = 0  # which [[KIND.PLUGIN]] table of that plugin, counting from 0
+    index: int = 0  # which table of that plugin (in every file), counting from 0
     #: A sink's selection (``sources``, ``types``; agent/routing.py); sources' is everything.
     route: Route = EVERYTHING
+    #: The file the table is in (``key`` is its path there).
+    file: str = ""
+    #: A sink's ``max_rate``, ``max_bytes_rate`` and ``priority`` (agent/drain.py).
+    limits: DrainLimits = UNLIMITED
 
 
 @dataclass
 class Config:
-    """A whole, valid configuration file."""
+    """A whole, valid configuration: one file, or the files of a config folder."""
 
+    #: What was read: the file, or the folder (see ``files``).
     file: str
     agent: AgentSettings
     queue: QueueSettings
@@ -144,6 +152,14 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: Things that work but are probably not meant, as "FILE: KEY: message".
     warnings: list[str] = field(default_factory=list)
+    #: The files read, in order: ``[file]``, or a folder's ``*.toml`` files by name.
+    files: list[str] = field(default_factory=list)
+    #: Which file set each ``[agent]``, ``[queue]`` and ``[metrics]`` key ("queue.max_age").
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def file_of(self, key: str) -> str:
+        """The file that set ``key`` (such as ``agent.state_dir``), else :attr:`file`."""
+        return _file_of(key, self.origins, self.file)
 
     def routes(self) -> dict[str, Route]:
         """Each sink's selection by name (EVERYTHING for a sink that selects nothing)."""
@@ -153,6 +169,16 @@ class Config:
 def default_config_path() -> str:
     """``$EDGE_AGENT_CONFIG``, else ``/etc/edge-agent/agent.toml``."""
     return os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def choose_config_path(given: str | None) -> tuple[str, str]:
+    """(the config path to read, where it came from): ``-c``, then ``$EDGE_AGENT_CONFIG``,
+    then the default; the second is for the message when nothing is there."""
+    if given:
+        return given, "-c"
+    if os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV], f"${CONFIG_ENV}"
+    return DEFAULT_CONFIG, "the default"
 
 
 def _interpolate(value: Any, path: str, problems: list[tuple[str, str]]) -> Any:
@@ -220,136 +246,308 @@ def _read_secret_files(
     return table
 
 
-def _instances(
-    kind: str,
-    section: Any,
-    host: PluginHost,
-    problems: list[tuple[str, str]],
-) -> list[InstanceConfig]:
+@dataclass
+class _Table:
+    """One instance table as written: its file, its key path there, its plugin name."""
+
+    file: str
+    key: str
+    plugin: str
+    table: dict
+
+
+def _tables(kind: str, file: str, section: Any, problems: list[ConfigProblem]) -> list[_Table]:
+    """The ``[[sources.PLUGIN]]`` or ``[[sinks.PLUGIN]]`` tables of one file, in its order."""
     top = f"{kind}s"
-    registry = {"source": host.sources, "sink": host.sinks, "processor": host.processors}[kind]
     if not isinstance(section, dict):
         problems.append(
-            (top, f"expected tables such as [[{top}.NAME]], got a {type(section).__name__}")
+            ConfigProblem(
+                file, top, f"expected tables such as [[{top}.NAME]], got a {type(section).__name__}"
+            )
         )
         return []
-    failed = {name for name, _ in host.errors}
-    result: list[InstanceConfig] = []
-    used: dict[str, str] = {}
+    found: list[_Table] = []
     for plugin_name, tables in section.items():
         key = f"{top}.{plugin_name}"
         if isinstance(tables, dict):
             tables = [tables]
         if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-            problems.append((key, f"expected tables written [[{key}]]"))
+            problems.append(ConfigProblem(file, key, f"expected tables written [[{key}]]"))
             continue
-        registration = registry.get(plugin_name)
-        if registration is None:
-            known = ", ".join(sorted(registry)) or "none"
-            close = difflib.get_close_matches(plugin_name, registry, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            why = (
-                f"plugin {plugin_name!r} is installed but failed to load (see the errors above)"
-                if plugin_name in failed
-                else f"no {kind} plugin named {plugin_name!r} is installed{hint}"
-                f" (installed: {known})"
-            )
-            problems.append((key, why))
-            continue
-        schema = registration.cls.Config
         for index, table in enumerate(tables):
             here = f"{key}[{index}]" if len(tables) > 1 else key
-            table = dict(table)
-            name = table.pop("name", None)
-            if name is None:
-                name = plugin_name if len(tables) == 1 else f"{plugin_name}-{index + 1}"
-            if not isinstance(name, str) or not _NAME.match(name):
-                problems.append(
-                    (
-                        f"{here}.name",
-                        "expected a name of letters, digits, '_', '.' or '-' (at most 64),"
-                        f" got {name!r}",
-                    )
+            found.append(_Table(file, here, plugin_name, dict(table)))
+    return found
+
+
+def _processor_tables(file: str, section: Any, problems: list[ConfigProblem]) -> list[_Table]:
+    """The ``[[processors]]`` tables of one file, in its order, each named by its ``type``.
+
+    The older form, ``[[processors.PLUGIN]]``, is refused: TOML groups those
+    tables by plugin name, so the order they were written in across plugins is
+    lost before the agent sees them, and processors run in order.
+    """
+    if isinstance(section, dict):
+        for plugin_name in section:
+            problems.append(
+                ConfigProblem(
+                    file,
+                    f"processors.{plugin_name}",
+                    f"[[processors.{plugin_name}]] is no longer read, since TOML does not keep"
+                    " the order of such tables across plugins; write each processor as"
+                    f' [[processors]] with type = "{plugin_name}" (its other keys unchanged),'
+                    " in the order they should run",
                 )
-                continue
-            if name in used:
-                problems.append(
-                    (f"{here}.name", f"{kind} name {name!r} is already used by {used[name]}")
-                )
-                continue
-            used[name] = here
-            route = parse_route(table, here, name, problems) if kind == "sink" else EVERYTHING
-            table = _read_secret_files(schema, table, here, problems)
-            if schema is None:
-                takes = "'name', 'sources' and 'types'" if kind == "sink" else "'name'"
-                for extra in table:
-                    problems.append(
-                        (f"{here}.{extra}", f"unknown key ({plugin_name} takes only {takes})")
-                    )
-                config = None
-            else:
-                config = build(schema, table, here, problems)
-            result.append(
-                InstanceConfig(kind, plugin_name, name, here, config, registration, index, route)
             )
+        return []
+    if not isinstance(section, list) or not all(isinstance(t, dict) for t in section):
+        problems.append(
+            ConfigProblem(
+                file,
+                "processors",
+                'expected tables written [[processors]], each with a type such as type = "drop"',
+            )
+        )
+        return []
+    found: list[_Table] = []
+    for index, table in enumerate(section):
+        here = f"processors[{index}]"
+        table = dict(table)
+        nested = [
+            k for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+        ]
+        for key in nested:  # [[processors.KEY]] after a [[processors]]: TOML nests it there
+            del table[key]
+            problems.append(
+                ConfigProblem(
+                    file,
+                    f"{here}.{key}",
+                    f"[[processors.{key}]] is read by TOML as part of the [[processors]] table"
+                    f' before it; write it as [[processors]] with type = "{key}"',
+                )
+            )
+        plugin_name = table.pop("type", None)
+        if not isinstance(plugin_name, str) or not plugin_name:
+            got = "nothing" if plugin_name is None else repr(plugin_name)
+            problems.append(
+                ConfigProblem(
+                    file,
+                    f"{here}.type",
+                    f'expected the processor plugin\'s name, such as type = "drop", got {got}',
+                )
+            )
+            continue
+        found.append(_Table(file, here, plugin_name, table))
+    return found
+
+
+def _instances(
+    kind: str, found: list[_Table], host: PluginHost, problems: list[ConfigProblem]
+) -> list[InstanceConfig]:
+    """Validate the tables of one kind, from every file, in order; names unique across them."""
+    registry = {"source": host.sources, "sink": host.sinks, "processor": host.processors}[kind]
+    failed = {name for name, _ in host.errors}
+    result: list[InstanceConfig] = []
+    used: dict[str, _Table] = {}
+    counts = collections.Counter(t.plugin for t in found)
+    seen: collections.Counter[str] = collections.Counter()
+    refused: set[tuple[str, str]] = set()
+    for item in found:
+        here, file = item.key, item.file
+        index = seen[item.plugin]
+        seen[item.plugin] += 1
+        registration = registry.get(item.plugin)
+        if registration is None:
+            if (file, item.plugin) in refused:
+                continue
+            refused.add((file, item.plugin))
+            known = ", ".join(sorted(registry)) or "none"
+            close = difflib.get_close_matches(item.plugin, registry, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            why = (
+                f"plugin {item.plugin!r} is installed but failed to load (see the errors above)"
+                if item.plugin in failed
+                else f"no {kind} plugin named {item.plugin!r} is installed{hint}"
+                f" (installed: {known})"
+            )
+            at = f"{here}.type" if kind == "processor" else here.partition("[")[0]
+            problems.append(ConfigProblem(file, at, why))
+            continue
+        schema = registration.cls.Config
+        if kind == "processor" and schema is not None and "type" in _field_names(schema):
+            problems.append(
+                ConfigProblem(
+                    file,
+                    f"{here}.type",
+                    f"processor plugin {item.plugin!r} has an option named 'type', which every"
+                    " [[processors]] table uses for its plugin's name, so it cannot be set;"
+                    " the plugin must rename it",
+                )
+            )
+            continue
+        table = dict(item.table)
+        name = table.pop("name", None)
+        if name is None:
+            name = item.plugin if counts[item.plugin] == 1 else f"{item.plugin}-{index + 1}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            problems.append(
+                ConfigProblem(
+                    file,
+                    f"{here}.name",
+                    "expected a name of letters, digits, '_', '.' or '-' (at most 64),"
+                    f" got {name!r}",
+                )
+            )
+            continue
+        if name in used:
+            other = used[name]
+            where = other.key if other.file == file else f"{other.key} in {other.file}"
+            problems.append(
+                ConfigProblem(
+                    file, f"{here}.name", f"{kind} name {name!r} is already used by {where}"
+                )
+            )
+            continue
+        used[name] = item
+        local: list[tuple[str, str]] = []
+        route = parse_route(table, here, name, local) if kind == "sink" else EVERYTHING
+        limits = parse_limits(table, here, local) if kind == "sink" else UNLIMITED
+        table = _read_secret_files(schema, table, here, local)
+        if schema is None:
+            takes = (
+                "'name', 'sources', 'types', 'max_rate', 'max_bytes_rate' and 'priority'"
+                if kind == "sink"
+                else "'name'"
+            )
+            if kind == "processor":
+                takes = "'type' and 'name'"
+            for extra in table:
+                local.append((f"{here}.{extra}", f"unknown key ({item.plugin} takes only {takes})"))
+            config = None
+        else:
+            config = build(schema, table, here, local)
+        problems += [ConfigProblem(file, key, message) for key, message in local]
+        result.append(
+            InstanceConfig(
+                kind, item.plugin, name, here, config, registration, index, route, file, limits
+            )
+        )
     return result
 
 
-_PROCESSOR_HEADER = re.compile(r"^\s*\[\[\s*processors\s*\.\s*([A-Za-z0-9_-]+)\s*\]\]", re.M)
+def _field_names(schema: type) -> set[str]:
+    return {f.name for f in fields(schema)}
 
 
-def processor_order(text: str) -> list[str]:
-    """Processor plugin names in the order their ``[[processors.NAME]]`` tables appear."""
-    return _PROCESSOR_HEADER.findall(text)
+#: The tables a configuration has; the first three hold settings, the others plugin instances.
+CORE_TABLES = ("agent", "queue", "metrics")
+TOP_LEVEL = (*CORE_TABLES, "sources", "processors", "sinks")
 
 
-def _in_file_order(instances: list[InstanceConfig], order: list[str]) -> list[InstanceConfig]:
-    """Interleave processor instances as the file does (TOML groups them by name)."""
-    places: dict[tuple[str, int], int] = {}
-    seen: dict[str, int] = {}
-    for place, name in enumerate(order):
-        places[(name, seen.get(name, 0))] = place
-        seen[name] = seen.get(name, 0) + 1
-    return sorted(instances, key=lambda i: places.get((i.plugin, i.index), len(order)))
+def parse_config(data: dict, file: str, host: PluginHost) -> Config:
+    """Validate one already-parsed TOML document; raise ConfigError listing every problem."""
+    return parse_documents([(file, data)], file, host)
 
 
-def parse_config(
-    data: dict, file: str, host: PluginHost, processor_order: list[str] | None = None
-) -> Config:
-    """Validate an already-parsed TOML document; raise ConfigError listing every problem.
+def parse_documents(documents: list[tuple[str, dict]], origin: str, host: PluginHost) -> Config:
+    """Validate parsed TOML documents as one configuration, merged in the order given.
 
-    ``processor_order`` lists processor plugin names in file order (see
-    :func:`processor_order`); without it processors run grouped by plugin.
+    ``documents`` is ``[(file, data), ...]``; ``origin`` is what was asked for
+    (the file, or the folder the files came from). The merge rules, for a
+    config folder: each key of ``[agent]``, ``[queue]`` and ``[metrics]`` may be
+    set in one file only; ``[[sources.X]]``, ``[[sinks.X]]`` and
+    ``[[processors]]`` tables add up in file order; instance names are unique
+    across the files. Every problem names its file and key path.
     """
-    problems: list[tuple[str, str]] = []
-    data = _interpolate(data, "", problems)
-    for key in data:
-        if key not in ("agent", "queue", "metrics", "sources", "processors", "sinks"):
-            problems.append(
-                (
-                    key,
-                    "unknown table (expected agent, queue, metrics, sources, processors or sinks)",
+    problems: list[ConfigProblem] = []
+    core: dict[str, dict[str, Any]] = {table: {} for table in CORE_TABLES}
+    origins: dict[str, str] = {}
+    found: dict[str, list[_Table]] = {"source": [], "sink": [], "processor": []}
+    for file, raw in documents:
+        local: list[tuple[str, str]] = []
+        data = _interpolate(raw, "", local)
+        problems += [ConfigProblem(file, key, message) for key, message in local]
+        for key in data:
+            if key not in TOP_LEVEL:
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        key,
+                        "unknown table (expected agent, queue, metrics, sources, processors"
+                        " or sinks)",
+                    )
                 )
-            )
-    agent = build(AgentSettings, data.get("agent", {}), "agent", problems)
-    queue = build(QueueSettings, data.get("queue", {}), "queue", problems)
-    metrics = build(MetricsSettings, data.get("metrics", {}), "metrics", problems)
+        for table in CORE_TABLES:
+            if table not in data:
+                continue
+            section = data[table]
+            origins.setdefault(table, file)
+            if not isinstance(section, dict):
+                problems.append(
+                    ConfigProblem(file, table, f"expected a table [{table}], got a value")
+                )
+                continue
+            for key, value in section.items():
+                path = f"{table}.{key}"
+                if path in origins:
+                    problems.append(
+                        ConfigProblem(
+                            file,
+                            path,
+                            f"already set in {origins[path]}; set each [{table}] key in one"
+                            " file only",
+                        )
+                    )
+                    continue
+                origins[path] = file
+                core[table][key] = value
+        found["source"] += _tables("source", file, data.get("sources", {}), problems)
+        found["sink"] += _tables("sink", file, data.get("sinks", {}), problems)
+        found["processor"] += _processor_tables(file, data.get("processors", []), problems)
+
+    def file_of(key: str) -> str:
+        return _file_of(key, origins, origin)
+
+    local = []
+    agent = build(AgentSettings, core["agent"], "agent", local)
+    queue = build(QueueSettings, core["queue"], "queue", local)
+    metrics = build(MetricsSettings, core["metrics"], "metrics", local)
     if agent is not None and not _NAME.match(agent.id):
+        local.append(("agent.id", f"expected letters, digits, '_', '.' or '-', got {agent.id!r}"))
+    problems += [ConfigProblem(file_of(key), key, message) for key, message in local]
+    sources = _instances("source", found["source"], host, problems)
+    sinks = _instances("sink", found["sink"], host, problems)
+    processors = _instances("processor", found["processor"], host, problems)
+    if not sinks and not any(p.key.startswith("sinks") for p in problems):
+        where = "" if len(documents) == 1 else " in any of its files"
         problems.append(
-            ("agent.id", f"expected letters, digits, '_', '.' or '-', got {agent.id!r}")
+            ConfigProblem(
+                origin, "sinks", f"no sink is configured{where}; add one such as [[sinks.mqtt]]"
+            )
         )
-    sources = _instances("source", data.get("sources", {}), host, problems)
-    sinks = _instances("sink", data.get("sinks", {}), host, problems)
-    processors = _in_file_order(
-        _instances("processor", data.get("processors", {}), host, problems),
-        processor_order or [],
-    )
-    if not sinks and "sinks" not in [p[0].split(".")[0] for p in problems]:
-        problems.append(("sinks", "no sink is configured; add one such as [[sinks.mqtt]]"))
     if problems:
-        raise ConfigError([ConfigProblem(file, key, message) for key, message in problems])
+        raise ConfigError(problems)
     assert agent is not None and queue is not None and metrics is not None
-    return Config(file, agent, queue, sources, sinks, processors, metrics)
+    return Config(
+        origin,
+        agent,
+        queue,
+        sources,
+        sinks,
+        processors,
+        metrics,
+        files=[file for file, _ in documents],
+        origins=origins,
+    )
+
+
+def _file_of(key: str, origins: dict[str, str], default: str) -> str:
+    """The file that set ``key`` (``agent.state_dir``) or its nearest table; else ``default``."""
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return default
 
 
 def check_state_dir(config: Config) -> None:
@@ -362,7 +560,7 @@ def check_state_dir(config: Config) -> None:
     """
     key = "agent.state_dir"
     state_dir = config.agent.state_dir
-    file = config.file
+    file = config.file_of(key)
     problems: list[tuple[str, str]] = []
     if not os.path.isabs(state_dir):
         config.warnings.append(
@@ -453,12 +651,63 @@ def read_small_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def state_dir_hint(path: str) -> str | None:
-    """``[agent] state_dir`` of the file at ``path``, the rest unchecked; None if unreadable.
+def config_files(path: str) -> list[str]:
+    """The files ``-c path`` names: the file itself, or a folder's ``*.toml`` files.
 
-    For ``edge-agent status`` while the file is invalid: the agent still runs on
-    what it read at its start.
+    A folder's files are taken in name order (byte order of their names: start
+    them with numbers, ``10-agent.toml``, ``50-sinks.toml``, to choose it);
+    names starting with ``.`` and sub-folders are skipped. A folder without
+    any such file raises ConfigError. A path that is not a folder is returned
+    as it is, to be read (or found missing) by :func:`load_config`.
     """
+    if not os.path.isdir(path):
+        return [path]
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigProblem(path, "", f"cannot list this config folder: {exc.strerror}")]
+        ) from None
+    chosen = [
+        name
+        for name in names
+        if name.endswith(".toml")
+        and not name.startswith(".")
+        and not os.path.isdir(os.path.join(path, name))
+    ]
+    if not chosen:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    path,
+                    "",
+                    "a config folder with no *.toml files; put the configuration in files"
+                    " such as agent.toml there, or pass -c FILE",
+                )
+            ]
+        )
+    return [os.path.join(path, name) for name in sorted(chosen, key=os.fsencode)]
+
+
+def state_dir_hint(path: str) -> str | None:
+    """``[agent] state_dir`` of the config at ``path`` (a file or a folder), the rest
+    unchecked; None if no file says it or none can be read.
+
+    For ``edge-agent status`` while the configuration is invalid: the agent still
+    runs on what it read at its start.
+    """
+    try:
+        files = config_files(path)
+    except ConfigError:
+        return None
+    for file in files:
+        hint = _state_dir_of(file)
+        if hint is not None:
+            return hint
+    return None
+
+
+def _state_dir_of(path: str) -> str | None:
     try:
         text = read_small_file(path).decode("utf-8")
     except (OSError, ValueError):  # NotAFile and UnicodeDecodeError too
@@ -492,21 +741,59 @@ def _table_alone(text: str, name: str) -> dict | None:
         return None
 
 
-def load_config(path: str, host: PluginHost) -> Config:
-    """Read and validate the config file at ``path``; raise ConfigError listing every problem."""
+def load_config(path: str, host: PluginHost, chosen_by: str = "") -> Config:
+    """Read and validate the configuration at ``path``; raise ConfigError listing every problem.
+
+    ``path`` is a file, or a folder whose ``*.toml`` files are read in name order
+    and merged (see :func:`config_files` and :func:`parse_documents`).
+    ``chosen_by`` says where the path came from (``"-c"``, ``"$EDGE_AGENT_CONFIG"``,
+    ``"the default"``), for the message when nothing is there.
+    """
+    files = config_files(path)
+    documents: list[tuple[str, dict]] = []
+    problems: list[ConfigProblem] = []
+    for file in files:
+        try:
+            documents.append((file, _read_toml(file)))
+        except FileNotFoundError:
+            problems.append(
+                ConfigProblem(file, "", _missing(file, chosen_by if file == path else ""))
+            )
+        except _Unreadable as exc:
+            problems.append(ConfigProblem(file, "", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return parse_documents(documents, path, host)
+
+
+class _Unreadable(ValueError):
+    """A config file that cannot be read as TOML; the message says why."""
+
+
+def _read_toml(file: str) -> dict:
     try:
-        text = read_small_file(path).decode("utf-8")
-        data = tomllib.loads(text)
+        return tomllib.loads(read_small_file(file).decode("utf-8"))
     except NotAFile as exc:
-        raise ConfigError([ConfigProblem(path, "", str(exc))]) from None
+        raise _Unreadable(str(exc)) from None
     except FileNotFoundError:
-        raise ConfigError(
-            [ConfigProblem(path, "", "no such file; pass -c FILE or set EDGE_AGENT_CONFIG")]
-        ) from None
+        raise
     except OSError as exc:
-        raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+        raise _Unreadable(f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text: {exc}")]) from None
+        raise _Unreadable(f"not UTF-8 text: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
-    return parse_config(data, path, host, processor_order(text))
+        raise _Unreadable(f"not valid TOML: {exc}") from None
+
+
+def _missing(path: str, chosen_by: str) -> str:
+    """What to say when nothing is at the config ``path``: where it looked, and why there."""
+    looked = os.path.abspath(path)
+    folder = os.path.dirname(looked)
+    why = {"-c": ", given with -c", "the default": ", the default path"}.get(
+        chosen_by, f", from {chosen_by}" if chosen_by else ""
+    )
+    gone = "" if os.path.isdir(folder) else f"; the folder {folder} does not exist either"
+    text = f"no such file or folder (looked for {looked}{why}{gone})"
+    if chosen_by == "the default":
+        return f"{text}; pass -c FILE or set {CONFIG_ENV} to the agent's configuration"
+    return f"{text}; check the path" if chosen_by else text

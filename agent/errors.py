@@ -64,5 +64,11 @@ class SinkUnavailable(AgentError):
     """A sink cannot deliver right now (no connection, refused, timed out).
 
     Sinks raise this from ``open()`` or ``publish()``; the forwarder keeps the
-    events queued, logs the reason once and retries with backoff.
+    events queued, logs the reason once and retries with backoff. ``busy=True``
+    says the destination asked to be left alone for a while (MQTT 5 "server
+    busy", "quota exceeded"): the forwarder then waits about ``retry_max``.
     """
+
+    def __init__(self, message: str = "", *, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import random
 import sqlite3
 import threading
 import time
@@ -32,7 +33,8 @@ from agent import dead_letters
 from agent.api import Sink
 from agent.backoff import Backoff
 from agent.counters import Latency, utf8_len
-from agent.errors import QueueError
+from agent.drain import UNLIMITED, DrainLimits, Limiter, LiveLane
+from agent.errors import QueueError, SinkUnavailable
 from agent.event import QueuedEvent
 from agent.queue import QueueStore, SinkCursor
 from agent.routing import EVERYTHING, Route
@@ -63,11 +65,19 @@ class Forwarder:
         on_confirmed: Callable[[], None],
         dead_letter_after: int = 3,
         route: Route = EVERYTHING,
+        limits: DrainLimits = UNLIMITED,
     ) -> None:
         self.sink = sink
         self.store = store
         #: The events this sink wants (``sources``, ``types``); it never reads the others.
         self.route = route
+        #: ``max_rate``, ``max_bytes_rate``, ``priority`` (agent/drain.py).
+        self.limits = limits
+        #: Seconds events waited for the rate limits since start (while new events were
+        #: held back by them).
+        self.rate_waited = 0.0
+        #: The cut-off position while live events go before a backlog (priority "live").
+        self.live_after: int | None = None
         self.on_confirmed = on_confirmed
         #: Refusals in a row after which an event is set aside; 0: never.
         self.dead_letter_after = dead_letter_after
@@ -94,6 +104,7 @@ class Forwarder:
         self.last_progress = time.monotonic()
         self._drain_deadline: float | None = None
         self._ever_connected = False
+        self._first_open_waited = False
         self._thread = threading.Thread(target=self._run, name=f"sink:{sink.name}", daemon=True)
 
     @property
@@ -112,6 +123,8 @@ class Forwarder:
         self.errors = old.errors
         self.latency = old.latency
         self.dead_lettered = old.dead_lettered
+        self.rate_waited = old.rate_waited
+        self._first_open_waited = old._first_open_waited  # a reload is not a start
 
     def drain(self, deadline: float) -> None:
         """Keep sending until the backlog is empty or ``deadline`` (monotonic), then end."""
@@ -206,12 +219,29 @@ class Forwarder:
                     self.sink.check_connection()
             self.sink.stopping.wait(min(left, 0.5))
 
+    def _first_open_delay(self) -> None:
+        """Before the first connection after start: a random wait up to first_open_delay."""
+        self._first_open_waited = True
+        most = self.sink.first_open_delay
+        if most <= 0:
+            return
+        delay = random.uniform(0.0, most)
+        log.info(
+            "sink %s: first connection in %.1fs (a random delay up to %gs spreads a fleet)",
+            self.sink.name,
+            delay,
+            most,
+        )
+        self._pause(delay)
+
     def _forward(self, cursor: SinkCursor) -> None:
         sink = self.sink
-        backoff = Backoff(sink.retry_min, sink.retry_max)
+        backoff = Backoff(sink.retry_min, sink.retry_max, jitter=sink.retry_jitter)
         outage = _Outage(sink, cursor)
         report = _DrainReport(sink.name, cursor)
         verdicts = _Verdicts(self, cursor)
+        limiter = Limiter(self.limits) if self.limits.limited else None
+        waited_before = self.rate_waited
         confirmed_ahead: set[int] = set()  # confirmed or set aside, after a gap
         # position → when handed to the sink (read, and handed over the same round)
         sent_at: dict[int, float] = {}
@@ -219,11 +249,17 @@ class Forwarder:
         # Every event this sink wants up to here is in `unsent` or confirmed; the
         # others (a sink that selects events) are passed over with them.
         read_through = cursor.position
+        # Priority "live": the events after the cut-off, read and confirmed apart
+        # (in memory only; the cursor on disk moves over the backlog).
+        live: LiveLane | None = None
         dropped_through = self.store.dropped_through
         while not sink.stopping.is_set() and not self._draining_done():
             if not self.connected:
                 if self._drain_deadline is not None:
                     return  # nothing can be flushed to a sink that is not there
+                if not self._first_open_waited:
+                    self._first_open_delay()
+                    continue
                 try:
                     sink.open()
                 except Exception as exc:
@@ -231,15 +267,30 @@ class Forwarder:
                     self.errors += 1
                     outage.failed(f"cannot reach {sink.target}: {self.last_error}")
                     self._close_sink()
-                    self._pause(backoff.next())
+                    self._pause(_retry_delay(backoff, exc))
                     continue
                 self.connected = True
                 now = time.monotonic()  # a new connection: all unconfirmed goes again
                 sent_at = {event.position: now for event in unsent}
+                if live is not None:
+                    sent_at.update((event.position, now) for event in live.unsent)
+                if limiter is not None:
+                    limiter.paid.clear()  # what is sent again is paid again
                 self.reconnects += self._ever_connected
                 self._ever_connected = True
                 outage.connected()
                 report.start(cursor.backlog(), self.confirmed)
+                if self.limits.priority == "live" and live is None:
+                    newest = _newest(cursor)
+                    if newest > cursor.position:
+                        live = LiveLane(newest)
+                        self.live_after = newest
+                        log.info(
+                            "sink %s: events after position %d go before the %d waiting",
+                            sink.name,
+                            newest,
+                            cursor.backlog(),
+                        )
 
             self.wake.clear()
             if self.store.dropped_through != dropped_through:
@@ -249,34 +300,63 @@ class Forwarder:
                     gone = unsent.popleft().position
                     confirmed_ahead.discard(gone)
                     sent_at.pop(gone, None)
+                if live is not None:
+                    for gone in live.forget_through(dropped_through):
+                        confirmed_ahead.discard(gone)
+                        sent_at.pop(gone, None)
                 verdicts.forget_through(dropped_through)
             # Read ahead only what is new: events already read and not yet
             # confirmed stay in `unsent`, in queue order.
             while unsent and unsent[0].position <= cursor.position:
                 unsent.popleft()
             read_through = max(read_through, cursor.position)  # a purge moves it on
-            if len(unsent) < sink.max_batch:
-                fresh = cursor.read(read_through, sink.max_batch - len(unsent))
-                read_through = max(read_through, cursor.seen_through)
-                now = time.monotonic()
+            now = time.monotonic()
+            live_events: list[QueuedEvent] = []
+            if live is not None:
+                for event in live.fill(cursor, sink.max_batch):
+                    sent_at[event.position] = now
+                live_events = list(live.unsent)
+            room = sink.max_batch - len(unsent) - len(live_events)
+            if room > 0:
+                fresh = cursor.read(read_through, room)
+                seen = cursor.seen_through
+                if live is not None:  # the backlog ends at the cut-off
+                    fresh = [e for e in fresh if e.position <= live.after]
+                    seen = min(seen, live.after)
+                read_through = max(read_through, seen)
                 for event in fresh:
                     sent_at[event.position] = now
                 unsent.extend(fresh)
             if not unsent and read_through > cursor.position:
                 # Nothing this sink wants up to there: pass over the rest.
                 self._advance(cursor, read_through)
+            if live is not None and cursor.position >= live.after:
+                # The backlog is confirmed: back to queue order, from the live events on.
+                self._advance(cursor, live.through)
+                unsent = live.unsent
+                read_through = live.read_through
+                live = None
+                self.live_after = None
+                log.info("sink %s: the backlog is sent; events go in queue order", sink.name)
+                continue
             events = list(unsent)
             retried = verdicts.retries()
             self.last_progress = time.monotonic()
-            if not events and not retried and self._drain_deadline is not None:
+            if not events and not live_events and not retried and self._drain_deadline is not None:
                 return
-            if not events:
+            if not events and not live_events:
                 self._flush(cursor)  # idle: put the position on disk now
             again = {e.position for e in retried}
             skip = confirmed_ahead | again | verdicts.held
-            batch = retried + [e for e in events if e.position not in skip]
+            batch = retried + [e for e in live_events + events if e.position not in skip]
+            if limiter is not None and batch:
+                batch = limiter.choose(batch)
+                self.rate_waited = waited_before + limiter.waited
+                if not batch:
+                    self._pause(limiter.wait())
+                    continue
             try:
-                if not batch and not events:
+                if not batch and not events and not live_events:
                     sink.check_connection()
                     outage.ended()  # connected, and nothing was refused
                     backoff.reset()
@@ -299,7 +379,7 @@ class Forwarder:
                 self.errors += 1
                 outage.failed(f"lost {sink.target}: {self.last_error}")
                 self._close_sink()
-                self._pause(backoff.next())
+                self._pause(_retry_delay(backoff, exc))
                 continue
             self.confirmed += len(positions)
             if positions:
@@ -312,6 +392,10 @@ class Forwarder:
             set_aside, transient = verdicts.judge(batch, positions)
             verdicts.retried_done(positions & again, set_aside & again)
             confirmed_ahead |= (positions | set_aside) - again
+            if limiter is not None:
+                limiter.paid.difference_update(positions | set_aside)
+            if live is not None:
+                live.settle(live_events, confirmed_ahead)
             # The read events are consecutive in the queue: the cursor moves over
             # the confirmed prefix; confirmations after a gap wait in the set.
             prefix = []
@@ -340,6 +424,18 @@ class Forwarder:
                 backoff.reset()
                 outage.ended()
                 report.progress(self.confirmed)
+
+
+def _retry_delay(backoff: Backoff, exc: BaseException) -> float:
+    """The wait after a failed attempt: near the cap when the destination said it is busy."""
+    if isinstance(exc, SinkUnavailable) and exc.busy:
+        return backoff.longest()
+    return backoff.next()
+
+
+def _newest(cursor: SinkCursor) -> int:
+    row = cursor.conn.execute("SELECT MAX(position) FROM events").fetchone()
+    return int(row[0] or 0)
 
 
 class _Verdicts:

@@ -75,12 +75,13 @@ def register_processors(register):
     Called once when plugins are loaded, in the main thread.
 
     :param register: call ``register(name, cls)`` once per processor, where
-        ``name`` is the table name in the config (``[[processors.NAME]]``)
-        and ``cls`` a subclass of :class:`agent.Processor`. Duplicate names
-        are handled as for :func:`register_sources`.
+        ``name`` is what a config's ``[[processors]]`` table gives as its
+        ``type`` (``type = "NAME"``) and ``cls`` a subclass of
+        :class:`agent.Processor`. Duplicate names are handled as for
+        :func:`register_sources`.
 
-    Configured processor instances run in the order of their tables in the
-    config file, after every :func:`process_event` implementation.
+    Configured processor instances run in the order of their ``[[processors]]``
+    tables in the configuration, after every :func:`process_event` implementation.
     Return value is ignored. An exception is logged with the plugin's name.
     """
 
@@ -95,6 +96,39 @@ def register_commands(cli):
 
     Return value is ignored. An exception is logged with the plugin's name and
     the other commands keep working.
+    """
+
+
+@hookspec
+def register_remote_commands(register):
+    """Register commands that operators may send to the running agent over MQTT.
+
+    Called once when plugins are loaded, in the main thread. Remote commands
+    are off by default; an MQTT sink's ``[sinks.mqtt.commands]`` table turns
+    them on, and its ``allow`` list names the commands that agent runs (a
+    registered command not in the list is refused). See docs/commands.md.
+
+    :param register: call ``register(name, handler)`` once per command.
+        ``name`` is one MQTT topic level of lower-case letters, digits, ``-``
+        and ``_`` (``"rescan"``, ``"disk-usage"``); the request arrives on
+        ``edge/{agent}/cmd/NAME``. The built-in names (``ping``, ``status``,
+        ``reload``, ``queue-stats``) and a name another plugin registered are
+        errors naming the plugins; that registration is ignored.
+        ``handler(arguments)`` is called with the request's arguments (the
+        JSON object of its payload; ``{}`` for an empty payload) and returns
+        what JSON can encode (a dict, a list, a string, a number, None): the
+        ``result`` of the answer. An exception is answered as a failure with
+        its message and logged with the plugin's name.
+
+    Handlers run in a thread of their own, one request at a time, never in
+    the network thread; one that runs longer than the ``timeout`` of the
+    sink's ``commands`` table is answered "timed out" and left to finish (two
+    still running make further requests answered "busy" until one returns).
+    There is no shell and no configuration write behind this hook: register
+    only actions safe for anyone the broker lets publish to the command topic.
+
+    Return value is ignored. An exception is logged with the plugin's name and
+    that plugin's registrations are skipped.
     """
 
 

@@ -83,6 +83,14 @@ class AgentCollector:
             histogram = forwarder.latency
             latency.add_metric([forwarder.name], histogram.cumulative(), histogram.sum)
         yield latency
+        waited = CounterMetricFamily(
+            "edge_agent_sink_rate_limited_seconds",
+            "Seconds a sink waited for its max_rate / max_bytes_rate since start.",
+            labels=["sink"],
+        )
+        for forwarder in self.agent.forwarders:
+            waited.add_metric([forwarder.name], forwarder.rate_waited)
+        yield waited
         yield from _per_instance("source", data["sources"], SOURCE_METRICS)
         counters = CounterMetricFamily(
             "edge_agent_source_counter",

@@ -23,6 +23,7 @@ import pluggy
 
 from agent import hookspecs
 from agent.api import Processor, Sink, Source
+from agent.commands import BUILTIN_COMMANDS, RemoteCommand, command_name_problem
 from agent.event import Event
 
 log = logging.getLogger("edge_agent.plugins")
@@ -108,6 +109,8 @@ class PluginHost:
     sources: dict[str, Registration] = field(default_factory=dict)
     sinks: dict[str, Registration] = field(default_factory=dict)
     processors: dict[str, Registration] = field(default_factory=dict)
+    #: Commands plugins registered for remote requests (``register_remote_commands``).
+    remote_commands: dict[str, RemoteCommand] = field(default_factory=dict)
     #: (plugin name, message) for every plugin that failed to load or register.
     errors: list[tuple[str, str]] = field(default_factory=list)
     _origins: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -244,6 +247,47 @@ class PluginHost:
                     impl.function(register)
                 except Exception as exc:
                     self.errors.append((plugin_name, f"failed in {hook_name}: {exc}"))
+        self._collect_remote_commands(plugin, plugin_name)
+
+    def _collect_remote_commands(self, plugin: Any, plugin_name: str) -> None:
+        hook = self.pm.hook.register_remote_commands
+        impls = [i for i in hook.get_hookimpls() if i.plugin is plugin]
+        found: dict[str, RemoteCommand] = {}
+
+        def register(name: str, handler: Any) -> None:
+            problem = command_name_problem(name)
+            if problem is not None:
+                raise ValueError(f"remote command {name!r}: {problem}")
+            if not callable(handler):
+                raise TypeError(f"remote command {name!r}: the handler must be callable")
+            if name in BUILTIN_COMMANDS:
+                self.errors.append(
+                    (
+                        plugin_name,
+                        f"registers remote command {name!r}, a built-in command's name;"
+                        " ignoring it. Choose another name.",
+                    )
+                )
+                return
+            other = self.remote_commands.get(name) or found.get(name)
+            if other is not None:
+                self.errors.append(
+                    (
+                        plugin_name,
+                        f"registers remote command {name!r}, which plugin {other.plugin!r}"
+                        f" already registered; keeping {other.plugin!r}'s. Uninstall one of them.",
+                    )
+                )
+                return
+            found[name] = RemoteCommand(name, handler, plugin_name)
+
+        for impl in impls:
+            try:
+                impl.function(register)
+            except Exception as exc:
+                self.errors.append((plugin_name, f"failed in register_remote_commands: {exc}"))
+                return  # as the docstring says: that plugin's registrations are skipped
+        self.remote_commands.update(found)
 
 
 def load_plugins(extra: list[tuple[Any, str]] | None = None) -> PluginHost:

@@ -38,7 +38,12 @@ STOP_TIMEOUT = 10.0
 
 
 def _same(old: InstanceConfig, new: InstanceConfig) -> bool:
-    return old.plugin == new.plugin and old.config == new.config and old.route == new.route
+    return (
+        old.plugin == new.plugin
+        and old.config == new.config
+        and old.route == new.route
+        and old.limits == new.limits
+    )
 
 
 def instance_record(instance: InstanceConfig) -> str:

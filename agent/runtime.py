@@ -30,6 +30,7 @@ from agent.backoff import Backoff
 from agent.bounds import Limits
 from agent.config import Config, InstanceConfig
 from agent.counters import LoggedProblems, utf8_len
+from agent.drain import UNLIMITED
 from agent.errors import QueueError
 from agent.event import Event, check_event, encode_data
 from agent.forwarder import Forwarder
@@ -139,6 +140,10 @@ class Agent:
         host.slow = self.slow
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
+        #: Reloads finished (and whether the last was applied), for reload_and_wait().
+        self._reloads = threading.Condition()
+        self._reloads_done = 0
+        self._last_reload_applied = False
         self._wake = threading.Event()  # a signal arrived
         self.notifier = Notifier()
         self.metrics_server: Any = None
@@ -397,6 +402,7 @@ class Agent:
             sink,
             self.store,
             route=instance.route,
+            limits=instance.limits,
             on_confirmed=self.writer.request_cleanup,
             dead_letter_after=self.config.queue.dead_letter_after,
         )
@@ -404,6 +410,8 @@ class Agent:
             log.info(
                 "sink %s gets only the events it selects: %s", sink.name, instance.route.describe()
             )
+        if instance.limits != UNLIMITED:
+            log.info("sink %s sends %s", sink.name, instance.limits.describe())
         retired = self.retired.pop(("sink", instance.name), None)
         if retired is not None:
             forwarder.carry_over(retired)
@@ -549,13 +557,38 @@ class Agent:
                     now - since,
                 )
 
-    def reload(self) -> None:
-        """SIGHUP: read the config file again and apply it (see :mod:`agent.reload`)."""
+    def reload(self) -> bool:
+        """SIGHUP: read the config file again and apply it (see :mod:`agent.reload`).
+
+        Runs in the main thread; False when the new file was refused (invalid).
+        """
         from agent.reload import reload
 
         self.notifier.send("RELOADING=1", "STATUS=reloading the configuration")
-        reload(self)
+        applied = False
+        try:
+            applied = reload(self)
+        finally:
+            with self._reloads:
+                self._reloads_done += 1
+                self._last_reload_applied = applied
+                self._reloads.notify_all()
         self.notifier.ready(self.summary())
+        return applied
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the configuration, as SIGHUP does (any thread)."""
+        self._reload_requested.set()
+        self._wake.set()
+
+    def reload_and_wait(self, timeout: float) -> bool | None:
+        """Request a reload and wait for it (a remote ``reload`` command): True if the new
+        configuration was applied, False if it was refused, None if not done in time."""
+        with self._reloads:
+            before = self._reloads_done
+            self.request_reload()
+            finished = self._reloads.wait_for(lambda: self._reloads_done > before, timeout)
+            return self._last_reload_applied if finished else None
 
     def stuck(self) -> tuple[str, float] | None:
         """(what, seconds) for a writer or forwarder that is dead or made no progress lately."""

@@ -84,8 +84,16 @@ def _plugin(registration: Registration, attr: str) -> str:
     origin = f"{registration.package} {registration.version}"
     head = f"# {registration.kind} {registration.name!r} ({origin})"
     lines = [head, *_comment(about, "# ")] if about else [head]
-    lines.append(f"[[{attr}.{_key(registration.name)}]]")
-    lines += _comment("The instance's name, in event sources and in status.", "## ")
+    if registration.kind == "processor":
+        # One array, so that TOML keeps the order the processors run in.
+        lines += ["[[processors]]", f"type = {_toml(registration.name)}"]
+    else:
+        lines.append(f"[[{attr}.{_key(registration.name)}]]")
+    named = {
+        "source": "in its events' source, in status and in metrics",
+        "sink": "in status, metrics and logs",
+    }.get(registration.kind, "in status, metrics and logs")
+    lines += _comment(f"The instance's name, {named}.", "## ")
     lines.append(f"# name = {_toml(registration.name)}")
     if registration.kind == "sink":
         lines += _comment(

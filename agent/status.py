@@ -74,6 +74,7 @@ def snapshot(agent: Any) -> dict[str, Any]:
                 "errors": f.errors,
                 "warnings": problems.get("sink", f.name),
                 "latency": {"count": f.latency.count, **f.latency.percentiles()},
+                "drain": _drain(f),
                 "last_error": f.last_error,
             }
             for f in agent.forwarders
@@ -101,6 +102,21 @@ def snapshot(agent: Any) -> dict[str, Any]:
             }
             for p in agent.processors
         },
+    }
+
+
+def queue_stats(store: Any, routes: Any) -> dict[str, Any]:
+    """The queue as ``edge-agent queue stats --json`` prints it: events, bytes on disk
+    (with the WAL), oldest and newest, each sink's backlog and dead letters."""
+    stats = read_stats(store, routes)
+    return {
+        "path": store.path,
+        "events": stats.events,
+        "bytes": _size(store.path) + _size(store.path + "-wal"),
+        "oldest": stats.oldest_time,
+        "newest": stats.newest_time,
+        "sinks": stats.sink_backlog,
+        "dead_letters": stats.dead_letters,
     }
 
 
@@ -218,7 +234,7 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"  dropped {reasons.get(reason, reason)}: {dropped}")
     for copy in queue["damaged_copies"]:
         lines.append(f"  WARNING: a damaged queue was moved aside to {copy}")
-    table = [
+    sinks = [
         ("SINK", "STATE", "WAITING", "CONFIRMED", "RECONNECTS", "REFUSED", "DEAD", "ERRORS/WARN",
          "LATENCY p50/p99", "LAST ERROR"),
     ]  # fmt: skip
@@ -227,7 +243,7 @@ def render(data: dict[str, Any]) -> str:
         stalled = sink.get("stalled_for")
         if stalled is not None and stalled >= STALLED_SHOWN_AFTER:
             state = f"no answer {stalled:.0f}s"
-        table.append(
+        sinks.append(
             (
                 f"{name} ({sink['target']})",
                 state,
@@ -241,29 +257,32 @@ def render(data: dict[str, Any]) -> str:
                 sink["last_error"] or "-",
             )
         )
-    table.append(("",) * 10)
-    table.append(
-        ("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "GAPS", "", "", "ERRORS/WARN", "", "LAST ERROR")
-    )
+    sources = [("SOURCE", "PLUGIN", "EVENTS", "RESTARTS", "GAPS", "ERRORS/WARN", "LAST ERROR")]
     for name, source in data["sources"].items():
-        table.append(
+        sources.append(
             (
                 name,
                 source["plugin"],
                 str(source["events"]),
                 str(source["restarts"]),
                 str(source.get("gaps", "-")),
-                "",
-                "",
                 _problems(source),
-                "",
                 source["last_error"] or "-",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines.append("")
-    for row in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    tables = [sinks, sources]
+    if data["processors"]:
+        processors = [("PROCESSOR", "DROPPED", "ERRORS/WARN")]
+        for name, processor in data["processors"].items():
+            processors.append((name, str(processor["dropped"]), _problems(processor)))
+        tables.append(processors)
+    # Each table is aligned on its own longest cell; the first column of all of them on
+    # the longest name, so the tables line up under each other.
+    first = max(len(row[0]) for table in tables for row in table)
+    for table in tables:
+        lines.append("")
+        lines += _aligned(table, first)
+    notes = len(lines)
     for name, sink in data["sinks"].items():
         if sink.get("dead_letters"):
             lines.append(
@@ -280,17 +299,37 @@ def render(data: dict[str, Any]) -> str:
             counters = sorted(source["counters"].items())
             counts = ", ".join(f"{key} {value}" for key, value in counters)
             lines.append(f"source {name}: {counts}")
-    for name, processor in data["processors"].items():
-        lines.append(
-            f"processor {name}: {processor['dropped']} dropped, {_problems(processor)}"
-            " errors/warnings"
-        )
+    if len(lines) > notes:
+        lines.insert(notes, "")  # the notes below the tables, apart from the last one
     return "\n".join(lines)
+
+
+def _aligned(table: list[tuple[str, ...]], first: int) -> list[str]:
+    """The rows of ``table`` with each column padded to its widest cell (the first to
+    ``first``), two spaces apart; the last column is left as long as it is."""
+    widths = [first] + [max(len(row[i]) for row in table) for i in range(1, len(table[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
 
 
 def _problems(counters: dict[str, Any]) -> str:
     """errors/warnings; "-" for either one a snapshot of an older version lacks."""
     return f"{counters.get('errors', '-')}/{counters.get('warnings', '-')}"
+
+
+def _drain(forwarder: Any) -> dict[str, Any]:
+    """A sink's drain limits (agent/drain.py), the seconds it waited for them, and the
+    cut-off while live events go before a backlog (None otherwise)."""
+    limits = forwarder.limits
+    return {
+        "max_rate": limits.max_rate,
+        "max_bytes_rate": int(limits.max_bytes_rate),
+        "priority": limits.priority,
+        "rate_waited": round(forwarder.rate_waited, 3),
+        "live_after": forwarder.live_after,
+    }
 
 
 def _latency(latency: dict[str, Any] | None) -> str:

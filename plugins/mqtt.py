@@ -43,7 +43,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
+from plugins import mqtt_commands
 from plugins.mqtt_clients import OutboundClient
+from plugins.mqtt_hints import BUSY, MOVED, reason_value, server_reference
 from plugins.mqtt_messages import (
     MQTT_MAX_PACKET,
     MqttConfig,
@@ -80,6 +82,12 @@ class MqttSink(Sink):
         self.max_batch = self.window * config.batch_max_events
         self.retry_min = config.reconnect_min
         self.retry_max = config.reconnect_max
+        self.retry_jitter = "full" if config.reconnect_jitter else "none"
+        self.first_open_delay = config.first_connect_delay
+        #: The broker an MQTT 5 "use another server" / "server moved" pointed to: tried next.
+        self._redirect: tuple[str, int] | None = None
+        #: The broker said "server busy" or "quota exceeded" (CONNACK or DISCONNECT).
+        self._busy = False
         self._topics = TopicCache(config.topic)
         self._client: OutboundClient | None = None
         self._broker = config.brokers()[0]
@@ -116,6 +124,7 @@ class MqttSink(Sink):
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._disconnect_reason = str(reason_code)
+        self._hint(reason_code, properties)
         self._protocol_error |= getattr(reason_code, "value", 0) in _PROTOCOL_DISCONNECTS
         self._connected = False
         self._connack.append(None)  # ends a wait in open()
@@ -202,20 +211,66 @@ class MqttSink(Sink):
         return self.config.status_topic.replace("{agent}", self.agent_id)
 
     def open(self) -> None:
-        """Connect to the first broker of ``hosts`` that answers."""
+        """Connect to the first broker of ``hosts`` that answers (one a broker pointed to
+        with an MQTT 5 server reference first; see plugins/mqtt_hints.py)."""
         brokers = self.config.brokers()
+        if self._redirect in brokers:
+            brokers = [self._redirect, *[b for b in brokers if b != self._redirect]]
+        self._redirect = None
+        self._busy = False
         failures = []
-        for broker in brokers:
+        tried: set[tuple[str, int]] = set()
+        while brokers:
+            broker = brokers.pop(0)
+            if broker in tried:
+                continue
+            tried.add(broker)
             self._broker = broker
             try:
                 self._connect(*broker)
                 return
             except SinkUnavailable as exc:
-                failures.append(f"{broker[0]}:{broker[1]}: {exc}" if len(brokers) > 1 else str(exc))
+                failures.append(
+                    f"{broker[0]}:{broker[1]}: {exc}" if len(tried) > 1 or brokers else str(exc)
+                )
                 self.close()
+                if self._redirect is not None and self._redirect not in tried:
+                    brokers.insert(0, self._redirect)  # where the broker sent us: next
+                self._redirect = None
                 if self.stopping.is_set():
                     break
-        raise SinkUnavailable("; ".join(failures))
+        raise SinkUnavailable("; ".join(failures), busy=self._busy)
+
+    def _hint(self, reason_code: Any, properties: Any) -> None:
+        """Take an MQTT 5 broker's advice in a CONNACK or DISCONNECT (plugins/mqtt_hints.py)."""
+        value = reason_value(reason_code)
+        if value in BUSY:
+            self._busy = True
+            self.log.warning(
+                "broker %s:%s says %s (0x%02X): waiting about reconnect_max (%gs) before"
+                " connecting again",
+                *self._broker,
+                BUSY[value],
+                value,
+                self.retry_max,
+            )
+        elif value in MOVED:
+            target, why = server_reference(
+                reason_code, properties, self._broker, self.config.brokers()
+            )
+            if target is not None:
+                self._redirect = target
+                self.log.info(
+                    "broker %s:%s says %s: trying %s:%s next", *self._broker, MOVED[value], *target
+                )
+            else:
+                self.log.warning(
+                    "broker %s:%s says %s (0x%02X), but %s; going on with the configured brokers",
+                    *self._broker,
+                    MOVED[value],
+                    value,
+                    why,
+                )
 
     def _connect(self, host: str, port: int) -> None:
         config = self.config
@@ -247,6 +302,7 @@ class MqttSink(Sink):
             raise SinkUnavailable(problem)
         reason_code, connack_properties = self._await_connack()
         if reason_code.is_failure:
+            self._hint(reason_code, connack_properties)
             raise SinkUnavailable(f"the broker refused the connection: {reason_code}")
         window = config.max_inflight
         receive_maximum = getattr(connack_properties, "ReceiveMaximum", None) if v5 else None
@@ -301,7 +357,9 @@ class MqttSink(Sink):
         client = self._client
         if client is None or not self._connected:
             self._judge_loss()
-            raise SinkUnavailable(f"not connected ({self._disconnect_reason or 'no connection'})")
+            raise SinkUnavailable(
+                f"not connected ({self._disconnect_reason or 'no connection'})", busy=self._busy
+            )
         if self._suspects:  # forget those confirmed or set aside meanwhile
             self._suspects &= {e.position for e in events}
         window = 1 if self._suspects else self.window
@@ -343,7 +401,9 @@ class MqttSink(Sink):
             if info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
                 self._lost(info.rc)
                 if not self._inflight:
-                    raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
+                    raise SinkUnavailable(
+                        f"connection lost ({self._disconnect_reason})", busy=self._busy
+                    )
                 break  # nothing more can go out; what went out may still be acked
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise SinkUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -428,7 +488,9 @@ class MqttSink(Sink):
         if self._mids and not confirmed and not refused and not self.stopping.is_set():
             if not self._connected:
                 self._judge_loss()
-                raise SinkUnavailable(f"connection lost ({self._disconnect_reason})")
+                raise SinkUnavailable(
+                    f"connection lost ({self._disconnect_reason})", busy=self._busy
+                )
             raise SinkUnavailable(f"no acknowledgement within {self.config.ack_timeout:g}s")
         confirmed.sort(key=lambda e: e.position)
         return confirmed
@@ -440,7 +502,8 @@ class MqttSink(Sink):
         if not self._connected:
             self._judge_loss()
             raise SinkUnavailable(
-                f"connection lost ({self._disconnect_reason or 'unknown reason'})"
+                f"connection lost ({self._disconnect_reason or 'unknown reason'})",
+                busy=self._busy,
             )
 
     def close(self) -> None:
@@ -473,3 +536,14 @@ class MqttSink(Sink):
 @hookimpl
 def register_sinks(register):
     register("mqtt", MqttSink)
+
+
+@hookimpl
+def startup(agent):
+    """Open the command connections of MQTT sinks with a ``commands`` table."""
+    mqtt_commands.start_listeners(agent)
+
+
+@hookimpl
+def shutdown(agent):
+    mqtt_commands.stop_listeners(agent)

@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import ByteSize, Duration, OptionError, QueuedEvent, option
 from agent.tls import describe_tls_error
+from plugins.mqtt_commands import CommandsConfig
 
 TOPIC_FIELDS = ("agent", "source", "type", "subject")
 #: The largest MQTT packet: a fixed header byte, 4 bytes of length, 268,435,455 bytes.
@@ -171,8 +172,26 @@ class MqttConfig(MqttConnectionConfig):
         doc='Retained status topic, e.g. "edge/{agent}/status": the birth message on'
         " connect, the broker-side last will when the agent vanishes. Empty: none.",
     )
+    reconnect_jitter: bool = option(
+        True,
+        doc="Draw each wait between connection attempts at random between 0 and its"
+        " doubling ceiling, from the first retry on (full jitter); false: the ceiling"
+        " itself (reconnect_min, twice that, ... up to reconnect_max), every time.",
+    )
+    first_connect_delay: Duration = option(
+        0.0,
+        min=0,
+        doc='The first connection after start waits a random time up to this; "10s" spreads'
+        " a fleet that starts at once (after a power cut). 0: connect at once.",
+    )
     status_online: str = option("online", doc="Birth message.")
     status_offline: str = option("offline", doc="Last will, and the word left on a clean stop.")
+    commands: CommandsConfig | None = option(
+        None,
+        example={"allow": ["ping", "status"]},
+        doc="Remote commands (MQTT 5): answer allow-listed requests on edge/{agent}/cmd/+."
+        " No table: off. See docs/commands.md.",
+    )
 
     def __post_init__(self) -> None:
         for template in (self.topic, self.status_topic):
@@ -193,6 +212,12 @@ class MqttConfig(MqttConnectionConfig):
         super().__post_init__()
         if self.payload == "binary" and (self.protocol != "5" or self.batch_max_events > 1):
             raise ValueError('payload = "binary" needs protocol = "5" and no batching')
+        if self.commands is not None and self.protocol != "5":
+            raise OptionError(
+                "commands",
+                'remote commands need protocol = "5": an MQTT 3.1.1 request carries no response'
+                " topic or correlation data to answer with. Use MQTT 5, or remove the table",
+            )
 
 
 def new_client(

@@ -1,7 +1,7 @@
 """Built-in processors: drop, keep, enrich, rate_limit and dedupe.
 
-They run in the order of their ``[[processors.NAME]]`` tables in the config
-file, between sources and the queue, in the emitting source's thread.
+They run in the order of their ``[[processors]]`` tables (``type = "drop"``) in
+the configuration, between sources and the queue, in the emitting source's thread.
 """
 
 from __future__ import annotations

@@ -211,6 +211,23 @@ def mqtt_agent_config(tmp_path: Path, port: int, **extra: str) -> str:
         """
 
 
+def inotify_watched(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` holds an inotify watch on ``folder`` now (read from /proc)."""
+    inode = folder.stat().st_ino
+    fds = Path(f"/proc/{pid}/fdinfo")
+    for info in fds.iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue  # the descriptor was closed meanwhile
+        for line in text.splitlines():
+            if line.startswith("inotify wd:"):
+                fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+                if int(fields.get("ino", "0"), 16) == inode:
+                    return True
+    return False
+
+
 def created_paths(events: list[dict]) -> list[str]:
     return [e["data"]["path"] for e in events if e["type"] == "file.created"]
 

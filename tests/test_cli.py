@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -108,9 +109,55 @@ def test_check_reports_broken_toml_and_missing_file(tmp_path):
     result = run_cli("check", "-c", str(path))
     assert result.returncode == EX_CONFIG
     assert f"{path}: not valid TOML" in result.stderr
-    result = run_cli("check", "-c", str(tmp_path / "none.toml"))
+
+
+@pytest.mark.parametrize("command", ["check", "run", "status", "queue stats"])
+def test_a_missing_config_says_where_it_looked_and_why_there(tmp_path, command):
+    # Given with -c, relative: the absolute path it looked for, not "pass -c FILE".
+    result = run_cli(*command.split(), "-c", "nope.toml", cwd=tmp_path)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert (
+        f"nope.toml: no such file or folder (looked for {tmp_path / 'nope.toml'}, given with -c);"
+        " check the path"
+    ) in result.stderr
+    assert "pass -c" not in result.stderr and "Traceback" not in result.stderr
+    # From the environment (the test's own EDGE_AGENT_CONFIG names a missing file).
+    result = run_cli(*command.split())
     assert result.returncode == EX_CONFIG
-    assert "no such file; pass -c FILE or set EDGE_AGENT_CONFIG" in result.stderr
+    assert f"(looked for {tmp_path / 'missing-config.toml'}, from $EDGE_AGENT_CONFIG)" in (
+        result.stderr
+    )
+
+
+def test_a_missing_default_config_suggests_c_and_the_variable(tmp_path):
+    if os.path.exists("/etc/edge-agent/agent.toml"):
+        pytest.skip("this machine has a config at the default path")
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_AGENT_CONFIG"}
+    result = run_cli("check", env=env)
+    assert result.returncode == EX_CONFIG
+    assert "/etc/edge-agent/agent.toml: no such file or folder (looked for" in result.stderr
+    assert "the default path" in result.stderr
+    assert "pass -c FILE or set EDGE_AGENT_CONFIG" in result.stderr
+
+
+def test_every_queue_command_names_a_damaged_queue_in_one_line(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\n[[sinks.stdout]]\n')
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "queue.db").write_bytes(b"not a database, " * 512)
+    expected = f"Error: the queue {tmp_path / 'state' / 'queue.db'} is damaged: "
+    for command in (
+        "queue stats",
+        "queue stats --json",
+        "queue peek",
+        "queue peek --sink stdout",
+        "queue purge --sink stdout --before 1d --yes",
+        "queue dead list",
+    ):
+        result = run_cli(*command.split(), "-c", str(path))
+        assert result.returncode == 1, (command, result.stderr)
+        assert result.stderr.startswith(expected), (command, result.stderr)
+        assert len(result.stderr.splitlines()) == 1, (command, result.stderr)
 
 
 def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):

@@ -100,3 +100,15 @@ def test_readme_starts_with_the_two_commands():
     first_block = readme.split("```")[1]
     assert first_block.strip().splitlines()[0].startswith("make run")
     assert first_block.strip().splitlines()[1].startswith("make test")
+
+
+def test_every_commands_option_code_and_command_is_in_docs_commands():
+    from agent.commands import BUILTIN_COMMANDS, CODES
+    from plugins.mqtt_commands import CommandsConfig
+
+    documented = documented_keys("docs/commands.md")
+    assert {f.name for f in dataclasses.fields(CommandsConfig)} <= documented
+    assert set(CODES) <= documented
+    text = (ROOT / "docs/commands.md").read_text()
+    for name in BUILTIN_COMMANDS:
+        assert f"| `{name}` |" in text

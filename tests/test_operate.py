@@ -315,3 +315,49 @@ def test_bytes_are_counted_in_utf8():
     assert utf8_len('{"path": "/data/x.csv"}') == 23
     text = '{"path": "/data/Übersicht-日本.csv"}'
     assert utf8_len(text) == len(text.encode("utf-8")) == 39 > len(text)
+
+
+def test_status_tables_line_up_with_long_names(tmp_path, agent_process):
+    (tmp_path / "inbox").mkdir()
+    long_name = "inbox-of-the-north-east-loading-bay"
+    agent = agent_process(
+        f"""
+        [agent]
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.file]]
+        name = "{long_name}"
+        paths = ["{tmp_path / "inbox"}"]
+
+        [[sources.status]]
+        name = "st"
+
+        [[processors]]
+        type = "drop"
+        name = "no-swap-files-from-any-source-at-all"
+        match = {{ "data.path" = "*.swp" }}
+
+        [[sinks.stdout]]
+        name = "out"
+        """
+    ).start()
+    agent.wait_ready()
+
+    def table() -> str | None:
+        result = run_cli("status", "-c", str(agent.config_path))
+        return result.stdout if result.returncode == 0 else None
+
+    text = wait_for(table, 15, "a status")
+    blocks = [b.splitlines() for b in text.split("\n\n")[1:]]
+    heads = [block[0].split()[0] for block in blocks]
+    assert heads[:3] == ["SINK", "SOURCE", "PROCESSOR"], text
+    second_columns = set()
+    for block in blocks[:3]:
+        header = block[0]
+        # The header's second column starts where every row's second cell does.
+        column = header.index(header.split()[1])
+        second_columns.add(column)
+        for row in block[1:]:
+            assert row[column - 2 : column] == "  " and row[column] != " ", (row, text)
+    assert len(second_columns) == 1, text  # the first column is as wide in every table
+    assert max(second_columns) == len("no-swap-files-from-any-source-at-all") + 2

@@ -108,6 +108,10 @@ class Plugin:
             print("hello from a plugin")
 
     @hookimpl
+    def register_remote_commands(self, register):
+        register("answer", lambda arguments: {"answer": 42, **arguments})
+
+    @hookimpl
     def process_event(self, event):
         if event.type == "secret.thing":
             return None
@@ -151,6 +155,9 @@ def test_hooks_register_and_run(tmp_path, capsys):
     result = CliRunner().invoke(cli, ["hello"], obj=host)
     assert result.output.strip() == "hello from a plugin"
 
+    command = host.remote_commands["answer"]
+    assert command.plugin == "mine" and command.handler({"q": 1}) == {"answer": 42, "q": 1}
+
 
 def test_process_event_hook_drops_and_changes_events(tmp_path):
     agent = agent_for(tmp_path, [(Plugin(), "mine")])
@@ -169,6 +176,36 @@ def test_a_name_registered_twice_is_an_error_naming_both(tmp_path):
     assert any(
         name == "clash" and "'file', which plugin 'file' already registered" in message
         for name, message in host.errors
+    )
+
+
+def test_a_remote_command_name_taken_or_built_in_is_an_error_naming_the_plugin():
+    class First:
+        @hookimpl
+        def register_remote_commands(self, register):
+            register("rescan", lambda arguments: "first")
+
+    class Second:
+        @hookimpl
+        def register_remote_commands(self, register):
+            register("rescan", lambda arguments: "second")
+            register("status", lambda arguments: "mine")
+
+    class BadName:
+        @hookimpl
+        def register_remote_commands(self, register):
+            register("Re Scan", lambda arguments: None)
+
+    host = load_plugins(extra=[(First(), "first"), (Second(), "second"), (BadName(), "bad")])
+    assert host.remote_commands["rescan"].handler({}) == "first"
+    assert "status" not in host.remote_commands
+    errors = [f"{name}: {message}" for name, message in host.errors]
+    assert any(
+        "second: registers remote command 'rescan', which plugin 'first'" in e for e in errors
+    )
+    assert any("second: registers remote command 'status', a built-in" in e for e in errors)
+    assert any(
+        "bad: failed in register_remote_commands: remote command 'Re Scan'" in e for e in errors
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import textwrap
 import threading
 import time
 
@@ -170,4 +171,39 @@ def test_a_source_renamed_while_stopped_keeps_its_checkpoints(
     log = agent.run_log()
     assert "source gen2 (plugin tail) has checkpoints" in log
     assert "but is no longer configured" in log
+    assert agent.terminate() == 0
+
+
+def test_a_reload_applies_a_new_processor_order(
+    tmp_path, subscriber, running_broker, agent_process
+):
+    def stage(value: str) -> str:
+        return f"""
+        [[processors]]
+        type = "enrich"
+        name = "stage-{value}"
+        fields = {{ stage = "{value}" }}
+        overwrite = true
+        """
+
+    base = mqtt_agent_config(tmp_path, running_broker.port)
+    agent = agent_process(base + stage("one") + stage("two")).start()
+    agent.wait_started()
+
+    def stage_of(name: str) -> str:
+        (tmp_path / "inbox" / name).write_text("x")
+
+        def arrived() -> list[dict]:
+            return [
+                e for e in subscriber.events() if e["data"].get("path", "").endswith(f"/{name}")
+            ]
+
+        return wait_for(arrived, 15, f"the event of {name}")[0]["data"]["stage"]
+
+    assert stage_of("a.csv") == "two"  # the last one written wins
+    agent.config_path.write_text(textwrap.dedent(base + stage("two") + stage("one")))
+    os.kill(agent.pid, signal.SIGHUP)
+    agent.wait_log("configuration reloaded")
+    agent.wait_ready()
+    assert stage_of("b.csv") == "one"
     assert agent.terminate() == 0

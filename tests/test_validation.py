@@ -15,22 +15,27 @@ EX_CONFIG = 78
 
 @pytest.mark.parametrize(
     "command, kind",
-    [("check", kind) for kind in ("fifo", "/dev/zero", "directory", "huge")]
+    [("check", kind) for kind in ("fifo", "/dev/zero", "fifo in a folder", "huge")]
     + [(command, "fifo") for command in ("run", "status", "queue stats")],
 )
 def test_a_config_path_that_is_not_a_small_file_exits_78_at_once(tmp_path, command, kind):
-    path = {"fifo": tmp_path / "fifo", "directory": tmp_path, "huge": tmp_path / "huge.toml"}.get(
-        kind, kind
-    )
+    path = {"fifo": tmp_path / "fifo", "huge": tmp_path / "huge.toml"}.get(kind, kind)
+    named = path  # the file the error names
     if kind == "fifo":
         os.mkfifo(path)
+    if kind == "fifo in a folder":  # a config folder's *.toml files obey the same rule
+        path = tmp_path / "agent.d"
+        path.mkdir()
+        (path / "10-agent.toml").write_text("[agent]\n")
+        named = path / "20-sinks.toml"
+        os.mkfifo(named)
     if kind == "huge":
         path.write_text("# comment\n" * 200_000)  # 2 MB
     started = time.monotonic()
     result = run_cli(*command.split(), "-c", str(path))
     assert time.monotonic() - started < 20
     assert result.returncode == EX_CONFIG, result.stderr
-    assert f"{path}: " in result.stderr and "Traceback" not in result.stderr
+    assert f"{named}: " in result.stderr and "Traceback" not in result.stderr
     assert ("not a regular file" if kind != "huge" else "larger than 1 MiB") in result.stderr
 
 
@@ -60,7 +65,8 @@ IMPOSSIBLE = """
     [[sources.status]]
     interval = 0.5
 
-    [[processors.rate_limit]]
+    [[processors]]
+    type = "rate_limit"
     rate = 0
 
     [[sinks.mqtt]]
@@ -91,7 +97,7 @@ def test_check_names_every_impossible_value_at_its_key_path(tmp_path, keepalive)
         "queue.max_events: must be at least 0, got -1",
         'queue.max_age: expected a duration such as 10, "10s" or "5m"',
         "sources.status.interval: must be at least 1, got 0.5",
-        "processors.rate_limit.rate: must be more than 0, got 0",
+        "processors[0].rate: must be more than 0, got 0",
         "sinks.mqtt.port: must be 1 to 65535, got 70000",
         "sinks.mqtt.max_inflight: must be 1 to 65535, got 0",
         f"sinks.mqtt.keepalive: must be 0 (off) or 2 to 65535, got {keepalive}",
