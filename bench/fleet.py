@@ -532,7 +532,12 @@ def sink_options() -> set[str]:
     """The MQTT sink options the installed agent knows (the drain options may be missing)."""
     from agent.plugins import load_plugins
 
-    return {f.name for f in dataclasses.fields(load_plugins().sinks["mqtt"].cls.Config)}
+    known = {f.name for f in dataclasses.fields(load_plugins().sinks["mqtt"].cls.Config)}
+    try:  # the options the agent handles for every sink
+        from agent.drain import DRAIN_KEYS
+    except ImportError:
+        return known
+    return known | set(DRAIN_KEYS)
 
 
 def attempts_per_second(proxies: list[CountingProxy], start: float, end: float) -> list[int]:
@@ -920,7 +925,7 @@ def main() -> int:
     parser.add_argument(
         "--rogue", type=float, default=45, help="seconds of the rogue device; 0: none (45)"
     )
-    parser.add_argument("--max-rate", type=float, default=20, help="max_rate variant (20/s)")
+    parser.add_argument("--max-rate", type=float, default=5, help="max_rate variant (5/s)")
     parser.add_argument("--reconnect-max", default="60s", help='sinks\' reconnect_max ("60s")')
     parser.add_argument("--drain-timeout", type=float, default=900, help="per drain, s (900)")
     add_output_arguments(parser)
