@@ -447,9 +447,10 @@ class Consumer:
 # -- the fleet -------------------------------------------------------------------------
 
 
+#: Serial numbers from 1 on, carried on across restarts of the agent (the file ``last``).
 GENERATOR = (
-    'i=0; while [ ! -e STOP ]; do i=$((i+1)); echo "$i"; echo "$i" > last.new;'
-    " mv last.new last; sleep {pause}; done; exec sleep 1000000"
+    'i=$(cat last 2>/dev/null || echo 0); while [ ! -e STOP ]; do i=$((i+1)); echo "$i";'
+    ' echo "$i" > last.new; mv last.new last; sleep {pause}; done; exec sleep 1000000'
 )
 
 
@@ -875,7 +876,12 @@ def account(consumer: Consumer, last: dict[str, int], faults: list[tuple]) -> li
         total = consumer.total
     outside = [d for d in duplicates if not d[2]]
     resent = [d for d in duplicates if not d[3]]  # sent twice by an agent, not by the queue
-    print(f"  {made:,} events made, {total:,} messages received, {len(duplicates)} duplicates")
+    with consumer.lock:
+        distinct = sum(len(consumer.agents[name].ids) for name in last)
+    print(
+        f"  {made:,} events made, {total:,} messages received ({distinct:,} distinct),"
+        f" {len(duplicates)} duplicates"
+    )
     for name, event_id, after_fault, redelivered in duplicates[:10]:
         where = "after a fault" if after_fault else "OUTSIDE any fault"
         print(f"    duplicate {name} {event_id} ({where}; redelivered by the queue: {redelivered})")
@@ -887,7 +893,7 @@ def account(consumer: Consumer, last: dict[str, int], faults: list[tuple]) -> li
         Row(
             "accounting: every event delivered",
             "yes" if not missing else f"NO: {sum(map(len, missing.values()))} missing",
-            beside=f"{made:,} made, {total:,} messages received",
+            beside=f"{made:,} made, {distinct:,} distinct events received ({total:,} messages)",
             met=not missing,
             values={"made": made, "received": total, "missing": missing},
         ),
