@@ -121,12 +121,41 @@ def _quiet_watchdog_shutdown(record: logging.LogRecord) -> bool:
 
 
 def _host() -> PluginHost:
-    """The plugins loaded once by :func:`main` (or now, when called without it)."""
-    ctx = click.get_current_context()
+    """The plugins, loaded on first use by the command that needs them.
+
+    ``edge-agent --version`` and the built-in commands that read no config
+    never load them, so they start without importing any plugin.
+    """
+    return _root_host(click.get_current_context())
+
+
+def _root_host(ctx: click.Context) -> PluginHost:
     root = ctx.find_root()
     if root.obj is None:
         root.obj = load_plugins()
     return root.obj
+
+
+class AgentGroup(click.Group):
+    """The root command: plugins' own commands (``register_commands``) are added before a
+    command is looked up or the commands are listed, so ``--version`` loads no plugin, and
+    a plugin may still add to (or replace) any command, as when they were added at start."""
+
+    _commands_from: PluginHost | None = None
+
+    def _add_plugin_commands(self, ctx: click.Context) -> None:
+        host = _root_host(ctx)
+        if self._commands_from is not host:
+            self._commands_from = host
+            host.call_each("register_commands", cli=self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._add_plugin_commands(ctx)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands(ctx)
+        return super().list_commands(ctx)
 
 
 def _load(config_path: str | None) -> tuple[PluginHost, Config]:
@@ -143,7 +172,7 @@ def _config_failed(error: ConfigError) -> None:
     sys.exit(EX_CONFIG)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edge-agent")
 def cli() -> None:
     """edge-agent: capture local events, queue them on disk, forward them over MQTT."""
@@ -651,7 +680,6 @@ def queue_dead_purge(config_path: str | None, sink: str | None, before: str | No
 
 
 def main() -> None:
-    """Entry point of the ``edge-agent`` command: load plugins once, then dispatch."""
-    host = load_plugins()
-    host.call_each("register_commands", cli=cli)
-    cli(prog_name="edge-agent", obj=host)
+    """Entry point of the ``edge-agent`` command: plugins are loaded (once) when a command
+    is looked up, so ``edge-agent --version`` loads none."""
+    cli(prog_name="edge-agent")

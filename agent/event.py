@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -62,6 +63,51 @@ def new_event_id() -> str:
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+#: The UUID variant's hex digit (binary 10xx) for a random hex digit: its low two bits kept.
+_VARIANT_DIGIT = {f"{n:x}": f"{0b1000 | (n & 0b11):x}" for n in range(16)}
+
+
+def new_event_ids(count: int) -> list[str]:
+    """``count`` ids as :func:`new_event_id` makes them, in increasing order, at once.
+
+    For a source that builds many events in one go (lines of one read): one clock
+    read, one lock and one slice of random bytes for all of them.
+    """
+    global _id_last_ms, _id_counter, _random_pool, _random_at
+    with _id_lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms > _id_last_ms:
+            _id_last_ms, _id_counter = now_ms, -1
+        ms, first = _id_last_ms, _id_counter + 1
+        # Past 4096 ids in one ms, the next ms is borrowed (ids stay strictly increasing).
+        last = first + count - 1
+        _id_last_ms, _id_counter = ms + (last >> 12), last & 0xFFF
+        need = 8 * count
+        at = _random_at
+        if at + need > len(_random_pool):
+            _random_pool, at = os.urandom(max(_RANDOM_CHUNK, need)), 0
+        _random_at = at + need
+        random_hex = _random_pool[at : at + need].hex()
+    ids: list[str] = []
+    variant = _VARIANT_DIGIT
+    n = first
+    while n <= last:  # one run of counters per millisecond
+        stamp = f"{ms + (n >> 12):012x}"
+        head = f"{stamp[:8]}-{stamp[8:]}-7"
+        end = min(last, n | 0xFFF) + 1
+        at = 16 * (n - first)
+        ids += [
+            f"{head}{k & 0xFFF:03x}-{variant[r[0]]}{r[1:4]}-{r[4:]}"
+            for k, r in zip(
+                range(n, end),
+                [random_hex[i : i + 16] for i in range(at, at + 16 * (end - n), 16)],
+                strict=True,
+            )
+        ]
+        n = end
+    return ids
+
+
 #: (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC): formatted once per second, not per event.
 _second_text: tuple[int, str] = (-1, "")
 
@@ -100,6 +146,22 @@ class Event:
     #: (lowercase letters and digits; string, integer or boolean values). With
     #: ``"data_base64": True`` the data is a base64 string sent as ``data_base64``.
     attributes: dict[str, Any] | None = None
+
+
+def make_events(
+    type: str, source: str, data: Sequence[Any], *, subject: str | None = None
+) -> list[Event]:
+    """Events of one ``type`` from one ``source``, one per item of ``data``, made at once.
+
+    For a source that turns many things read in one go (a chunk of log lines) into
+    events: their ids come from one call of :func:`new_event_ids` and they share one
+    ``time``, the moment they were read, instead of each calling the clock.
+    """
+    now = utc_now()
+    return [
+        Event(type, source, item, subject, event_id, now)
+        for item, event_id in zip(data, new_event_ids(len(data)), strict=True)
+    ]
 
 
 def canonical_time(value: object) -> str:
@@ -145,6 +207,8 @@ def check_event(event: Event) -> None:
     ``type`` becomes part of MQTT topics, so it must be short, printable UTF-8
     without spaces, ``/``, ``+`` or ``#``; ``subject`` must be UTF-8 text.
     """
+    if _plainly_good(event):
+        return
     for name in ("id", "source"):
         value = getattr(event, name)
         if not isinstance(value, str) or not value or not _is_utf8(value):
@@ -157,21 +221,58 @@ def check_event(event: Event) -> None:
             f" got {event.id[:80]!r}{'...' if len(event.id) > 80 else ''}"
         )
     event.time = canonical_time(event.time)
-    if not isinstance(event.type, str) or not event.type or len(event.type) > 128:
-        raise ValueError(
-            f"event type must be a non-empty string of at most 128 characters, got {event.type!r}"
-        )
-    if _BAD_TYPE_CHARS.search(event.type) or not _is_utf8(event.type):
-        raise ValueError(
-            f"event type {event.type!r} may not hold spaces, control characters, '/', '+', '#'"
-            " or undecodable bytes"
-        )
+    if not isinstance(event.type, str) or event.type not in _GOOD_TYPES:
+        _check_type(event.type)
     if event.subject is not None and (
         not isinstance(event.subject, str) or not _is_utf8(event.subject)
     ):
         raise ValueError(f"event subject must be UTF-8 text, got {event.subject!r}")
     if event.attributes is not None:
         check_attributes(event.attributes, event.data)
+
+
+def _plainly_good(event: Event) -> bool:
+    """True for the common event that passes every check of :func:`check_event` for plain
+    reasons: ASCII text (valid UTF-8; the id also printable), a type already found good, a
+    canonical time, no extra attributes. Each test reads a flag CPython keeps on a str, so
+    nothing is encoded or searched."""
+    identifier, source, subject, time = event.id, event.source, event.subject, event.time
+    return (
+        type(identifier) is str
+        and 0 < len(identifier) <= MAX_ID_CHARS
+        and identifier.isascii()
+        and identifier.isprintable()
+        and type(source) is str
+        and source != ""
+        and source.isascii()
+        and (subject is None or (type(subject) is str and subject.isascii()))
+        and type(time) is str
+        and len(time) == 27
+        and time[10] == "T"
+        and time[-1] == "Z"
+        and type(event.type) is str
+        and event.type in _GOOD_TYPES
+        and event.attributes is None
+    )
+
+
+#: Event types already found good (a source uses a handful): checked once, not per event.
+_GOOD_TYPES: set[str] = set()
+_GOOD_TYPES_MAX = 1024
+
+
+def _check_type(type: object) -> None:
+    if not isinstance(type, str) or not type or len(type) > 128:
+        raise ValueError(
+            f"event type must be a non-empty string of at most 128 characters, got {type!r}"
+        )
+    if _BAD_TYPE_CHARS.search(type) or not _is_utf8(type):
+        raise ValueError(
+            f"event type {type!r} may not hold spaces, control characters, '/', '+', '#'"
+            " or undecodable bytes"
+        )
+    if len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+        _GOOD_TYPES.add(type)
 
 
 #: Attributes an event holds itself: ``Event.attributes`` may not name them.
@@ -213,11 +314,25 @@ def encode_attributes(event: Event) -> str | None:
 
 
 def _is_utf8(text: str) -> bool:
+    if text.isascii():  # a flag CPython keeps: no encoding needed
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+#: The C encoder behind ``_DATA_ENCODER.encode``, made once instead of per call. Without
+#: circular-reference markers (a dict shared by every thread could report a false
+#: cycle): data that holds itself ends in RecursionError instead, reported alike.
+_C_DATA_ENCODER = (
+    json.encoder.c_make_encoder(
+        None, _DATA_ENCODER.default, encode_basestring, None, ":", ",", False, False, False
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
 
 
 def encode_data(data: Any) -> str:
@@ -227,16 +342,21 @@ def encode_data(data: Any) -> str:
     holds text that cannot be UTF-8 (a lone surrogate from an undecodable name).
     """
     try:
-        text = _DATA_ENCODER.encode(data)
+        if _C_DATA_ENCODER is None or isinstance(data, str):
+            text = _DATA_ENCODER.encode(data)
+        else:
+            text = "".join(_C_DATA_ENCODER(data, 0))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event data is not JSON-serialisable: {exc}") from None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    except RecursionError:
+        raise ValueError(
+            "event data is not JSON-serialisable: it holds itself (or is nested too deep)"
+        ) from None
+    if not _is_utf8(text):
         raise ValueError(
             "event data holds text that is not valid UTF-8 (undecodable bytes);"
             " decode it with errors='replace' or send the bytes as base64"
-        ) from None
+        )
     return text
 
 

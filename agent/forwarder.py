@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import random
 import sqlite3
 import threading
@@ -103,6 +104,8 @@ class Forwarder:
         self.last_error: str | None = None
         self.last_progress = time.monotonic()
         self._drain_deadline: float | None = None
+        #: When the cursor's position was last written to disk (monotonic).
+        self._flushed_at = 0.0
         self._ever_connected = False
         self._first_open_waited = False
         self._thread = threading.Thread(target=self._run, name=f"sink:{sink.name}", daemon=True)
@@ -178,16 +181,28 @@ class Forwarder:
                     cursor.close()
 
     def _advance(self, cursor: SinkCursor, position: int) -> None:
+        """Move the cursor over confirmed events; put it on disk at most every
+        CURSOR_FLUSH_EVERY seconds, and only then tell the writer: it deletes by the
+        positions on disk, and waking it for less was a thread switch per round."""
+        cursor.advance(position, flush_after=math.inf)
+        if time.monotonic() - self._flushed_at < CURSOR_FLUSH_EVERY:
+            return
         try:
-            cursor.advance(position, flush_after=CURSOR_FLUSH_EVERY)
+            moved = cursor.flush()
         except QueueError as exc:
             # The position stays in memory; written on the next round.
             log.error("sink %s: %s; trying again", self.sink.name, exc)
             self._pause(1.0)
+            return
+        self._flushed_at = time.monotonic()
+        if moved:
+            self.on_confirmed()
 
     def _flush(self, cursor: SinkCursor) -> None:
         try:
-            if cursor.flush():
+            moved = cursor.flush()
+            self._flushed_at = time.monotonic()
+            if moved:
                 self.on_confirmed()  # the writer deletes by positions on disk
         except QueueError as exc:
             log.warning("sink %s: %s; those events will be sent again", self.sink.name, exc)
@@ -316,6 +331,10 @@ class Forwarder:
                 for event in live.fill(cursor, sink.max_batch):
                     sent_at[event.position] = now
                 live_events = list(live.unsent)
+            # Read (and so send) every round, however few were confirmed: a new PUBLISH
+            # carries the TCP acknowledgement that a broker with Nagle's algorithm on
+            # (Mosquitto's default) waits for before sending more PUBACKs. Waiting for a
+            # quarter of the window to be free instead stalled 40 ms at a time.
             room = sink.max_batch - len(unsent) - len(live_events)
             if room > 0:
                 fresh = cursor.read(read_through, room)
@@ -408,7 +427,6 @@ class Forwarder:
                 # All read events confirmed: the ones between, not for this sink, too.
                 through = read_through if len(prefix) == len(events) else prefix[-1]
                 self._advance(cursor, through)
-                self.on_confirmed()
             if (batch and not positions and not set_aside) or transient:
                 # Nothing confirmed (the sink has said why: a refusal, say), or a
                 # refusal for now: wait before sending again so a refusing

@@ -90,7 +90,9 @@ def register_processors(register):
 def register_commands(cli):
     """Add subcommands to the ``edge-agent`` command line.
 
-    Called when the command line starts, before arguments are parsed.
+    Called once per process, before the command line looks up the command to
+    run or lists its commands (``edge-agent --help``); not for
+    ``edge-agent --version``, which loads no plugin.
 
     :param cli: the root ``click.Group``; add commands with ``@cli.command()``.
 

@@ -151,6 +151,11 @@ class PluginHost:
             except Exception as exc:
                 log.exception("plugin %s failed in hook %s: %s", plugin_name, hook_name, exc)
 
+    @property
+    def processes_events(self) -> bool:
+        """True if some plugin implements ``process_event`` (else events skip the chain)."""
+        return bool(self._callers("process_event"))
+
     def process_event(self, event: Event, agent: Any) -> Event | None:
         """Run the ``process_event`` chain in pluggy's order; None when one dropped the event."""
         for plugin_name, caller in self._callers("process_event"):
@@ -304,13 +309,20 @@ def load_plugins(extra: list[tuple[Any, str]] | None = None) -> PluginHost:
     allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
 
     seen: set[str] = set()
+    # (name, version) per distribution: each read parses its METADATA file again.
+    origins: dict[int, tuple[str, str]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in seen or (allowed is not None and ep.name not in allowed):
             continue
         seen.add(ep.name)
         dist = ep.dist
-        package = dist.name if dist else "?"
-        version = dist.version if dist else "?"
+        if dist is None:
+            package, version = "?", "?"
+        else:
+            if id(dist) not in origins:
+                metadata = dist.metadata
+                origins[id(dist)] = (metadata["Name"], metadata["Version"])
+            package, version = origins[id(dist)]
         try:
             plugin = ep.load()
         except Exception as exc:

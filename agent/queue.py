@@ -463,7 +463,7 @@ class QueueWriter:
                 event.subject,
                 sequence,
                 data_json,
-                encode_attributes(event),
+                encode_attributes(event) if event.attributes else None,
             )
         step = INSERT_ROWS * _COLUMNS
         try:

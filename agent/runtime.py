@@ -183,13 +183,12 @@ class Agent:
         ``cancel`` (the source's ``stopping``) is set while it waits for room.
         """
         try:
-            items = []
+            if self.processors or self.host.processes_events:
+                processed = [self._process(event) for event in events]
+                events = [event for event in processed if event is not None]
             for event in events:
-                processed = self._process(event)
-                if processed is None:
-                    continue
-                check_event(processed)
-                items.append((processed, encode_data(processed.data)))
+                check_event(event)
+            items = [(event, encode_data(event.data)) for event in events]
             if self.writer is None:
                 raise QueueError("the agent has not started its queue")
             rows = [(source, key, value) for key, value in (checkpoint or {}).items()]

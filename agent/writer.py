@@ -43,15 +43,22 @@ BLOCKED_RETRY = 0.2
 class _Pending:
     """Events from one ``emit`` call, waiting to be committed."""
 
-    __slots__ = ("cancelled", "checkpoints", "done", "error", "events")
+    __slots__ = ("cancelled", "checkpoints", "data_bytes", "done", "error", "events")
 
     def __init__(self, events: Sequence[tuple[Event, str]], checkpoints: Sequence[Checkpoint]):
         self.events = events
+        self.data_bytes: int | None = None  # see size()
         self.checkpoints = checkpoints
         self.done = threading.Event()
         self.error: Exception | None = None
         #: The caller stopped waiting (its source is stopping): give it back uncommitted.
         self.cancelled = False
+
+    def size(self) -> int:
+        """Bytes of the events' data as stored (JSON), for the queue's bounds; summed once."""
+        if self.data_bytes is None:
+            self.data_bytes = sum(len(data) for _event, data in self.events)
+        return self.data_bytes
 
 
 class Writer:
@@ -367,6 +374,7 @@ class Writer:
                 self.bounds.dropped_unqueued(dropped, f"more events at once than max_events {most}")
                 self._queue.skip_sequences(dropped)
                 pending.events = pending.events[cut:]
+                pending.data_bytes = None
                 kept.append(pending)
         return kept
 
@@ -392,7 +400,7 @@ class Writer:
         if self._stopping:
             return True  # at shutdown, try to keep what sources handed over
         try:
-            size = sum(len(data) for pending in batch for _event, data in pending.events)
+            size = sum(pending.size() for pending in batch)
             return self.bounds.admit(count, size)
         except Exception as exc:
             log.error("cannot check the queue's size: %s; committing anyway", exc)
@@ -450,7 +458,7 @@ class Writer:
         self.committed += len(events)
         if self.bounds is not None:
             self.bounds.appended(
-                sum(len(data) for _event, data in events) + ROW_OVERHEAD * len(events)
+                sum(pending.size() for pending in batch) + ROW_OVERHEAD * len(events)
             )
 
     def _fail_everything(self, error: Exception) -> None:

@@ -40,13 +40,17 @@ from agent.queue import QueueStore, QueueWriter  # noqa: E402
 from agent.schema import build  # noqa: E402
 from agent.testing import Mosquitto  # noqa: E402
 from bench.common import Row, mosquitto_version, raw_paho, verdict, write_results  # noqa: E402
+from bench.profiling import Profile, profile_path, summary  # noqa: E402
 from plugins.mqtt import MqttSink  # noqa: E402
 
 DATA = '{"path":"/var/spool/inbox/' + "x" * 150 + '.csv","size":1432}'
 BROKER_CONFIG = "max_inflight_messages 100\nmax_queued_messages 0"
 
 
-def agent_forward(folder: str, port: int, count: int, options: dict) -> float:
+def agent_forward(
+    folder: str, port: int, count: int, options: dict, profile: str | None = None
+) -> tuple[float, float]:
+    """(events/s, CPU µs per event of this process) forwarding ``count`` queued events."""
     store = QueueStore(folder)
     store.open()
     writer = QueueWriter(store)
@@ -72,14 +76,26 @@ def agent_forward(folder: str, port: int, count: int, options: dict) -> float:
     # Waiting on an event, as raw paho's run does: a polling thread here would
     # take the interpreter lock from the forwarder hundreds of times a second.
     forwarder = Forwarder(sink, store, on_confirmed=on_confirmed)
+    profiler = Profile(os.getpid(), profile) if profile else None
+    cpu = time.process_time()
     started = time.perf_counter()
     forwarder.start()
     if not done.wait(600):
         raise SystemExit("forwarding took more than 10 minutes")
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    if profiler is not None:
+        profiler.stop()
     forwarder.abort()
     forwarder.join(10)
-    return count / elapsed
+    return count / elapsed, cpu / count * 1e6
+
+
+def raw_forward(port: int, count: int, protocol: str) -> tuple[float, float]:
+    """(events/s, CPU µs per event of this process) of raw paho-mqtt."""
+    cpu = time.process_time()
+    rate = raw_paho(port, count, protocol, 100)
+    return rate, (time.process_time() - cpu) / count * 1e6
 
 
 def table_rows(one: float, raw: float, batched: float) -> list[Row]:
@@ -90,8 +106,8 @@ def table_rows(one: float, raw: float, batched: float) -> list[Row]:
             " (`bench/forward.py`)",
             agent=f"{one:,.0f} events/s",
             beside=f"raw paho-mqtt, same payload size: {raw:,.0f}/s",
-            target=f">= 80% of raw: {one / raw:.0%}, {verdict(one >= 0.8 * raw)}",
-            met=one >= 0.8 * raw,
+            target=f">= 90% of raw: {one / raw:.0%}, {verdict(one >= 0.9 * raw)}",
+            met=one >= 0.9 * raw,
             values={"events_per_s": one, "raw_per_s": raw},
         ),
         Row(
@@ -110,6 +126,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; median")
     parser.add_argument(
         "--json", metavar="FILE", help="also write the result rows here, for bench/run_all.py"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample this process with py-spy during the first run of each edge-agent case;"
+        " print where the time went",
     )
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix=".bench-forward-", dir=os.getcwd())
@@ -134,27 +156,42 @@ def main() -> None:
                 "5",
             ),
         ]
-        for label, options, protocol in cases:
-            runs = []
-            for run in range(args.repeat):
+        # Cases alternate within each round (raw, agent, raw, ...), so a machine that
+        # gets busier or calmer meanwhile shifts every case alike.
+        profiles = []
+        rates: list[list[float]] = [[] for _ in cases]
+        cpus: list[list[float]] = [[] for _ in cases]
+        for run in range(args.repeat):
+            for index, (label, options, protocol) in enumerate(cases):
                 if options is None:
-                    runs.append(raw_paho(broker.port, args.n, protocol, 100))
+                    rate, cpu = raw_forward(broker.port, args.n, protocol)
                 else:
-                    folder = os.path.join(workdir, f"q-{len(rows)}-{run}")
-                    runs.append(agent_forward(folder, broker.port, args.n, options))
-            rows.append((label, protocol, statistics.median(runs), runs))
-        raw = {protocol: rate for label, protocol, rate, _ in rows if label.startswith("raw")}
-        print(f"\n{'method':<48} | {'events/s':>9} | {'of raw':>6} | runs")
-        print("-" * 90)
-        for label, protocol, rate, runs in rows:
+                    folder = os.path.join(workdir, f"q-{index}-{run}")
+                    profile = None
+                    if args.profile and run == 0:
+                        profile = profile_path(f"forward-{index}")
+                        profiles.append((label, profile))
+                    rate, cpu = agent_forward(folder, broker.port, args.n, options, profile)
+                rates[index].append(rate)
+                cpus[index].append(cpu)
+        for index, (label, _options, protocol) in enumerate(cases):
+            rate, cpu = statistics.median(rates[index]), statistics.median(cpus[index])
+            rows.append((label, protocol, rate, rates[index], cpu))
+        raw = {row[1]: row[2] for row in rows if row[0].startswith("raw")}
+        print(f"\n{'method':<48} | {'events/s':>9} | {'of raw':>6} | {'CPU/event':>9} | runs")
+        print("-" * 102)
+        for label, protocol, rate, runs, cpu in rows:
             share = "" if label.startswith("raw") else f"{rate / raw[protocol]:.0%}"
             shown = ", ".join(f"{r:,.0f}" for r in runs)
-            print(f"{label:<48} | {rate:>9,.0f} | {share:>6} | {shown}")
+            print(f"{label:<48} | {rate:>9,.0f} | {share:>6} | {cpu:>6.1f} µs | {shown}")
+        for label, profile in profiles:
+            print(f"\nprofile, {label}:")
+            print(summary(profile))
         one = rows[2][2] / raw["5"]
         batched = rows[4][2]
         print(
-            f"\ntarget: one event per message >= 80% of raw (MQTT 5): {one:.0%}"
-            f" -> {'MET' if one >= 0.8 else 'MISSED'}"
+            f"\ntarget: one event per message >= 90% of raw (MQTT 5): {one:.0%}"
+            f" -> {'MET' if one >= 0.9 else 'MISSED'}"
         )
         print(
             f"target: batched >= 30,000 events/s: {batched:,.0f}"

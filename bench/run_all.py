@@ -50,12 +50,15 @@ SCRIPTS = [
         ["-n", "20000", "--repeat", "1", "--sync", "full", "--only", "raw,enqueue,cycle"],
         "the SQLite queue against raw sqlite3 (and persist-queue, if installed)",
     ),
+    Script("tail", ["-n", "20000", "--repeat", "1"], "tail → queue, beside the Writer alone"),
+    Script("file_burst", ["-n", "1000", "--repeat", "1"], "a burst of new files → queue"),
     Script("forward", ["-n", "2000", "--repeat", "1"], "the forwarder alone, queue → Mosquitto"),
     Script("endtoend", ["-n", "2000", "--repeat", "1"], "tail → queue → Mosquitto → subscriber"),
     Script("backlog", ["-n", "20000"], "a large backlog: RSS, then the drain"),
     Script("footprint", ["--seconds", "5", "--repeat", "1"], "the idle agent, start-up time"),
     Script("latency", ["--seconds", "2", "--repeat", "1"], "line written → subscriber"),
     Script("catchup", ["--files", "20000", "--idle", "5"], "the file source's catch-up scans"),
+    Script("startup", ["--runs", "5"], "edge-agent --version, check and plugins: start to exit"),
 ]
 
 

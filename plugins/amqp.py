@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
-from agent.tls import describe_tls_error, find_verify_error
 
 #: pika, imported once an AMQP sink is configured: it costs about 3 MiB of memory
 #: and 50 ms of start-up, which an agent without one should not pay.
@@ -137,6 +136,8 @@ class AmqpSink(Sink):
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise SinkUnavailable(f"the broker closed the channel: {exc.reply_text}") from None
         except (pika.exceptions.AMQPError, OSError) as exc:
+            from agent.tls import describe_tls_error, find_verify_error
+
             if find_verify_error(exc) is not None:
                 why = describe_tls_error(exc, params.host, "ssl_options in url (ca_certs)")
                 raise SinkUnavailable(why) from None

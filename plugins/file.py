@@ -25,12 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from stat import S_ISLNK
-from typing import Any, Literal, TypeVar
-
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-from watchdog.observers.api import ObservedWatch
-from watchdog.version import VERSION_INFO as WATCHDOG_VERSION
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from agent import Duration, Event, Source, hookimpl, option
 from agent.backoff import Backoff
@@ -45,6 +40,13 @@ from plugins.file_scan import (
     index_key,
     scan_event,
 )
+
+if TYPE_CHECKING:
+    # watchdog is imported when a file source runs (plugins.file_watch), so that
+    # `edge-agent check` and `edge-agent plugins` start without it.
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+    from watchdog.observers.api import ObservedWatch
 
 EventKind = Literal["created", "modified", "closed", "deleted", "moved"]
 BATCH_MAX = 500
@@ -98,6 +100,8 @@ class _OverflowListener(logging.Handler):
             if not self._installed:
                 logging.getLogger("watchdog").addHandler(self)
                 self._installed = True
+                from watchdog.version import VERSION_INFO as WATCHDOG_VERSION
+
                 if WATCHDOG_VERSION < (7, 1):
                     source.log.warning(
                         "watchdog %s does not say when the kernel's inotify queue overflowed:"
@@ -138,48 +142,6 @@ def _threads_started_by(action: Callable[[], T]) -> tuple[T, set[int]]:
         result = action()
         after = {thread.ident for thread in threading.enumerate()}
     return result, {ident for ident in after - before if ident is not None}
-
-
-class _Collector(FileSystemEventHandler):
-    """Runs in watchdog's thread: filter, then hand over to the source's thread."""
-
-    def __init__(self, source: FileSource, root: str) -> None:
-        self.source = source
-        self.root = root
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        source = self.source
-        source.last_event_at = time.time()
-        if event.event_type == "deleted" and os.fsdecode(event.src_path) == self.root:
-            source.root_lost(self.root)
-        if event.event_type not in source.config.events:
-            return
-        if event.is_directory and not source.config.directories:
-            return
-        path = os.fsdecode(event.dest_path if event.event_type == "moved" else event.src_path)
-        if not source.wanted(path, self.root):
-            return
-        while not source.stopping.is_set():
-            try:
-                source.pending.put(event, timeout=0.5)
-                return
-            except queue.Full:
-                continue  # backpressure: watchdog waits while the queue catches up
-
-
-class _ParentWatch(FileSystemEventHandler):
-    """Watches the nearest existing parent of a missing root, to notice it coming back."""
-
-    def __init__(self, source: FileSource, root: str) -> None:
-        self.source = source
-        self.root = root
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        for raw in (event.src_path, getattr(event, "dest_path", "")):
-            path = os.fsdecode(raw)
-            if path and (path == self.root or self.root.startswith(path + os.sep)):
-                self.source.wake()
-                return
 
 
 class FileSource(Source):
@@ -324,6 +286,8 @@ class FileSource(Source):
 
     @staticmethod
     def _start_observer() -> Observer:
+        from watchdog.observers import Observer
+
         observer = Observer()
         observer.daemon = True
         observer.start()
@@ -342,6 +306,8 @@ class FileSource(Source):
         watched. Once ``schedule`` returns, every folder below a recursive
         watch is watched (watchdog walks the tree before returning).
         """
+        from plugins import file_watch
+
         back = []
         for path in self.paths:
             watch = watches.get(path)
@@ -355,7 +321,12 @@ class FileSource(Source):
             reason = self._unwatchable(path)
             if reason is None:
                 try:
-                    watches[path] = self._schedule(observer, _Collector(self, path), path)
+                    watches[path] = self._schedule(
+                        observer,
+                        file_watch.Collector(self, path),
+                        path,
+                        event_filter=file_watch.event_filter(self.config),
+                    )
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
             if reason is None:
@@ -388,11 +359,12 @@ class FileSource(Source):
         handler: FileSystemEventHandler,
         path: str,
         recursive: bool | None = None,
+        event_filter: list[type[FileSystemEvent]] | None = None,
     ) -> ObservedWatch:
         if recursive is None:
             recursive = self.config.recursive
         watch, threads = _threads_started_by(
-            lambda: observer.schedule(handler, path, recursive=recursive)
+            lambda: observer.schedule(handler, path, recursive=recursive, event_filter=event_filter)
         )
         _OVERFLOWS.register(self, threads)
         return watch
@@ -401,12 +373,14 @@ class FileSource(Source):
         self, observer: Observer, root: str, parents: dict[str, ObservedWatch]
     ) -> None:
         """Watch the nearest existing folder above ``root``, so its return is seen at once."""
+        from plugins import file_watch
+
         parent = os.path.dirname(root)
         while parent != os.path.dirname(parent) and not os.path.isdir(parent):
             parent = os.path.dirname(parent)
         try:
             parents[root] = self._schedule(
-                observer, _ParentWatch(self, root), parent, recursive=False
+                observer, file_watch.ParentWatch(self, root), parent, recursive=False
             )
         except OSError as exc:
             self.log.info("cannot watch %s for %s to come back: %s", parent, root, exc.strerror)

@@ -24,9 +24,13 @@ Both clients keep paho for everything but the hot path:
   call, in the order received. :meth:`InboundClient.ack_many` queues the
   PUBACKs of many messages as one write, with one wake-up of the network
   thread instead of one per message.
-- :class:`OutboundClient` (the sink): a PUBACK with success and no
-  properties goes straight to ``on_publish`` (with one shared success
-  ``ReasonCode``); between :meth:`OutboundClient.cork` and
+- :class:`OutboundClient` (the sink): :meth:`OutboundClient.publish_qos1`
+  builds a QoS 1 PUBLISH itself, without paho's ``MQTTMessage``,
+  ``MQTTMessageInfo`` (a ``Condition`` each) and outgoing store, and its
+  PUBACK goes to ``on_publish`` with its reason code as paho would pass it. A
+  PUBACK with success (no reason code, 0x00, or 0x10 "no matching
+  subscribers") and no properties goes straight to ``on_publish`` (with one
+  shared ``ReasonCode`` per code); between :meth:`OutboundClient.cork` and
   :meth:`OutboundClient.uncork` packets are queued, then written together.
 
 paho-mqtt is pinned to 2.x (``paho-mqtt>=2,<3``); tests/test_mqtt_clients.py
@@ -262,15 +266,25 @@ class InboundClient(BufferedClient):
 #: What a PUBACK without reason code or properties means; shared, never changed.
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+#: PUBACK reason codes of success the sink's client handles itself; shared, never changed.
+_SUCCESS = {0x00: _PUBACK_SUCCESS, 0x10: ReasonCode(PacketTypes.PUBACK, identifier=0x10)}
 
 
 class OutboundClient(BufferedClient):
     """The sink's client: a thread of its own is never started; the owner drives the
-    socket (``loop_read``/``loop_write``), and may queue many packets for one write."""
+    socket (``loop_read``/``loop_write``), and may queue many packets for one write.
+
+    :meth:`publish_qos1` sends a QoS 1 message without paho's bookkeeping (an
+    ``MQTTMessage``, an ``MQTTMessageInfo`` with its ``Condition``, its
+    outgoing store): the owner keeps its own and resends from disk, never
+    through paho. Its PUBACK still ends in ``on_publish``, with the reason code.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._corked = False
+        #: Packet ids of messages sent with publish_qos1 and not yet acknowledged.
+        self._own_mids: set[int] = set()
 
     def cork(self) -> None:
         """Queue packets from now on instead of writing each at once."""
@@ -283,6 +297,31 @@ class OutboundClient(BufferedClient):
         if not self._out_packet or self._sock is None:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self.loop_write()
+
+    def publish_qos1(
+        self, topic: bytes, payload: bytes, retain: bool, properties: bytes | None
+    ) -> tuple[MQTTErrorCode, int]:
+        """Queue a QoS 1 PUBLISH; (rc, packet id). ``topic`` must be a valid topic name
+        (UTF-8, no wildcards) and ``properties`` packed MQTT 5 properties (None: none);
+        the caller checks both, and the size, before. Not sent again by paho, ever."""
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN, 0
+        mid = self._mid_generate()
+        props = (properties or b"\x00") if self._v5 else b""
+        remaining = 4 + len(topic) + len(props) + len(payload)
+        packet = b"".join(
+            (
+                bytes((PUBLISH | 0x02 | (0x01 if retain else 0),)),
+                _varint(remaining),
+                len(topic).to_bytes(2, "big"),
+                topic,
+                mid.to_bytes(2, "big"),
+                props,
+                payload,
+            )
+        )
+        self._own_mids.add(mid)
+        return self._packet_queue(PUBLISH | 0x02, packet, mid, 1), mid
 
     def _packet_queue(
         self,
@@ -334,13 +373,73 @@ class OutboundClient(BufferedClient):
         return super()._packet_write()
 
     def _fast_packet(self, header: int, body: bytes) -> MQTTErrorCode | None:
-        if header != PUBACK or len(body) != 2:
-            return None  # with a reason code or properties: paho's own handler
+        if header != PUBACK:
+            return None
+        size = len(body)
+        if size < 2:
+            return None  # malformed: paho says so
         mid = (body[0] << 8) | body[1]
+        success = size == 2 or (
+            self._v5 and (size == 3 or (size == 4 and body[3] == 0)) and body[2] in _SUCCESS
+        )
+        if mid in self._own_mids:
+            if success:
+                reason = _SUCCESS[body[2]] if size > 2 else _PUBACK_SUCCESS
+                properties = _NO_PROPERTIES
+            else:
+                try:
+                    reason, properties = _puback_reason(body)
+                except (ValueError, KeyError, IndexError, MalformedPacket):
+                    # paho too ends the connection over a reason code MQTT 5 does not
+                    # allow in a PUBACK (Mosquitto 2.0 sends 0x95 for a message over
+                    # its message_size_limit).
+                    return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            self._own_mids.discard(mid)
+            return self._own_on_publish(mid, reason, properties)
+        if not success:
+            return None  # a refusal, or properties: paho's own handler
+        # MQTT 5, success with a reason code and no properties: 0x10 "no matching
+        # subscribers" is what a broker says to every message nobody subscribed to.
+        reason = _SUCCESS[body[2]] if size > 2 else _PUBACK_SUCCESS
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                return self._do_on_publish(mid, reason, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _own_on_publish(
+        self, mid: int, reason: ReasonCode, properties: Properties
+    ) -> MQTTErrorCode:
+        """``on_publish`` for a message of :meth:`publish_qos1`, as paho calls it."""
+        on_publish = self.on_publish
+        if on_publish is not None:
+            with self._in_callback_mutex:
+                try:
+                    on_publish(self, self._userdata, mid, reason, properties)
+                except Exception as err:  # as paho: logged, and raised unless suppressed
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_publish: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def _puback_reason(body: bytes) -> tuple[ReasonCode, Properties]:
+    """The reason code and properties of an MQTT 5 PUBACK's body (raises if malformed)."""
+    reason = ReasonCode(PacketTypes.PUBACK)
+    reason.unpack(body[2:3])
+    properties = Properties(PacketTypes.PUBACK)
+    if len(body) > 3:
+        properties.unpack(body[3:])
+    return reason, properties
+
+
+def _varint(value: int) -> bytes:
+    """MQTT's variable byte integer (a packet's remaining length)."""
+    out = bytearray()
+    while True:
+        value, byte = divmod(value, 128)
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _plain(packet: dict[str, Any]) -> bool:

@@ -34,9 +34,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -46,6 +45,11 @@ from agent import ByteSize, Duration, OptionError, option
 from agent.backoff import Backoff
 from agent.commands import BUILTIN_COMMANDS, DEFAULT_ALLOW, Dispatcher, command_name_problem
 
+if TYPE_CHECKING:
+    # paho's client (with ssl) is imported when a listener connects: `edge-agent check`
+    # and `plugins` start without it.
+    import paho.mqtt.client as mqtt
+
 log = logging.getLogger("edge_agent.commands")
 
 #: Requests waiting for the one before them; more are answered "busy" at once.
@@ -53,6 +57,12 @@ MAX_WAITING = 16
 #: The user property a requester (or a broker that adds it) names itself with.
 REQUESTER_PROPERTY = "client_id"
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+
+def _error_string(rc: Any) -> str:
+    from paho.mqtt.client import error_string
+
+    return error_string(rc)
 
 
 def _check_allow(names: list[str]) -> None:
@@ -246,11 +256,11 @@ class CommandListener:
             if mask & _READ or (getattr(sock, "pending", None) and sock.pending() > 0):
                 rc = client.loop_read()
                 if rc != ok:
-                    return None if self._connected else mqtt.error_string(rc)
+                    return None if self._connected else _error_string(rc)
             if mask & select.POLLOUT:
                 rc = client.loop_write()
                 if rc != ok:
-                    return None if self._connected else mqtt.error_string(rc)
+                    return None if self._connected else _error_string(rc)
             if client.loop_misc() != ok:
                 return None if self._connected else "the connection was lost"
         return None
@@ -281,7 +291,7 @@ class CommandListener:
                     "sink %s: the answer on %s was not sent (%s); the requester times out",
                     self.sink_name,
                     topic,
-                    mqtt.error_string(info.rc),
+                    _error_string(info.rc),
                 )
 
     # -- paho callbacks: in the network thread; no exceptions -----------------

@@ -19,13 +19,15 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import Any
-
-import paho.mqtt.client as mqtt
+from typing import TYPE_CHECKING, Any
 
 from agent import Event, Source
 from agent.event import canonical_time, check_event
-from plugins.mqtt_clients import Received
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
+    from plugins.mqtt_clients import Received
 
 #: CloudEvents attributes an Event holds itself, rather than in ``attributes``.
 _OWN = {"specversion", "id", "type", "time", "subject", "data", "data_base64"}

@@ -13,16 +13,18 @@ import logging
 import os
 import re
 import socket
-import ssl
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import ByteSize, Duration, OptionError, QueuedEvent, option
-from agent.tls import describe_tls_error
 from plugins.mqtt_commands import CommandsConfig
+
+if TYPE_CHECKING:
+    # Imported by new_client() and connect(), when a client is made: the options and
+    # the messages need neither, and `edge-agent check` and `plugins` start without them.
+    import paho.mqtt.client as mqtt
 
 TOPIC_FIELDS = ("agent", "source", "type", "subject")
 #: The largest MQTT packet: a fixed header byte, 4 bytes of length, 268,435,455 bytes.
@@ -226,13 +228,17 @@ def new_client(
     *,
     clean_start: bool,
     manual_ack: bool = False,
-    client_class: type[mqtt.Client] = mqtt.Client,
+    client_class: type[mqtt.Client] | None = None,
 ) -> mqtt.Client:
-    """A paho client (``client_class``) for ``config``: protocol, transport, TLS (the server's
-    name checked unless ``tls.insecure``), user name and password, connect timeout; paho's own
-    reconnect off."""
+    """A paho client (``client_class``, default paho's ``Client``) for ``config``: protocol,
+    transport, TLS (the server's name checked unless ``tls.insecure``), user name and
+    password, connect timeout; paho's own reconnect off."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
     v5 = config.protocol == "5"
-    client = client_class(
+    client = (client_class or mqtt.Client)(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -270,6 +276,12 @@ def connect(
 ) -> str | None:
     """Open ``client``'s connection (CONNECT sent, not yet answered) with TCP_NODELAY on:
     None, or why it could not, in words for the operator (TLS problems explained)."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    from agent.tls import describe_tls_error
+
     v5 = config.protocol == "5"
     try:
         client.connect(

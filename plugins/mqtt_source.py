@@ -28,9 +28,8 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -40,10 +39,15 @@ from agent import Duration, Event, Source, hookimpl, option
 from agent.backoff import Backoff
 from agent.errors import QueueError
 from agent.event import check_event
-from plugins.mqtt_clients import InboundClient, Received
 from plugins.mqtt_events import message_event, own_output
 from plugins.mqtt_messages import MqttConnectionConfig, connect, new_client, warn_if_insecure
 from plugins.mqtt_redelivery import RedeliveryLog, digest
+
+if TYPE_CHECKING:
+    # paho.mqtt.client (with ssl and urllib) and the client class built on it are imported
+    # when the source first connects, so that `edge-agent check` and `plugins` start
+    # without them.
+    from plugins.mqtt_clients import InboundClient, Received
 
 #: Most messages committed in one transaction.
 BATCH_MAX = 2000
@@ -279,6 +283,8 @@ class MqttSource(Source):
         self._pump()
 
     def _connect(self, host: str, port: int) -> None:
+        from plugins.mqtt_clients import InboundClient
+
         config = self.config
         v5 = config.protocol == "5"
         client = new_client(
@@ -353,7 +359,9 @@ class MqttSource(Source):
                 asked.append((f.filter, qos))
         result, _mid = client.subscribe(asked)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise Unavailable(f"cannot subscribe: {mqtt.error_string(result)}")
+            from paho.mqtt.client import error_string
+
+            raise Unavailable(f"cannot subscribe: {error_string(result)}")
         kind, value = self._expect(("suback", "lost"), config.connect_timeout, "a SUBACK")
         if kind == "lost":
             raise Unavailable(f"connection lost while subscribing ({value})")

@@ -16,9 +16,10 @@ import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import serial
+if TYPE_CHECKING:
+    import serial  # pyserial, imported when the source runs: `check` and `plugins` skip it
 
 from agent import Duration, Event, Source, hookimpl, option
 from agent.errors import QueueError
@@ -93,6 +94,8 @@ class SerialSource(Source):
         self.last_gap = -GAP_EVERY  # time.monotonic() of the last serial.gap event
 
     def _open(self) -> serial.Serial:
+        import serial
+
         config = self.config
         return serial.Serial(
             config.port,
@@ -104,6 +107,8 @@ class SerialSource(Source):
         )
 
     def run(self) -> None:
+        import serial
+
         gone_since: float | None = None
         while not self.stopping.is_set():
             try:

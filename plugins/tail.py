@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
+import itertools
 import json
 import os
 import threading
@@ -29,11 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
 from agent import ByteSize, Duration, Event, Source, hookimpl, option
 from agent.errors import QueueError
+from agent.event import make_events
 from plugins.tail_files import (
     FINGERPRINT_BYTES,
     Tailed,
@@ -52,14 +51,6 @@ LINES_PER_COMMIT = 1000
 #: Checkpoint key saying this source has run before (files it meets later are new).
 STARTED_KEY = "started"
 WARN_EVERY = 60.0
-
-
-class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        self.event.set()
 
 
 class TailSource(Source):
@@ -114,11 +105,16 @@ class TailSource(Source):
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
+        # watchdog is imported here, so that `edge-agent check` and `plugins` start without it.
+        from watchdog.observers import Observer
+
+        from plugins.file_watch import Wake
+
         observer = Observer()
         observer.daemon = True
         for folder in {os.path.dirname(os.path.abspath(p)) for p in self.config.paths}:
             if not glob.has_magic(folder) and os.path.isdir(folder):
-                observer.schedule(_Wake(self._wake), folder, recursive=False)
+                observer.schedule(Wake(self._wake), folder, recursive=False)
         observer.start()
         tailed: dict[str, Tailed] = {}
         try:
@@ -504,9 +500,8 @@ class TailSource(Source):
         if time.monotonic() - item.rotated_at < self.config.rotate_wait:
             return
         if item.partial:  # the writer is gone: its last line will never end
-            self._commit(
-                item, [self._line_event(item, item.offset, item.partial)], len(item.partial)
-            )
+            events = self._line_events(item, [item.partial], [item.offset])
+            self._commit(item, events, len(item.partial))
         item.handle.close()
         del tailed[item.key]
         self.save_checkpoint({item.key: None})
@@ -514,59 +509,54 @@ class TailSource(Source):
     # -- reading ----------------------------------------------------------------
 
     def _read(self, item: Tailed) -> bool:
-        """Read one chunk and commit its complete lines; True if there was data."""
+        """Read one chunk and commit its complete lines; True if there was data.
+
+        The chunk's lines are split, decoded and made into events a whole list at a
+        time (not one Python step per byte range), and committed in parts of at most
+        LINES_PER_COMMIT lines, each with the offset just past its last line.
+        """
         chunk = item.handle.read(READ_CHUNK)
         item.at_eof = not chunk
         if not chunk:
             return False
         data = item.partial + chunk
-        events: list[Event] = []
-        cuts: list[tuple[int, int]] = []  # (events, bytes consumed) where a commit ends
-        consumed = 0
         limit = self.config.max_line_bytes
-        while True:
-            end = data.find(b"\n", consumed)
-            if item.skipping:
-                if end < 0:
-                    self.count("dropped_bytes", len(data) - consumed)
-                    consumed = len(data)
-                    break
-                self.count("dropped_bytes", end - consumed)
-                consumed = end + 1
-                item.skipping = False
-                continue
-            if end < 0:
-                if len(data) - consumed > limit:  # a line longer than allowed: cut it
-                    events.append(
-                        self._line_event(
-                            item, item.offset + consumed, data[consumed : consumed + limit]
-                        )
-                    )
+        consumed = 0
+        if item.skipping:  # inside a line longer than allowed: drop the rest of it
+            end = data.find(b"\n")
+            consumed = len(data) if end < 0 else end + 1
+            self.count("dropped_bytes", len(data) if end < 0 else end)
+            item.skipping = end < 0
+        lines: list[bytes] = []
+        if not item.skipping:
+            last = data.rfind(b"\n", consumed)
+            if last >= 0:
+                lines = data[consumed:last].split(b"\n")
+            if len(data) - (last + 1) > limit:  # a line longer than allowed, not ended yet
+                lines.append(data[last + 1 :])
+                item.skipping = True
+        # Where each line starts in the file, and the bytes read through its end.
+        starts = list(itertools.accumulate((len(line) + 1 for line in lines), initial=consumed))
+        if lines:
+            consumed = len(data) if item.skipping else starts[-1]
+        if lines and max(map(len, lines)) > limit:
+            for i, line in enumerate(lines):
+                if len(line) > limit:
                     self.count("truncated_lines")
-                    self.count("dropped_bytes", len(data) - consumed - limit)
-                    consumed = len(data)
-                    item.skipping = True
-                break
-            line = data[consumed:end]
-            if len(line) > limit:
-                self.count("truncated_lines")
-                self.count("dropped_bytes", len(line) - limit)
-                line = line[:limit]
-            events.append(self._line_event(item, item.offset + consumed, line))
-            consumed = end + 1
-            if len(events) % LINES_PER_COMMIT == 0:
-                cuts.append((len(events), consumed))
+                    self.count("dropped_bytes", len(line) - limit)
+                    lines[i] = line[:limit]
         item.partial = data[consumed:]
         if consumed:
-            if not cuts or cuts[-1][1] != consumed:
-                cuts.append((len(events), consumed))
+            events = self._line_events(item, lines, [item.offset + at for at in starts])
             skipping = item.skipping  # where the chunk ends; a cut before it ends a line
-            first = done = 0
-            for last, through in cuts:
+            done = 0
+            for first in range(0, max(len(events), 1), LINES_PER_COMMIT):
+                end = first + LINES_PER_COMMIT
+                through = consumed if end >= len(events) else starts[end]
                 item.skipping = skipping if through == consumed else False
-                if not self._commit(item, events[first:last], through - done):
+                if not self._commit(item, events[first:end], through - done):
                     break  # rewound: the rest is read again
-                first, done = last, through
+                done = through
         if self.counters["truncated_lines"] and time.monotonic() - self._last_warning >= WARN_EVERY:
             self._last_warning = time.monotonic()
             self.log.warning(
@@ -578,13 +568,15 @@ class TailSource(Source):
             )
         return True
 
-    def _line_event(self, item: Tailed, offset: int, raw: bytes) -> Event:
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        text = raw.decode(self.config.encoding, errors="replace")
-        return self.event(
-            "log.line", {"path": item.path, "line": text, "offset": offset}, subject=item.path
-        )
+    def _line_events(self, item: Tailed, lines: list[bytes], offsets: list[int]) -> list[Event]:
+        """``log.line`` events for ``lines`` (without their newline) starting at ``offsets``."""
+        encoding, path = self.config.encoding, item.path
+        texts = [line.decode(encoding, errors="replace").removesuffix("\r") for line in lines]
+        data = [
+            {"path": path, "line": text, "offset": offset}
+            for text, offset in zip(texts, offsets, strict=False)
+        ]
+        return make_events("log.line", self.name, data, subject=path)
 
     def _commit(self, item: Tailed, events: list[Event], consumed: int) -> bool:
         """Commit lines and the new offset together; on failure, rewind to read them again."""

@@ -66,7 +66,8 @@ def test_a_broker_refusal_keeps_the_event_queued(tmp_path, agent_process):
         agent.wait_started()
         (tmp_path / "inbox" / "a.csv").write_text("1")
         agent.wait_log("Not authorized", timeout=15)
-        assert agent.queued() == 2, "the refused event and the one after it stay queued"
+        # file.closed may be committed just after the refusal of file.created is logged.
+        wait_for(lambda: agent.queued() == 2, 10, "the refused event and the one after it")
         assert not created_paths(sub.events())
 
         # The operator fixes the broker's ACL and reloads it: the same event goes through.

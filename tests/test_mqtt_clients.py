@@ -108,8 +108,9 @@ def test_bulk_reads_deliver_every_message_whole_and_in_order(running_broker):
         pub.loop_stop()
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["paho-publish", "publish_qos1"])
 @pytest.mark.parametrize("protocol", [MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311])
-def test_corked_publishes_are_written_together_and_all_confirmed(running_broker, protocol):
+def test_corked_publishes_are_written_together_and_all_confirmed(running_broker, protocol, own):
     received: list[bytes] = []
     counter = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     ready = threading.Event()
@@ -142,7 +143,12 @@ def test_corked_publishes_are_written_together_and_all_confirmed(running_broker,
         wait_for(lambda: service(0.1) or connected.is_set(), 10, "CONNACK")
         payloads = [b"m%04d" % n for n in range(500)]
         sink.cork()
-        mids = [sink.publish("out/x", p, qos=1).mid for p in payloads]
+        if own:  # the sink's own QoS 1 path, without paho's bookkeeping
+            sent = [sink.publish_qos1(b"out/x", p, False, None) for p in payloads]
+            assert {rc for rc, _ in sent} == {MQTTErrorCode.MQTT_ERR_SUCCESS}
+            mids = [mid for _, mid in sent]
+        else:
+            mids = [sink.publish("out/x", p, qos=1).mid for p in payloads]
         assert acks == [] and sink.want_write()  # queued, not written yet
         assert sink.uncork() == MQTTErrorCode.MQTT_ERR_SUCCESS
         wait_for(lambda: service(0.1) or len(acks) >= 500, 20, "500 acknowledgements")
@@ -154,6 +160,47 @@ def test_corked_publishes_are_written_together_and_all_confirmed(running_broker,
         sink.disconnect()
         counter.disconnect()
         counter.loop_stop()
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["paho-publish", "publish_qos1"])
+def test_pubacks_saying_no_matching_subscribers_confirm_the_messages(running_broker, own):
+    """MQTT 5: a broker acknowledges a message nobody subscribed to with reason 0x10, a
+    success the sink's client handles itself; a refusal still goes through paho."""
+    sink = OutboundClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    sink.max_inflight_messages_set(0)
+    acks: list[tuple[int, int, bool]] = []
+    sink.on_publish = lambda client, userdata, mid, rc, props: acks.append(
+        (mid, rc.value, rc.is_failure)
+    )
+    connected = threading.Event()
+    sink.on_connect = lambda *args: connected.set()
+
+    def service(seconds: float) -> None:
+        sock = sink.socket()
+        readable, writable, _ = select.select(
+            [sock], [sock] if sink.want_write() else [], [], seconds
+        )
+        if readable:
+            assert sink.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        if writable:
+            assert sink.loop_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        sink.loop_misc()
+
+    try:
+        sink.connect("127.0.0.1", running_broker.port)
+        wait_for(lambda: service(0.1) or connected.is_set(), 10, "CONNACK")
+        sink.cork()
+        topics = [f"nobody/{uuid.uuid4().hex}" for _ in range(50)]
+        if own:
+            mids = [sink.publish_qos1(t.encode(), b"x", False, None)[1] for t in topics]
+        else:
+            mids = [sink.publish(t, b"x", qos=1).mid for t in topics]
+        sink.uncork()
+        wait_for(lambda: service(0.1) or len(acks) >= 50, 20, "50 acknowledgements")
+        assert sorted(mid for mid, _, _ in acks) == sorted(mids)
+        assert {(value, failed) for _, value, failed in acks} == {(0x10, False)}
+    finally:
+        sink.disconnect()
 
 
 def _commit(log: RedeliveryLog, messages: list[tuple[int, str, bool]]) -> tuple[list, dict]:
