@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/agent.toml
 
-.PHONY: run test lint test-tools rabbitmq bench bench-peers chaos clean
+.PHONY: run test lint test-tools rabbitmq bench bench-peers bench-fleet chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -103,6 +103,13 @@ bench: $(VENV)/.installed-bench test-tools
 PEERS_ARGS ?=
 bench-peers: $(VENV)/.installed-bench test-tools
 	$(BIN)/python bench/peers/mqtt_bridge.py $(PEERS_ARGS)
+
+# A fleet on this machine (not part of make bench): a RabbitMQ cluster of three nodes of its
+# own (the installed service is left alone), 100 agents, a node killed, the whole cluster down
+# for 2 minutes; about 15 min. FLEET_ARGS="--agents 20 --outage 20 --steady 20": a trial run.
+FLEET_ARGS ?=
+bench-fleet: $(VENV)/.installed-bench test-tools
+	$(BIN)/python bench/fleet.py $(FLEET_ARGS)
 
 # The chaos soak (not part of make test or make bench): faults against the real agent for
 # CHAOS_MINUTES (default 10), then an account of every event made; exit 1 on a silent

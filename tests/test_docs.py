@@ -32,6 +32,10 @@ PAGES = {
     ("sink", "http"): "docs/sinks/http.md",
 }
 
+#: Pages that are not about one plugin; their own tests run their examples
+#: (docs/fleet.md: tests/test_fleet_docs.py).
+GUIDES = ["docs/fleet.md"]
+
 
 def documented_keys(page: str) -> set[str]:
     text = (ROOT / page).read_text()
@@ -45,6 +49,15 @@ def test_every_builtin_option_is_in_its_docs_table(kind, name):
     schema = registry[name].cls.Config
     options = {f.name for f in dataclasses.fields(schema)}
     assert options == documented_keys(PAGES[(kind, name)])
+
+
+@pytest.mark.parametrize("page", GUIDES)
+def test_every_relative_link_of_a_guide_leads_to_a_file(page):
+    text = (ROOT / page).read_text()
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)
+    assert links, page
+    for link in links:
+        assert (ROOT / page).parent.joinpath(link).is_file(), f"{page}: {link}"
 
 
 def test_every_builtin_plugin_has_a_page():
