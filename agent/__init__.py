@@ -2,15 +2,15 @@
 
 What a plugin author imports::
 
-    from agent import Source, Sink, Processor, Event, QueuedEvent, hookimpl
-    from agent import option, Duration, ByteSize, OptionError
+    from edge_agent import Source, Sink, Processor, Event, QueuedEvent, hookimpl
+    from edge_agent import option, Duration, ByteSize, OptionError
 """
 
-from agent.api import Processor, Rejection, Sink, Source, SourceContext
-from agent.errors import SinkUnavailable
-from agent.event import Event, QueuedEvent
-from agent.hookspecs import hookimpl
-from agent.schema import ByteSize, Duration, OptionError, option
+from edge_agent.api import Processor, Rejection, Sink, Source, SourceContext
+from edge_agent.errors import SinkUnavailable
+from edge_agent.event import Event, QueuedEvent
+from edge_agent.hookspecs import hookimpl
+from edge_agent.schema import ByteSize, Duration, OptionError, option
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,3 @@
-from agent.cli import main
+from edge_agent.cli import main
 
 main()

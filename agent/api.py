@@ -35,16 +35,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.backoff import Jitter
-from agent.errors import QueueError
-from agent.event import Event, QueuedEvent
+from edge_agent.backoff import Jitter
+from edge_agent.errors import QueueError
+from edge_agent.event import Event, QueuedEvent
 
 
 class SourceContext:
     """What the agent gives a source: who it is, and how to commit to the queue.
 
     Built by the agent; plugin authors use it only through :class:`Source`'s
-    methods, and build one themselves only in tests (see :mod:`agent.testing`).
+    methods, and build one themselves only in tests (see :mod:`edge_agent.testing`).
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class Source:
     up; any other source counts as listening as soon as ``run`` is called.
     """
 
-    #: The config schema: a dataclass (see :mod:`agent.schema`), or None for
+    #: The config schema: a dataclass (see :mod:`edge_agent.schema`), or None for
     #: a source that takes no options besides ``name``.
     Config: ClassVar[type | None] = None
 
@@ -180,7 +180,7 @@ class Source:
 
         Blocks while the queue's hand-off is full (backpressure). Raises
         ``ValueError`` when ``data`` is not JSON-serialisable UTF-8 and
-        :class:`agent.errors.QueueError` when the queue cannot take it (the
+        :class:`edge_agent.errors.QueueError` when the queue cannot take it (the
         event was then not accepted: keep it and try again later).
         ``checkpoint`` is committed in the same transaction (see
         :meth:`emit_many`).
@@ -289,7 +289,7 @@ class Sink:
     agent/routing.py). An event leaves the queue only when every sink that
     selects it has confirmed it.
 
-    Raise :class:`agent.errors.SinkUnavailable` (or any exception) from
+    Raise :class:`edge_agent.errors.SinkUnavailable` (or any exception) from
     ``open`` or ``publish`` when the destination cannot take events now: the
     forwarder logs the reason once, calls ``close``, and retries ``open``
     with a backoff between :attr:`retry_min` and :attr:`retry_max` seconds.
@@ -382,13 +382,13 @@ class Sink:
 
     def take_rejections(self) -> list[Rejection]:
         """The rejections made since the last call (the forwarder takes them after each
-        :meth:`publish`; :class:`agent.testing.SinkHarness` too)."""
+        :meth:`publish`; :class:`edge_agent.testing.SinkHarness` too)."""
         taken = self.__dict__.get("_rejections") or []
         self.__dict__["_rejections"] = []
         return taken
 
     def check_connection(self) -> None:
-        """Raise :class:`agent.errors.SinkUnavailable` if the connection is known to be lost.
+        """Raise :class:`edge_agent.errors.SinkUnavailable` if the connection is known to be lost.
 
         Called about once a second while there is nothing to send, and while
         the forwarder waits after a round that confirmed nothing, so that an

@@ -13,7 +13,7 @@ commit and calls :meth:`Bounds.housekeeping` between commits.
 - ``when_full = "drop_oldest"`` makes room by deleting the oldest events
   (counted per source, logged at most once a minute); ``"block"`` makes
   sources wait until sinks confirm enough to make room.
-- Dead letters (:mod:`agent.dead_letters`) count against ``max_events`` and
+- Dead letters (:mod:`edge_agent.dead_letters`) count against ``max_events`` and
   ``max_bytes``, and are dropped with the events, oldest first (by their
   event's place in the queue), and by ``max_age``; counted per sink.
 """
@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from agent.queue import QueueWriter, Usage
+from edge_agent.queue import QueueWriter, Usage
 
 log = logging.getLogger("edge_agent.queue")
 

@@ -17,12 +17,12 @@ from datetime import UTC, datetime
 
 import click
 
-from agent import __version__
-from agent.config import Config, check_state_dir, choose_config_path, load_config
-from agent.errors import AgentError, ConfigError
-from agent.logfold import RepeatFolder
-from agent.plugins import PluginHost, load_plugins
-from agent.statedir import StateDirBusy, StateDirLock
+from edge_agent import __version__
+from edge_agent.config import Config, check_state_dir, choose_config_path, load_config
+from edge_agent.errors import AgentError, ConfigError
+from edge_agent.logfold import RepeatFolder
+from edge_agent.plugin_host import PluginHost, load_plugins
+from edge_agent.statedir import StateDirBusy, StateDirLock
 
 EX_CONFIG = 78
 
@@ -182,7 +182,7 @@ def cli() -> None:
 @config_option
 def run(config_path: str | None) -> None:
     """Run the agent until SIGTERM or SIGINT."""
-    from agent.runtime import Agent
+    from edge_agent.runtime import Agent
 
     setup_logging()
     try:
@@ -253,7 +253,7 @@ def check(config_path: str | None, connect: bool, timeout: float) -> None:
 
 
 def _check_connect(config: Config, timeout: float) -> None:
-    from agent.probe import probe_sinks
+    from edge_agent.probe import probe_sinks
 
     failed = 0
     # Each line below carries the reason; the libraries' own logs (pika's tracebacks)
@@ -290,7 +290,7 @@ def config_sample(plugin_names: tuple[str, ...]) -> None:
     """Print a commented sample configuration: the core tables and a table for each PLUGIN
     (default: every installed one). A name that is both a source and a sink (mqtt, http)
     gives both; "sources.mqtt" or "sinks.mqtt" gives one."""
-    from agent import sample
+    from edge_agent import sample
 
     host = _host()
     try:
@@ -346,7 +346,7 @@ def _status_state_dir(config_path: str | None, what: str = "Status") -> str:
     one gives its ``[agent] state_dir`` if that can be read, else the default,
     with a warning.
     """
-    from agent.config import (
+    from edge_agent.config import (
         AgentSettings,
         NotAFile,
         config_files,
@@ -379,7 +379,7 @@ def _status_state_dir(config_path: str | None, what: str = "Status") -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(config_path: str | None, as_json: bool) -> None:
     """How the running agent is doing: sinks, backlog, errors. Exit 1 if it is not running."""
-    from agent import status as snapshots
+    from edge_agent import status as snapshots
 
     data, problem = snapshots.read(_status_state_dir(config_path))
     if as_json:
@@ -411,7 +411,7 @@ def status(config_path: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One CloudEvents JSON line per event.")
 def tap(config_path: str | None, sources: tuple[str, ...], types: tuple[str, ...], as_json: bool):
     """Show events live as the running agent commits them to its queue (Ctrl-C ends it)."""
-    from agent import tap as tapping
+    from edge_agent import tap as tapping
 
     state_dir = _status_state_dir(config_path, "Events")
     sys.exit(tapping.run(state_dir, sources, types, as_json))
@@ -423,7 +423,7 @@ def queue() -> None:
 
 
 def _store(config: Config):
-    from agent.queue import QueueStore
+    from edge_agent.queue import QueueStore
 
     store = QueueStore(config.agent.state_dir, sync=config.queue.sync)
     if not os.path.exists(store.path):
@@ -450,12 +450,12 @@ def _queue_errors(store) -> Iterator[None]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def queue_stats(config_path: str | None, as_json: bool) -> None:
     """Events queued, oldest and newest, and each sink's backlog."""
-    from agent.queue import read_stats
+    from edge_agent.queue import read_stats
 
     config = _state(config_path)
     store = _store(config)
     if as_json:
-        from agent.status import queue_stats as stats_data
+        from edge_agent.status import queue_stats as stats_data
 
         with _queue_errors(store):
             click.echo(json.dumps(stats_data(store, config.routes())))
@@ -484,8 +484,8 @@ def queue_stats(config_path: str | None, as_json: bool) -> None:
 )
 def queue_peek(config_path: str | None, count: int, sink: str | None) -> None:
     """The oldest queued events, as they will be sent."""
-    from agent.queue import peek
-    from agent.routing import EVERYTHING
+    from edge_agent.queue import peek
+    from edge_agent.routing import EVERYTHING
 
     config = _state(config_path)
     route = config.routes().get(sink, EVERYTHING) if sink else EVERYTHING
@@ -514,8 +514,8 @@ def queue_purge(config_path: str | None, sink: str, before: str, yes: bool) -> N
     has one writer at a time: stop the agent first (purge refuses while it runs,
     naming its pid), then start it again.
     """
-    from agent.queue import purge, purge_plan
-    from agent.routing import EVERYTHING
+    from edge_agent.queue import purge, purge_plan
+    from edge_agent.routing import EVERYTHING
 
     config = _state(config_path)
     store = _store(config)
@@ -550,7 +550,7 @@ def _before(before: str) -> str:
     """``--before``: a time ("2026-11-20T00:00:00Z") or an age ("7d") → RFC 3339 UTC text."""
     from datetime import timedelta
 
-    from agent.units import parse_duration
+    from edge_agent.units import parse_duration
 
     try:
         cutoff = datetime.now(UTC) - timedelta(seconds=parse_duration(before))
@@ -608,7 +608,7 @@ def _dead_connection(config_path: str | None, doing: str | None = None):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (with the data).")
 def queue_dead_list(config_path: str | None, sink: str | None, count: int | None, as_json: bool):
     """Each dead letter: sink, event, why it was set aside, attempts, when."""
-    from agent import dead_letters
+    from edge_agent import dead_letters
 
     conn, _ = _dead_connection(config_path)
     try:
@@ -659,7 +659,7 @@ def queue_dead_retry(config_path: str | None, sink: str | None, ids: tuple[str, 
     while it runs, naming its pid), then start it again. Confirmed, they are
     gone; refused again, they are set aside again.
     """
-    from agent import dead_letters
+    from edge_agent import dead_letters
 
     conn, _held = _dead_connection(config_path, "retry")
     try:
@@ -683,7 +683,7 @@ def queue_dead_retry(config_path: str | None, sink: str | None, ids: tuple[str, 
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def queue_dead_purge(config_path: str | None, sink: str | None, before: str | None, yes: bool):
     """Delete dead letters for good (stop the agent first: one writer at a time)."""
-    from agent import dead_letters
+    from edge_agent import dead_letters
 
     before_text = _before(before) if before else None
     conn, _held = _dead_connection(config_path, "purge dead letters")

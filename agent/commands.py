@@ -1,7 +1,7 @@
 """Remote commands: the allow-listed actions an operator may ask a running agent for.
 
 This module knows nothing of MQTT. A transport (the MQTT sink's ``commands``
-table, :mod:`plugins.mqtt_commands`) hands each request to
+table, :mod:`edge_agent.plugins.mqtt_commands`) hands each request to
 :meth:`Dispatcher.answer` as a command name and a raw payload, and sends the
 returned answer back to the requester. Built-in commands:
 
@@ -240,12 +240,12 @@ class Dispatcher:
         }
 
     def _status(self, _arguments: dict[str, Any], _deadline: float) -> dict[str, Any]:
-        from agent import status
+        from edge_agent import status
 
         return {"running": True, "problem": None, "status": status.snapshot(self.agent)}
 
     def _queue_stats(self, _arguments: dict[str, Any], _deadline: float) -> dict[str, Any]:
-        from agent import status
+        from edge_agent import status
 
         return status.queue_stats(self.agent.store, self.agent.config.routes())
 

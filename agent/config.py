@@ -5,7 +5,7 @@ folder in name order (merged by the rules of :func:`parse_documents`),
 replaces ``${VAR}`` and ``${VAR:-default}`` in string values from the
 environment, reads secrets from ``KEY_file`` keys, and validates every table
 against its schema: the core's below and each plugin's ``Config``. Every
-problem is collected and raised at once as :class:`agent.errors.ConfigError`,
+problem is collected and raised at once as :class:`edge_agent.errors.ConfigError`,
 each naming the file, the key path and what was expected.
 
 Relative paths in the file are taken from the working directory, as Vector and
@@ -24,11 +24,11 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from agent.drain import UNLIMITED, DrainLimits, parse_limits
-from agent.errors import ConfigError, ConfigProblem
-from agent.plugins import PluginHost, Registration
-from agent.routing import EVERYTHING, Route, parse_route
-from agent.schema import ByteSize, Duration, EnvStr, build, option
+from edge_agent.drain import UNLIMITED, DrainLimits, parse_limits
+from edge_agent.errors import ConfigError, ConfigProblem
+from edge_agent.plugin_host import PluginHost, Registration
+from edge_agent.routing import EVERYTHING, Route, parse_route
+from edge_agent.schema import ByteSize, Duration, EnvStr, build, option
 
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 #: A config file (or a secret file) larger than this is refused: it is not one.

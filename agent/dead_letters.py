@@ -11,7 +11,7 @@ events (it looks at start, and about once a second). Confirmed, it is
 deleted; refused again, it is set aside again.
 
 Dead letters count against the queue's bounds (``max_events``, ``max_bytes``)
-and are dropped oldest first with the events (see :mod:`agent.bounds`).
+and are dropped oldest first with the events (see :mod:`edge_agent.bounds`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from agent.errors import QueueError
-from agent.event import QueuedEvent
-from agent.routing import EVERYTHING, Route
+from edge_agent.errors import QueueError
+from edge_agent.event import QueuedEvent
+from edge_agent.routing import EVERYTHING, Route
 
 _COLUMNS = "sink, position, id, source, type, time, subject, sequence, data, reason, attempts,"
 _COLUMNS += " dead_at, retry, attributes"
@@ -46,7 +46,7 @@ class DeadLetter:
     attempts: int
     dead_at: str
     retry: bool
-    #: More CloudEvents attributes, as JSON (see :attr:`agent.event.Event.attributes`).
+    #: More CloudEvents attributes, as JSON (see :attr:`edge_agent.event.Event.attributes`).
     attributes_json: str | None = None
 
     def event(self, agent_id: str) -> QueuedEvent:

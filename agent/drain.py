@@ -53,12 +53,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.counters import utf8_len
-from agent.schema import ByteSize, build, option
+from edge_agent.counters import utf8_len
+from edge_agent.schema import ByteSize, build, option
 
 if TYPE_CHECKING:
-    from agent.event import QueuedEvent
-    from agent.queue import SinkCursor
+    from edge_agent.event import QueuedEvent
+    from edge_agent.queue import SinkCursor
 
 #: The sink options this module reads; no plugin may take them.
 DRAIN_KEYS = ("max_rate", "max_bytes_rate", "priority")

@@ -6,13 +6,13 @@ confirmed without a gap. Events confirmed after a gap are remembered so they
 are not sent twice while the agent runs; everything unconfirmed is sent again,
 in order, after a reconnect or a restart.
 
-A sink that selects events (``sources``, ``types``; :mod:`agent.routing`)
+A sink that selects events (``sources``, ``types``; :mod:`edge_agent.routing`)
 reads only those; its cursor moves over the others with them, and, when it
 has nothing left to send, to the newest event it looked through.
 
-An event the sink rejects (:meth:`agent.api.Sink.reject`) is sent again; after
+An event the sink rejects (:meth:`edge_agent.api.Sink.reject`) is sent again; after
 ``dead_letter_after`` refusals in a row, or at once when it cannot be sent at
-all, it is set aside as a dead letter (:mod:`agent.dead_letters`) and the
+all, it is set aside as a dead letter (:mod:`edge_agent.dead_letters`) and the
 cursor moves over it as over a confirmed one. Dead letters an operator asked
 to retry are sent ahead of the other events. Events the queue's bounds
 dropped are forgotten, never sent again from memory.
@@ -30,15 +30,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import dead_letters
-from agent.api import Sink
-from agent.backoff import Backoff
-from agent.counters import Latency, utf8_len
-from agent.drain import UNLIMITED, DrainLimits, Limiter, LiveLane
-from agent.errors import QueueError, SinkUnavailable
-from agent.event import QueuedEvent
-from agent.queue import QueueStore, SinkCursor
-from agent.routing import EVERYTHING, Route
+from edge_agent import dead_letters
+from edge_agent.api import Sink
+from edge_agent.backoff import Backoff
+from edge_agent.counters import Latency, utf8_len
+from edge_agent.drain import UNLIMITED, DrainLimits, Limiter, LiveLane
+from edge_agent.errors import QueueError, SinkUnavailable
+from edge_agent.event import QueuedEvent
+from edge_agent.queue import QueueStore, SinkCursor
+from edge_agent.routing import EVERYTHING, Route
 
 log = logging.getLogger("edge_agent.forwarder")
 

@@ -44,7 +44,7 @@ def register_sources(register):
 
     :param register: call ``register(name, cls)`` once per source, where
         ``name`` is the table name in the config (``[[sources.NAME]]``) and
-        ``cls`` a subclass of :class:`agent.Source`. A name another plugin
+        ``cls`` a subclass of :class:`edge_agent.Source`. A name another plugin
         already registered is an error naming both plugins; that second
         registration is ignored and the rest of the agent carries on.
 
@@ -61,7 +61,7 @@ def register_sinks(register):
 
     :param register: call ``register(name, cls)`` once per sink, where ``name``
         is the table name in the config (``[[sinks.NAME]]``) and ``cls`` a
-        subclass of :class:`agent.Sink`. Duplicate names are handled as for
+        subclass of :class:`edge_agent.Sink`. Duplicate names are handled as for
         :func:`register_sources`.
 
     Return value is ignored. An exception is logged with the plugin's name.
@@ -77,7 +77,7 @@ def register_processors(register):
     :param register: call ``register(name, cls)`` once per processor, where
         ``name`` is what a config's ``[[processors]]`` table gives as its
         ``type`` (``type = "NAME"``) and ``cls`` a subclass of
-        :class:`agent.Processor`. Duplicate names are handled as for
+        :class:`edge_agent.Processor`. Duplicate names are handled as for
         :func:`register_sources`.
 
     Configured processor instances run in the order of their ``[[processors]]``
@@ -147,9 +147,9 @@ def process_event(event, agent):
     each implementation receives what the previous one returned. Runs before
     the configured processors. Keep it fast: the source waits.
 
-    :param event: the :class:`agent.Event` (``type``, ``source``, ``data``,
+    :param event: the :class:`edge_agent.Event` (``type``, ``source``, ``data``,
         ``subject``, ``id``, ``time``). It may be changed in place.
-    :param agent: the running :class:`agent.runtime.Agent`.
+    :param agent: the running :class:`edge_agent.runtime.Agent`.
     :return: the event (the same or a new one) to keep it, or ``None`` to
         drop it; later implementations are then not called. Returning nothing
         therefore drops the event, so always ``return event``.

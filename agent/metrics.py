@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agent import __version__
+from edge_agent import __version__
 
 log = logging.getLogger("edge_agent.metrics")
 
@@ -38,7 +38,7 @@ class AgentCollector:
             HistogramMetricFamily,
         )
 
-        from agent import status
+        from edge_agent import status
 
         build_info = GaugeMetricFamily(
             "edge_agent_build_info", "Always 1; the version in a label.", labels=["version"]

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.config import Config, InstanceConfig
+from edge_agent.config import Config, InstanceConfig
 
 
 @dataclass

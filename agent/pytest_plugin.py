@@ -4,7 +4,7 @@
   (``.port``, ``.stop()``, ``.start()``), stopped after the test.
 - ``mqtt_subscriber``: a subscriber to ``#`` on that broker; ``.events()``
   returns the JSON payloads received so far.
-- ``source_harness`` / ``sink_harness``: the classes of :mod:`agent.testing`,
+- ``source_harness`` / ``sink_harness``: the classes of :mod:`edge_agent.testing`,
   for ``source_harness(MySource, {...config...})``; harnesses made through
   the fixture are stopped after the test.
 """
@@ -20,7 +20,7 @@ import pytest
 @pytest.fixture
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A Mosquitto of this test's own on a free loopback port; ``.port``, ``.stop()``."""
-    from agent.testing import Mosquitto
+    from edge_agent.testing import Mosquitto
 
     broker = Mosquitto(str(tmp_path_factory.mktemp("mosquitto")))
     broker.start()
@@ -33,7 +33,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture
 def mqtt_subscriber(mosquitto: Any) -> Iterator[Any]:
     """A subscriber to ``#`` on the ``mosquitto`` broker; ``.events()`` gives the payloads."""
-    from agent.testing import Subscriber
+    from edge_agent.testing import Subscriber
 
     with Subscriber(mosquitto.port, "#") as subscriber:
         yield subscriber
@@ -42,7 +42,7 @@ def mqtt_subscriber(mosquitto: Any) -> Iterator[Any]:
 @pytest.fixture
 def source_harness() -> Iterator[Any]:
     """``source_harness(MySource, {config})``: a started SourceHarness, stopped after the test."""
-    from agent.testing import SourceHarness
+    from edge_agent.testing import SourceHarness
 
     made: list[SourceHarness] = []
 
@@ -60,6 +60,6 @@ def source_harness() -> Iterator[Any]:
 @pytest.fixture
 def sink_harness() -> Any:
     """The SinkHarness class: ``sink_harness(MySink, {config}).deliver(events)``."""
-    from agent.testing import SinkHarness
+    from edge_agent.testing import SinkHarness
 
     return SinkHarness

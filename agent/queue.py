@@ -27,12 +27,12 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from agent import dead_letters
-from agent.clock import AgeClock
-from agent.errors import QueueCorrupt, QueueError, QueueVanished
-from agent.event import Event, QueuedEvent, encode_attributes
-from agent.migrations import migrations
-from agent.routing import EVERYTHING, Route, register_functions, selective
+from edge_agent import dead_letters
+from edge_agent.clock import AgeClock
+from edge_agent.errors import QueueCorrupt, QueueError, QueueVanished
+from edge_agent.event import Event, QueuedEvent, encode_attributes
+from edge_agent.migrations import migrations
+from edge_agent.routing import EVERYTHING, Route, register_functions, selective
 
 log = logging.getLogger("edge_agent.queue")
 
@@ -78,7 +78,7 @@ class QueueStats:
     oldest_time: str | None
     newest_time: str | None
     sink_backlog: dict[str, int]
-    #: Dead letters per sink (see :mod:`agent.dead_letters`).
+    #: Dead letters per sink (see :mod:`edge_agent.dead_letters`).
     dead_letters: dict[str, int] = field(default_factory=dict)
 
 

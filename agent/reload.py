@@ -28,9 +28,9 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agent.config import InstanceConfig, load_config
-from agent.errors import ConfigError, QueueError
-from agent.queue import QueueStore, checkpoint_owners, move_checkpoints
+from edge_agent.config import InstanceConfig, load_config
+from edge_agent.errors import ConfigError, QueueError
+from edge_agent.queue import QueueStore, checkpoint_owners, move_checkpoints
 
 log = logging.getLogger("edge_agent.reload")
 

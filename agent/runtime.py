@@ -24,22 +24,28 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from agent import __version__, status
-from agent.api import Processor, Sink, Source, SourceContext
-from agent.backoff import Backoff
-from agent.bounds import Limits
-from agent.config import Config, InstanceConfig
-from agent.counters import LoggedProblems, utf8_len
-from agent.drain import UNLIMITED
-from agent.errors import QueueError
-from agent.event import Event, check_event, encode_data
-from agent.forwarder import Forwarder
-from agent.logfold import flush_folded
-from agent.plugins import PluginHost, SlowReporter
-from agent.queue import INSTANCE_KEY, QueueStore, iter_checkpoints, read_checkpoints, read_stats
-from agent.statedir import StateDirBusy, StateDirLock
-from agent.systemd import Notifier
-from agent.writer import Writer
+from edge_agent import __version__, status
+from edge_agent.api import Processor, Sink, Source, SourceContext
+from edge_agent.backoff import Backoff
+from edge_agent.bounds import Limits
+from edge_agent.config import Config, InstanceConfig
+from edge_agent.counters import LoggedProblems, utf8_len
+from edge_agent.drain import UNLIMITED
+from edge_agent.errors import QueueError
+from edge_agent.event import Event, check_event, encode_data
+from edge_agent.forwarder import Forwarder
+from edge_agent.logfold import flush_folded
+from edge_agent.plugin_host import PluginHost, SlowReporter
+from edge_agent.queue import (
+    INSTANCE_KEY,
+    QueueStore,
+    iter_checkpoints,
+    read_checkpoints,
+    read_stats,
+)
+from edge_agent.statedir import StateDirBusy, StateDirLock
+from edge_agent.systemd import Notifier
+from edge_agent.writer import Writer
 
 log = logging.getLogger("edge_agent")
 
@@ -314,7 +320,7 @@ class Agent:
         for instance in self.config.sinks:
             self.start_sink(instance)
         self._start_metrics()
-        from agent.reload import carry_renames_at_start
+        from edge_agent.reload import carry_renames_at_start
 
         carry_renames_at_start(self.store, self.config.sources)
         started = [self.start_source(instance) for instance in self.config.sources]
@@ -445,7 +451,7 @@ class Agent:
 
     def _record(self, instance: InstanceConfig) -> None:
         """Remember the source's plugin and settings, to recognise a rename made while stopped."""
-        from agent.reload import instance_record
+        from edge_agent.reload import instance_record
 
         assert self.writer is not None
         try:
@@ -455,7 +461,7 @@ class Agent:
 
     def _start_tap(self) -> None:
         """Listen for ``edge-agent tap`` on the state directory's socket (never fatal)."""
-        from agent.tap import TapError, TapServer
+        from edge_agent.tap import TapError, TapServer
 
         assert self.writer is not None
         tap = TapServer(self.store.state_dir, self.id, self.writer)
@@ -471,7 +477,7 @@ class Agent:
         if not listen:
             return
         try:
-            from agent import metrics
+            from edge_agent import metrics
 
             self.metrics_server = metrics.serve(self, listen)
         except ImportError:
@@ -573,11 +579,11 @@ class Agent:
                 )
 
     def reload(self) -> bool:
-        """SIGHUP: read the config file again and apply it (see :mod:`agent.reload`).
+        """SIGHUP: read the config file again and apply it (see :mod:`edge_agent.reload`).
 
         Runs in the main thread; False when the new file was refused (invalid).
         """
-        from agent.reload import reload
+        from edge_agent.reload import reload
 
         self.notifier.send("RELOADING=1", "STATUS=reloading the configuration")
         applied = False

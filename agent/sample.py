@@ -15,8 +15,8 @@ import textwrap
 import typing
 from typing import Any
 
-from agent.plugins import PluginHost, Registration
-from agent.schema import ByteSize, Duration
+from edge_agent.plugin_host import PluginHost, Registration
+from edge_agent.schema import ByteSize, Duration
 
 #: The tables' order in the file: the order events flow through them.
 KINDS = (("source", "sources"), ("processor", "processors"), ("sink", "sinks"))
@@ -53,7 +53,7 @@ def select(host: PluginHost, names: list[str]) -> list[Registration]:
 
 def render(host: PluginHost, registrations: list[Registration]) -> str:
     """The sample file: the core tables, then one table per registration."""
-    from agent.config import AgentSettings, MetricsSettings, QueueSettings
+    from edge_agent.config import AgentSettings, MetricsSettings, QueueSettings
 
     parts = [
         "# edge-agent configuration, made by `edge-agent config sample`.\n"

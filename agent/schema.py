@@ -42,7 +42,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
-from agent.units import parse_duration, parse_size
+from edge_agent.units import parse_duration, parse_size
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ import fcntl
 import logging
 import os
 
-from agent.errors import AgentError, QueueError
+from edge_agent.errors import AgentError, QueueError
 
 LOCK_FILE = "lock"
 

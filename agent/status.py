@@ -13,8 +13,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.queue import read_stats
-from agent.statedir import holder
+from edge_agent.queue import read_stats
+from edge_agent.statedir import holder
 
 STATUS_FILE = "status.json"
 #: A snapshot older than this many status intervals means the agent is not running.
@@ -187,7 +187,7 @@ def read(state_dir: str) -> tuple[dict[str, Any] | None, str | None]:
 def running(state_dir: str, pid: Any) -> bool:
     """Does an agent hold ``state_dir`` now? Else, does ``pid`` still run an edge-agent?
 
-    The state directory's lock says it best (see :mod:`agent.statedir`); without
+    The state directory's lock says it best (see :mod:`edge_agent.statedir`); without
     a lock file (an older agent wrote the snapshot) the pid is checked: it must
     be alive and its command line that of edge-agent, since pids are reused.
     """
@@ -210,7 +210,7 @@ def running(state_dir: str, pid: Any) -> bool:
         return False
     except OSError:
         return True  # alive; cannot tell more (hidepid)
-    return any(b"edge-agent" in arg for arg in argv) or b"agent" in argv[1:3]
+    return any(b"edge-agent" in arg for arg in argv) or b"edge_agent" in argv[1:3]
 
 
 def render(data: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, TextIO
 
-from agent.event import Event, QueuedEvent, encode_attributes
+from edge_agent.event import Event, QueuedEvent, encode_attributes
 
 log = logging.getLogger("edge_agent.tap")
 
@@ -383,7 +383,7 @@ def connect(
 
 
 def _not_running(state_dir: str, path: str) -> str:
-    from agent.statedir import holder
+    from edge_agent.statedir import holder
 
     try:
         pid = holder(state_dir)

@@ -227,7 +227,7 @@ class Subscriber:
 
 def plugin_config(plugin_class: type, config: dict[str, Any], name: str) -> Any:
     """Validate ``config`` against the plugin's Config as ``check`` would; ValueError if bad."""
-    from agent.schema import build
+    from edge_agent.schema import build
 
     if plugin_class.Config is None:
         return None
@@ -262,7 +262,7 @@ class SourceHarness:
         checkpoints: dict[str, str] | None = None,
         status: dict[str, Any] | None = None,
     ) -> None:
-        from agent.api import SourceContext
+        from edge_agent.api import SourceContext
 
         built = plugin_config(source_class, config, name)
         self.events: list[Any] = []
@@ -282,8 +282,8 @@ class SourceHarness:
         self._thread = threading.Thread(target=self._run, name=f"harness:{name}", daemon=True)
 
     def _commit(self, events: Any, checkpoint: Any) -> None:
-        from agent.errors import QueueError
-        from agent.event import check_event, encode_data
+        from edge_agent.errors import QueueError
+        from edge_agent.event import check_event, encode_data
 
         with self._lock:
             if self._failures:
@@ -330,7 +330,7 @@ class SourceHarness:
             raise self.error
 
     def wait_listening(self, timeout: float = 10.0) -> None:
-        """Wait until the source listens (see :meth:`agent.Source.listening`)."""
+        """Wait until the source listens (see :meth:`edge_agent.Source.listening`)."""
 
         def listening() -> bool:
             if self.error is not None:
@@ -360,8 +360,9 @@ class SourceHarness:
 
 
 def queued_events(events: list[Any], agent_id: str = "test-agent") -> list[Any]:
-    """Turn :class:`agent.Event` objects into the :class:`agent.QueuedEvent` a sink receives."""
-    from agent.event import QueuedEvent, encode_attributes, encode_data
+    """Turn :class:`edge_agent.Event` objects into the :class:`edge_agent.QueuedEvent` a
+    sink receives."""
+    from edge_agent.event import QueuedEvent, encode_attributes, encode_data
 
     sequences: dict[str, int] = {}
     result = []
@@ -395,7 +396,7 @@ class SinkHarness:
         confirmed = harness.deliver([Event(type="t.x", source="s", data={"n": 1})])
         assert len(confirmed) == 1
 
-    Rejections (:meth:`agent.Sink.reject`) are kept in :attr:`rejections`; an
+    Rejections (:meth:`edge_agent.Sink.reject`) are kept in :attr:`rejections`; an
     event rejected ``dead_letter_after`` times in a row once an event behind it
     was confirmed (or once, as invalid) is set aside as the forwarder would, in
     :attr:`dead_letters` as ``(event, reason)``, and not handed over again.
@@ -414,7 +415,7 @@ class SinkHarness:
         self.agent_id = agent_id
         self.dead_letter_after = dead_letter_after
         self.sink = sink_class(name=name, config=built, agent_id=agent_id)
-        #: Every rejection the sink made, in order (:class:`agent.Rejection`).
+        #: Every rejection the sink made, in order (:class:`edge_agent.Rejection`).
         self.rejections: list[Any] = []
         #: (event, reason) of each event set aside, in order.
         self.dead_letters: list[tuple[Any, str]] = []
@@ -422,7 +423,7 @@ class SinkHarness:
     def deliver(self, events: list[Any], timeout: float = 10.0) -> list[Any]:
         """Publish ``events`` until each is confirmed or set aside, or ``timeout`` passes.
 
-        Returns the events the sink confirmed, as :class:`agent.QueuedEvent`.
+        Returns the events the sink confirmed, as :class:`edge_agent.QueuedEvent`.
         An exception from ``open()`` or ``publish()`` goes to the caller.
         """
         pending = queued_events(events, self.agent_id)

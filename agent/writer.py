@@ -15,11 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from agent.bounds import ROW_OVERHEAD, Bounds, Limits
-from agent.errors import QueueError, QueueVanished, TooManyAtOnce
-from agent.event import Event
-from agent.queue import Checkpoint, QueueStore, QueueWriter
-from agent.routing import Route
+from edge_agent.bounds import ROW_OVERHEAD, Bounds, Limits
+from edge_agent.errors import QueueError, QueueVanished, TooManyAtOnce
+from edge_agent.event import Event
+from edge_agent.queue import Checkpoint, QueueStore, QueueWriter
+from edge_agent.routing import Route
 
 log = logging.getLogger("edge_agent.writer")
 

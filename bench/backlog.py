@@ -34,10 +34,10 @@ import textwrap  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 
-from agent.event import Event  # noqa: E402
-from agent.queue import QueueStore, QueueWriter, count_events  # noqa: E402
-from agent.testing import Mosquitto, free_port  # noqa: E402
 from bench.common import Row, mosquitto_version, package_version, write_results  # noqa: E402
+from edge_agent.event import Event  # noqa: E402
+from edge_agent.queue import QueueStore, QueueWriter, count_events  # noqa: E402
+from edge_agent.testing import Mosquitto, free_port  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -103,7 +103,7 @@ def start_agent(workdir: str, state_dir: str, port: int) -> subprocess.Popen:
             )
         )
     return subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "-c", config],
+        [sys.executable, "-m", "edge_agent", "run", "-c", config],
         stdout=subprocess.DEVNULL,
         stderr=open(os.path.join(workdir, "agent.log"), "a"),
     )

@@ -36,7 +36,6 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-from agent.testing import wait_for  # noqa: E402
 from bench.chaos_oracle import (  # noqa: E402
     Ledger,
     Received,
@@ -53,6 +52,7 @@ from bench.chaos_oracle import (  # noqa: E402
 )
 from bench.chaos_world import EXEC_TIMEOUT, MAX_PACKET, Producers, World  # noqa: E402
 from bench.common import Row, machine, print_machine, workdir, write_results  # noqa: E402
+from edge_agent.testing import wait_for  # noqa: E402
 
 # -- the faults: each injects, holds, and clears itself (also when interrupted) --------
 

@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 
-from agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
 from bench.chaos_oracle import Ledger, serial_text, serials_in
 from bench.common import NotifySocket
+from edge_agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
 
 AGENT_ID = "chaos"
 #: Serials the exec command prints start above this: the ledger numbers the others.
@@ -58,7 +58,7 @@ def table(section: str, **values: object) -> str:
 
 
 class Agent:
-    """``python -m agent run -c FILE`` as a child process; READY=1 read from a notify socket."""
+    """``python -m edge_agent run -c FILE`` as a child; READY=1 read from a notify socket."""
 
     def __init__(self, folder: str, config_path: str) -> None:
         self.folder = folder
@@ -76,7 +76,7 @@ class Agent:
         env["NOTIFY_SOCKET"] = sock
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "-c", self.config_path],
+                [sys.executable, "-m", "edge_agent", "run", "-c", self.config_path],
                 cwd=self.folder,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -147,7 +147,7 @@ class Agent:
 
 
 class CountingSubscriber(Subscriber):
-    """:class:`agent.testing.Subscriber` that counts its acknowledged subscriptions, one
+    """:class:`edge_agent.testing.Subscriber` that counts its acknowledged subscriptions, one
     per (re)connection, so a broker restart can wait until it is back."""
 
     def __init__(self, port: int, topic: str) -> None:

@@ -31,7 +31,6 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E40
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from agent.testing import Mosquitto  # noqa: E402
 from bench.common import (  # noqa: E402
     BROKER_CONFIG,
     AgentProcess,
@@ -47,6 +46,7 @@ from bench.common import (  # noqa: E402
     threads,
     workdir,
 )
+from edge_agent.testing import Mosquitto  # noqa: E402
 
 
 def make_agent(folder: str, port: int, agent_id: str, commands: bool) -> AgentProcess:

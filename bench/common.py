@@ -41,7 +41,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.testing import Mosquitto, mosquitto_binary, wait_for
+from edge_agent.testing import Mosquitto, mosquitto_binary, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -265,9 +265,9 @@ def start_broker(folder: str) -> Mosquitto:
 
 
 def agent_command() -> list[str]:
-    """``edge-agent`` next to this interpreter (the venv's), else ``python -m agent``."""
+    """``edge-agent`` next to this interpreter (the venv's), else ``python -m edge_agent``."""
     script = os.path.join(os.path.dirname(sys.executable), "edge-agent")
-    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "agent"]
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "edge_agent"]
 
 
 def plugin_table(section: str, **values: Any) -> str:

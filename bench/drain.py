@@ -29,8 +29,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-from agent.event import Event  # noqa: E402
-from agent.queue import QueueStore, QueueWriter  # noqa: E402
 from bench.common import (  # noqa: E402
     AgentProcess,
     Arrivals,
@@ -48,6 +46,8 @@ from bench.common import (  # noqa: E402
     workdir,
     write_results,
 )
+from edge_agent.event import Event  # noqa: E402
+from edge_agent.queue import QueueStore, QueueWriter  # noqa: E402
 
 
 def prefill(state_dir: str, count: int, data_bytes: int) -> None:

@@ -25,9 +25,9 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-import plugins.exec  # noqa: E402
-from agent.testing import SourceHarness  # noqa: E402
-from plugins.exec import ExecSource, _own_cgroup, _pipe_holders  # noqa: E402
+import edge_agent.plugins.exec  # noqa: E402
+from edge_agent.plugins.exec import ExecSource, _own_cgroup, _pipe_holders  # noqa: E402
+from edge_agent.testing import SourceHarness  # noqa: E402
 
 
 def runs(count: int) -> tuple[float, list[float]]:
@@ -51,13 +51,13 @@ def main() -> None:
         if label == "cgroup per run" and own() is None:
             print(f"{label:28} (no cgroup v2 here)")
             continue
-        plugins.exec._own_cgroup = cgroup
+        edge_agent.plugins.exec._own_cgroup = cgroup
         rate, durations = runs(args.runs)
         p99 = statistics.quantiles(durations, n=100)[98]
         print(
             f"{label:28} {rate:8.1f} {statistics.median(durations) * 1000:8.1f} {p99 * 1000:8.1f}"
         )
-    plugins.exec._own_cgroup = own
+    edge_agent.plugins.exec._own_cgroup = own
     processes = sum(name.isdigit() for name in os.listdir("/proc"))
     started = time.perf_counter()
     for _ in range(20):

@@ -26,8 +26,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from agent.event import Event, encode_data  # noqa: E402
-from agent.queue import QueueStore, QueueWriter  # noqa: E402
+from edge_agent.event import Event, encode_data  # noqa: E402
+from edge_agent.queue import QueueStore, QueueWriter  # noqa: E402
 
 
 def per_call(function, count: int) -> float:

@@ -55,7 +55,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from agent.testing import CuttableProxy, free_port, wait_for  # noqa: E402
 from bench.common import (  # noqa: E402
     AgentProcess,
     Row,
@@ -68,6 +67,7 @@ from bench.common import (  # noqa: E402
     workdir,
     write_results,
 )
+from edge_agent.testing import CuttableProxy, free_port, wait_for  # noqa: E402
 
 QUEUE = "fleet-events"
 COOKIE = "EDGEAGENTFLEETBENCHCOOKIE"
@@ -531,11 +531,11 @@ def stop_agents(devices: list[Device]) -> None:
 
 def sink_options() -> set[str]:
     """The MQTT sink options the installed agent knows (the drain options may be missing)."""
-    from agent.plugins import load_plugins
+    from edge_agent.plugin_host import load_plugins
 
     known = {f.name for f in dataclasses.fields(load_plugins().sinks["mqtt"].cls.Config)}
     try:  # the options the agent handles for every sink
-        from agent.drain import DRAIN_KEYS
+        from edge_agent.drain import DRAIN_KEYS
     except ImportError:
         return known
     return known | set(DRAIN_KEYS)

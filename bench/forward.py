@@ -34,14 +34,14 @@ import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
-from agent.event import Event  # noqa: E402
-from agent.forwarder import Forwarder  # noqa: E402
-from agent.queue import QueueStore, QueueWriter  # noqa: E402
-from agent.schema import build  # noqa: E402
-from agent.testing import Mosquitto  # noqa: E402
 from bench.common import Row, mosquitto_version, raw_paho, verdict, write_results  # noqa: E402
 from bench.profiling import Profile, profile_path, summary  # noqa: E402
-from plugins.mqtt import MqttSink  # noqa: E402
+from edge_agent.event import Event  # noqa: E402
+from edge_agent.forwarder import Forwarder  # noqa: E402
+from edge_agent.plugins.mqtt import MqttSink  # noqa: E402
+from edge_agent.queue import QueueStore, QueueWriter  # noqa: E402
+from edge_agent.schema import build  # noqa: E402
+from edge_agent.testing import Mosquitto  # noqa: E402
 
 DATA = '{"path":"/var/spool/inbox/' + "x" * 150 + '.csv","size":1432}'
 BROKER_CONFIG = "max_inflight_messages 100\nmax_queued_messages 0"

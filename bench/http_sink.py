@@ -31,11 +31,6 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-from agent.event import Event  # noqa: E402
-from agent.forwarder import Forwarder  # noqa: E402
-from agent.queue import QueueStore, QueueWriter  # noqa: E402
-from agent.schema import build  # noqa: E402
-from agent.testing import free_port, wait_for  # noqa: E402
 from bench.common import (  # noqa: E402
     Row,
     add_output_arguments,
@@ -44,7 +39,12 @@ from bench.common import (  # noqa: E402
     workdir,
     write_results,
 )
-from plugins.http_sink import HttpSink  # noqa: E402
+from edge_agent.event import Event  # noqa: E402
+from edge_agent.forwarder import Forwarder  # noqa: E402
+from edge_agent.plugins.http_sink import HttpSink  # noqa: E402
+from edge_agent.queue import QueueStore, QueueWriter  # noqa: E402
+from edge_agent.schema import build  # noqa: E402
+from edge_agent.testing import free_port, wait_for  # noqa: E402
 
 DATA = '{"path":"/var/spool/inbox/' + "x" * 150 + '.csv","size":1432}'
 

@@ -33,7 +33,6 @@ import json  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from agent.testing import free_port  # noqa: E402
 from bench.common import (  # noqa: E402
     AgentProcess,
     Arrivals,
@@ -51,6 +50,7 @@ from bench.common import (  # noqa: E402
     workdir,
     write_results,
 )
+from edge_agent.testing import free_port  # noqa: E402
 
 
 def post_at_rate(port: int, rate: float, batch: int, seconds: float, posters: int) -> dict:

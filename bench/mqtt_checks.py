@@ -27,10 +27,10 @@ if ROOT not in sys.path:
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-from agent import Event  # noqa: E402
-from agent.testing import plugin_config, queued_events  # noqa: E402
-from plugins import mqtt_messages  # noqa: E402
-from plugins.mqtt import MqttSink  # noqa: E402
+from edge_agent import Event  # noqa: E402
+from edge_agent.plugins import mqtt_messages  # noqa: E402
+from edge_agent.plugins.mqtt import MqttSink  # noqa: E402
+from edge_agent.testing import plugin_config, queued_events  # noqa: E402
 
 
 def best_time(run, repeat: int) -> float:

@@ -38,7 +38,6 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from agent.testing import Mosquitto  # noqa: E402
 from bench.common import (  # noqa: E402
     AgentProcess,
     Arrivals,
@@ -56,6 +55,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from bench.profiling import Profile, profile_path, summary  # noqa: E402
+from edge_agent.testing import Mosquitto  # noqa: E402
 
 TARGET = 18_000  # events/s end to end
 #: The broker as installed, but for its queue limits: max_inflight_messages stays 20.

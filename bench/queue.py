@@ -49,15 +49,15 @@ if ROOT not in sys.path:
 
 from sqlite_utils import Database  # noqa: E402
 
-from agent.bounds import Limits  # noqa: E402
-from agent.config import QueueSettings  # noqa: E402
-from agent.event import Event, encode_data  # noqa: E402
-from agent.forwarder import CURSOR_FLUSH_EVERY  # noqa: E402
-from agent.migrations import m001_queue  # noqa: E402
-from agent.queue import QueueStore, SinkCursor  # noqa: E402
-from agent.writer import Writer  # noqa: E402
 from bench.common import Row, cpu_model, write_results  # noqa: E402
 from bench.common import verdict as met_or_missed  # noqa: E402
+from edge_agent.bounds import Limits  # noqa: E402
+from edge_agent.config import QueueSettings  # noqa: E402
+from edge_agent.event import Event, encode_data  # noqa: E402
+from edge_agent.forwarder import CURSOR_FLUSH_EVERY  # noqa: E402
+from edge_agent.migrations import m001_queue  # noqa: E402
+from edge_agent.queue import QueueStore, SinkCursor  # noqa: E402
+from edge_agent.writer import Writer  # noqa: E402
 
 SYNCS = ("full", "normal")
 METHODS = ("raw", "enqueue", "cycle", "pq")

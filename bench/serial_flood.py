@@ -32,7 +32,6 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from agent.testing import wait_for  # noqa: E402
 from bench.common import (  # noqa: E402
     Row,
     add_output_arguments,
@@ -45,6 +44,7 @@ from bench.common import (  # noqa: E402
     workdir,
     write_results,
 )
+from edge_agent.testing import wait_for  # noqa: E402
 
 LIMIT = 4096
 

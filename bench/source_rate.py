@@ -1,6 +1,6 @@
 """What bench/tail.py and bench/file_burst.py share: a source's rate into the queue.
 
-The real agent runs as a child process (``python -m agent run``) with one source and an
+The real agent runs as a child process (``python -m edge_agent run``) with one source and an
 MQTT sink whose broker is away (a loopback port nobody listens on), so events stay in
 the queue. A thread of the benchmark reads the queue file (read-only, WAL) every
 ``POLL`` seconds and notes when the first event was committed and when the last one
@@ -81,7 +81,7 @@ class CodeAgent(AgentProcess):
         }
         env["NOTIFY_SOCKET"] = self.notify.path
         env["PYTHONPATH"] = self.code
-        command = [sys.executable, "-m", "agent", "run", "-c", self.config_path]
+        command = [sys.executable, "-m", "edge_agent", "run", "-c", self.config_path]
         with open(self.log_path, "a") as log:
             self.spawned_at = time.perf_counter()
             self.process = subprocess.Popen(

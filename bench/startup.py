@@ -68,7 +68,7 @@ def report():
         f.write(" ".join(m for m in heavy if m in sys.modules))
 atexit.register(report)
 sys.argv[0] = "edge-agent"
-from agent.cli import main
+from edge_agent.cli import main
 main()
 """
 

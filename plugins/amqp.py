@@ -2,7 +2,7 @@
 
 An event counts as delivered only when the broker confirms it (basic.ack
 after ``confirm_delivery``). A nack, or an unroutable message returned to us
-(``mandatory``), is a refusal: the event is rejected (:meth:`agent.Sink.reject`),
+(``mandatory``), is a refusal: the event is rejected (:meth:`edge_agent.Sink.reject`),
 sent again, and set aside as a dead letter after ``[queue] dead_letter_after``
 refusals, while the events behind it go on. A routing key longer than AMQP
 takes (255 bytes) is rejected as invalid at once. Messages are persistent by
@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
+from edge_agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
 
 #: pika, imported once an AMQP sink is configured: it costs about 3 MiB of memory
 #: and 50 ms of start-up, which an agent without one should not pay.
@@ -158,7 +158,7 @@ class AmqpSink(Sink):
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise SinkUnavailable(f"the broker closed the channel: {exc.reply_text}") from None
         except (pika.exceptions.AMQPError, OSError) as exc:
-            from agent.tls import describe_tls_error, find_verify_error
+            from edge_agent.tls import describe_tls_error, find_verify_error
 
             if find_verify_error(exc) is not None:
                 why = describe_tls_error(exc, params.host, "ssl_options in url (ca_certs)")

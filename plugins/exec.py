@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent import ByteSize, Duration, Event, Source, hookimpl, option
-from agent.backoff import Backoff
-from agent.errors import QueueError
+from edge_agent import ByteSize, Duration, Event, Source, hookimpl, option
+from edge_agent.backoff import Backoff
+from edge_agent.errors import QueueError
 
 #: How often a read looks at whether the source must stop.
 TICK = 0.2

@@ -5,7 +5,7 @@ and committed in batches by the source's own thread, so a burst of new files
 costs one transaction, not one per file.
 
 With ``catch_up`` (the default) the source keeps an index of what it reported
-in the queue database (see :mod:`plugins.file_scan`), and scans against it at
+in the queue database (see :mod:`edge_agent.plugins.file_scan`), and scans against it at
 start, after the kernel dropped events (an inotify queue overflow) and when a
 watched folder comes back: what changed meanwhile is reported with
 ``"scan": true``.
@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from stat import S_ISLNK
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from agent import Duration, Event, Source, hookimpl, option
-from agent.backoff import Backoff
-from agent.errors import QueueError
-from plugins.file_scan import (
+from edge_agent import Duration, Event, Source, hookimpl, option
+from edge_agent.backoff import Backoff
+from edge_agent.errors import QueueError
+from edge_agent.plugins.file_scan import (
     EVENTS_PER_COMMIT,
     SETTLE_SECONDS,
     Scan,
@@ -310,7 +310,7 @@ class FileSource(Source):
         watched. Once ``schedule`` returns, every folder below a recursive
         watch is watched (watchdog walks the tree before returning).
         """
-        from plugins import file_watch
+        from edge_agent.plugins import file_watch
 
         back = []
         for path in self.paths:
@@ -377,7 +377,7 @@ class FileSource(Source):
         self, observer: Observer, root: str, parents: dict[str, ObservedWatch]
     ) -> None:
         """Watch the nearest existing folder above ``root``, so its return is seen at once."""
-        from plugins import file_watch
+        from edge_agent.plugins import file_watch
 
         parent = os.path.dirname(root)
         while parent != os.path.dirname(parent) and not os.path.isdir(parent):

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string
 from typing import TYPE_CHECKING, Any
 
-from agent import Event
+from edge_agent import Event
 
 if TYPE_CHECKING:
-    from plugins.file import FileSource
+    from edge_agent.plugins.file import FileSource
 
 #: Checkpoint rows per commit: a big baseline never holds the queue's writer for long.
 ROWS_PER_COMMIT = 5_000

@@ -27,7 +27,7 @@ from watchdog.events import (
 )
 
 if TYPE_CHECKING:
-    from plugins.file import FileSource
+    from edge_agent.plugins.file import FileSource
 
 #: The watchdog events each reported kind comes from (the folder ones only with
 #: ``directories``). A watch asks inotify for these alone: a file written, opened or

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent import Duration, Source, hookimpl, option
+from edge_agent import Duration, Source, hookimpl, option
 
 COLLECTORS = (
     "cpu",

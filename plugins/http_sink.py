@@ -20,7 +20,7 @@ What an answer means:
 - Any other 4xx (400, 413, 422...): some event of the request is refused. A
   batch is split in halves and each half sent again, until the event refused
   alone is found; the others are delivered. That event is rejected
-  (:meth:`agent.Sink.reject`): as invalid for a 413 (set aside at once), as
+  (:meth:`edge_agent.Sink.reject`): as invalid for a 413 (set aside at once), as
   permanent otherwise (set aside after ``[queue] dead_letter_after`` refusals).
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent import (
+from edge_agent import (
     ByteSize,
     Duration,
     OptionError,
@@ -267,7 +267,7 @@ class HttpSink(Sink):
         raise AssertionError("unreachable")
 
     def _why(self, exc: BaseException) -> str:
-        from agent.tls import describe_tls_error, find_verify_error
+        from edge_agent.tls import describe_tls_error, find_verify_error
 
         if find_verify_error(exc) is not None or type(exc).__name__.startswith("SSL"):
             return f"{self.target}: {describe_tls_error(exc, self._host, 'tls.ca_file')}"

@@ -30,9 +30,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from agent import ByteSize, Duration, Event, Source, hookimpl, option
-from agent.errors import QueueError, TooManyAtOnce
-from agent.event import canonical_time, check_event, encode_data
+from edge_agent import ByteSize, Duration, Event, Source, hookimpl, option
+from edge_agent.errors import QueueError, TooManyAtOnce
+from edge_agent.event import canonical_time, check_event, encode_data
 
 JSON = "application/json"
 STRUCTURED = "application/cloudevents+json"

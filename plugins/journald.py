@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent import Event, Source, hookimpl, option
-from agent.backoff import Backoff
+from edge_agent import Event, Source, hookimpl, option
+from edge_agent.backoff import Backoff
 
 #: Syslog priorities, by number.
 PRIORITY_NAMES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")

@@ -25,9 +25,9 @@ carefully: when a connection is lost for a protocol error, or before it
 confirmed anything, the messages then in flight are suspects, sent one at a
 time on the next connections; a connection lost while a suspect was the only
 message in flight rejects it as permanent. The forwarder sets rejected events
-aside as dead letters (see :meth:`agent.Sink.reject`).
+aside as dead letters (see :meth:`edge_agent.Sink.reject`).
 
-The options and how events become messages are in :mod:`plugins.mqtt_messages`.
+The options and how events become messages are in :mod:`edge_agent.plugins.mqtt_messages`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
-from plugins import mqtt_commands
-from plugins.mqtt_hints import BUSY, MOVED, reason_value, server_reference
-from plugins.mqtt_messages import (
+from edge_agent import QueuedEvent, Sink, SinkUnavailable, hookimpl
+from edge_agent.plugins import mqtt_commands
+from edge_agent.plugins.mqtt_hints import BUSY, MOVED, reason_value, server_reference
+from edge_agent.plugins.mqtt_messages import (
     MQTT_MAX_PACKET,
     Message,
     MqttConfig,
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     # when the sink first connects, so that `edge-agent check` and `plugins` start without them.
     import paho.mqtt.client as mqtt
 
-    from plugins.mqtt_clients import OutboundClient
+    from edge_agent.plugins.mqtt_clients import OutboundClient
 
 #: poll() events that send the sink to loop_read: data, or a hang-up or error it reports.
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -233,7 +233,7 @@ class MqttSink(Sink):
     # -- connecting ----------------------------------------------------------
 
     def _client_for(self) -> mqtt.Client:
-        from plugins.mqtt_clients import OutboundClient
+        from edge_agent.plugins.mqtt_clients import OutboundClient
 
         config = self.config
         client_id = config.client_id or f"edge-agent-{self.agent_id}-{self.name}"
@@ -326,7 +326,7 @@ class MqttSink(Sink):
         config = self.config
         v5 = config.protocol == "5"
         client = self._client_for()
-        from plugins.mqtt_clients import OutboundClient
+        from edge_agent.plugins.mqtt_clients import OutboundClient
 
         assert isinstance(client, OutboundClient)
         self._connack = []

@@ -4,7 +4,7 @@ Off by default. With the table, the agent opens a second MQTT connection to
 the sink's broker (same hosts, TLS, user name and password; client id
 ``{sink's client id}-cmd``), subscribes to ``edge/{agent}/cmd/+`` and answers
 each request on its MQTT 5 response topic with its correlation data. What the
-commands do and how they are checked is in :mod:`agent.commands`.
+commands do and how they are checked is in :mod:`edge_agent.commands`.
 
 A connection of its own, not the sink's: the sink's connection belongs to its
 forwarder, which may be busy draining a backlog with a full window or waiting
@@ -41,9 +41,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import ByteSize, Duration, OptionError, option
-from agent.backoff import Backoff
-from agent.commands import BUILTIN_COMMANDS, DEFAULT_ALLOW, Dispatcher, command_name_problem
+from edge_agent import ByteSize, Duration, OptionError, option
+from edge_agent.backoff import Backoff
+from edge_agent.commands import BUILTIN_COMMANDS, DEFAULT_ALLOW, Dispatcher, command_name_problem
 
 if TYPE_CHECKING:
     # paho's client (with ssl) is imported when a listener connects: `edge-agent check`
@@ -187,7 +187,7 @@ class CommandListener:
     # -- the network thread ---------------------------------------------------
 
     def _run_network(self) -> None:
-        from plugins.mqtt_messages import connect, new_client
+        from edge_agent.plugins.mqtt_messages import connect, new_client
 
         backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
         brokers = self.config.brokers()
@@ -462,7 +462,7 @@ _listeners: dict[int, list[CommandListener]] = {}
 
 def start_listeners(agent: Any) -> None:
     """Start a listener for every MQTT sink with a ``commands`` table (none: nothing runs)."""
-    from plugins.mqtt_messages import MqttConfig
+    from edge_agent.plugins.mqtt_messages import MqttConfig
 
     wanted = [
         instance

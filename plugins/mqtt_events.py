@@ -21,13 +21,13 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-from agent import Event, Source
-from agent.event import canonical_time, check_event
+from edge_agent import Event, Source
+from edge_agent.event import canonical_time, check_event
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-    from plugins.mqtt_clients import Received
+    from edge_agent.plugins.mqtt_clients import Received
 
 #: CloudEvents attributes an Event holds itself, rather than in ``attributes``.
 _OWN = {"specversion", "id", "type", "time", "subject", "data", "data_base64"}

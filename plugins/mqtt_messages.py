@@ -1,6 +1,6 @@
 """The MQTT sink's configuration and how events become MQTT messages.
 
-Kept apart from the connection handling in :mod:`plugins.mqtt` so that topic
+Kept apart from the connection handling in :mod:`edge_agent.plugins.mqtt` so that topic
 templates, payload modes and batching can be read (and tested) on their own.
 """
 
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent import ByteSize, Duration, OptionError, QueuedEvent, option
-from plugins.mqtt_commands import CommandsConfig
+from edge_agent import ByteSize, Duration, OptionError, QueuedEvent, option
+from edge_agent.plugins.mqtt_commands import CommandsConfig
 
 if TYPE_CHECKING:
     # Imported by new_client() and connect(), when a client is made: the options and
@@ -280,7 +280,7 @@ def connect(
 
     import paho.mqtt.client as mqtt
 
-    from agent.tls import describe_tls_error
+    from edge_agent.tls import describe_tls_error
 
     v5 = config.protocol == "5"
     try:

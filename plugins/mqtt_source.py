@@ -12,13 +12,13 @@ was not acknowledged.
 their events, in the same transaction, until the broker is known to have their
 acknowledgements; a message the broker sends again that matches one was
 committed already: it is acknowledged and not emitted again (see
-:mod:`plugins.mqtt_redelivery`).
+:mod:`edge_agent.plugins.mqtt_redelivery`).
 
 **QoS 2** subscriptions are made at QoS 1: paho answers a QoS 2 message with
 PUBREC before the application sees it, so a crash between the two would lose
 it. At QoS 1 with the check above, the queue still gets each message once.
 
-How messages become events is in :mod:`plugins.mqtt_events`.
+How messages become events is in :mod:`edge_agent.plugins.mqtt_events`.
 """
 
 from __future__ import annotations
@@ -35,19 +35,24 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import Duration, Event, Source, hookimpl, option
-from agent.backoff import Backoff
-from agent.errors import QueueError
-from agent.event import check_event
-from plugins.mqtt_events import message_event, own_output
-from plugins.mqtt_messages import MqttConnectionConfig, connect, new_client, warn_if_insecure
-from plugins.mqtt_redelivery import RedeliveryLog, digest
+from edge_agent import Duration, Event, Source, hookimpl, option
+from edge_agent.backoff import Backoff
+from edge_agent.errors import QueueError
+from edge_agent.event import check_event
+from edge_agent.plugins.mqtt_events import message_event, own_output
+from edge_agent.plugins.mqtt_messages import (
+    MqttConnectionConfig,
+    connect,
+    new_client,
+    warn_if_insecure,
+)
+from edge_agent.plugins.mqtt_redelivery import RedeliveryLog, digest
 
 if TYPE_CHECKING:
     # paho.mqtt.client (with ssl and urllib) and the client class built on it are imported
     # when the source first connects, so that `edge-agent check` and `plugins` start
     # without them.
-    from plugins.mqtt_clients import InboundClient, Received
+    from edge_agent.plugins.mqtt_clients import InboundClient, Received
 
 #: Most messages committed in one transaction.
 BATCH_MAX = 2000
@@ -283,7 +288,7 @@ class MqttSource(Source):
         self._pump()
 
     def _connect(self, host: str, port: int) -> None:
-        from plugins.mqtt_clients import InboundClient
+        from edge_agent.plugins.mqtt_clients import InboundClient
 
         config = self.config
         v5 = config.protocol == "5"

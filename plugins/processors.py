@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent import Duration, Event, Processor, hookimpl, option
+from edge_agent import Duration, Event, Processor, hookimpl, option
 
 
 def field_value(event: Event, path: str) -> Any:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import serial  # pyserial, imported when the source runs: `check` and `plugins` skip it
 
-from agent import Duration, Event, Source, hookimpl, option
-from agent.errors import QueueError
+from edge_agent import Duration, Event, Source, hookimpl, option
+from edge_agent.errors import QueueError
 
 #: Seconds between serial.gap events (and warnings) about lines cut at max_line_bytes.
 GAP_EVERY = 60.0

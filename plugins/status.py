@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent import Duration, Source, hookimpl, option
+from edge_agent import Duration, Source, hookimpl, option
 
 #: Keys of the snapshot left out of the event: they say nothing a fleet needs.
 LEFT_OUT = ("pid", "interval")

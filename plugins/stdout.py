@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from agent import QueuedEvent, Sink, hookimpl, option
+from edge_agent import QueuedEvent, Sink, hookimpl, option
 
 
 class StdoutSink(Sink):

@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from agent import ByteSize, Duration, Event, Source, hookimpl, option
-from agent.errors import QueueError
-from agent.event import make_events
-from plugins.tail_files import (
+from edge_agent import ByteSize, Duration, Event, Source, hookimpl, option
+from edge_agent.errors import QueueError
+from edge_agent.event import make_events
+from edge_agent.plugins.tail_files import (
     FINGERPRINT_BYTES,
     Tailed,
     compressed_head,
@@ -108,7 +108,7 @@ class TailSource(Source):
         # watchdog is imported here, so that `edge-agent check` and `plugins` start without it.
         from watchdog.observers import Observer
 
-        from plugins.file_watch import Wake
+        from edge_agent.plugins.file_watch import Wake
 
         observer = Observer()
         observer.daemon = True

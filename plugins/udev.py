@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent import ByteSize, Duration, Event, Source, hookimpl, option
+from edge_agent import ByteSize, Duration, Event, Source, hookimpl, option
 
 TYPES = {
     "add": "device.added",

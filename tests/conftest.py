@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.queue import count_events
-from agent.testing import Mosquitto, Subscriber, wait_for
+from edge_agent.queue import count_events
+from edge_agent.testing import Mosquitto, Subscriber, wait_for
 
 
 def pytest_report_header(config):
@@ -71,7 +71,15 @@ class AgentProcess:
         self._started_at = self.log_path.stat().st_size  # this run's lines come after it
         self.wrapped = bool(wrapper)
         self.process = subprocess.Popen(
-            [*(wrapper or []), sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+            [
+                *(wrapper or []),
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "run",
+                "-c",
+                str(self.config_path),
+            ],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
@@ -164,7 +172,7 @@ def agent_process(tmp_path):
 def run_cli(*args: str, env: dict | None = None, stdin: str | None = None, cwd=None):
     """``edge-agent ARGS`` as a user types it; returns the CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
+        [sys.executable, "-m", "edge_agent", *args],
         capture_output=True,
         text=True,
         timeout=30,

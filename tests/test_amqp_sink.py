@@ -9,9 +9,9 @@ import uuid
 import pytest
 from conftest import run_cli
 
-from agent import Event
-from agent.testing import CuttableProxy, SinkHarness, wait_for
-from plugins.amqp import AmqpSink
+from edge_agent import Event
+from edge_agent.plugins.amqp import AmqpSink
+from edge_agent.testing import CuttableProxy, SinkHarness, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,7 +114,7 @@ def test_a_cut_connection_is_noticed_and_reopened(exchange):
         config = {"url": URL.format(port=proxy.port), "exchange": name, "declare_exchange": False}
         sink = SinkHarness(AmqpSink, config, agent_id="gw-01").sink
         sink.open()
-        from agent.testing import queued_events
+        from edge_agent.testing import queued_events
 
         batch = queued_events(events(3), "gw-01")
         assert sink.publish(batch[:1]) == batch[:1]
@@ -191,7 +191,7 @@ def test_pika_stays_quiet_and_returned_messages_fold_into_one_line(exchange):
     import io
     import logging
 
-    from agent.logfold import RepeatFolder
+    from edge_agent.logfold import RepeatFolder
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)

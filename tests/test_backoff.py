@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 import statistics
 
-from agent.backoff import Backoff
-from agent.errors import SinkUnavailable
-from agent.forwarder import _retry_delay
+from edge_agent.backoff import Backoff
+from edge_agent.errors import SinkUnavailable
+from edge_agent.forwarder import _retry_delay
 
 
 def draws(backoff: Backoff, count: int) -> list[float]:

@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent.bounds import Bounds, Limits
-from agent.clock import AgeClock
-from agent.errors import QueueError
-from agent.event import Event
-from agent.queue import QueueStore, QueueWriter, SinkCursor, read_checkpoints
-from agent.testing import wait_for
-from agent.writer import Writer
+from edge_agent.bounds import Bounds, Limits
+from edge_agent.clock import AgeClock
+from edge_agent.errors import QueueError
+from edge_agent.event import Event
+from edge_agent.queue import QueueStore, QueueWriter, SinkCursor, read_checkpoints
+from edge_agent.testing import wait_for
+from edge_agent.writer import Writer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,7 +99,7 @@ def test_max_age_ignores_the_events_wall_clock_time(store):
 
 
 def test_the_age_clock_goes_on_across_restarts_and_reboots(store, monkeypatch):
-    from agent import clock as clock_module
+    from edge_agent import clock as clock_module
 
     monkeypatch.setattr(clock_module, "since_boot", lambda: 500.0)
     monkeypatch.setattr(clock_module, "boot_id", lambda: "boot-1")
@@ -330,7 +330,7 @@ def test_checking_the_bounds_never_scans_the_queue(store):
 @pytest.mark.parametrize("policy", ["drop_oldest", "block"])
 def test_max_events_is_never_overshot_by_a_commit(store, policy):
     """Group commits, and one emit of more events than the queue may hold at all."""
-    from agent.queue import count_events
+    from edge_agent.queue import count_events
 
     after_commits: list[int] = []
     writer = Writer(
@@ -388,7 +388,7 @@ def test_max_events_is_never_overshot_by_a_commit(store, policy):
 
 
 def test_dead_letters_count_against_max_events_and_go_oldest_first(store, caplog):
-    from agent import dead_letters
+    from edge_agent import dead_letters
 
     queue = QueueWriter(store)
     bounds = Bounds(queue, Limits(max_events=20), store.state_dir)
@@ -408,7 +408,7 @@ def test_dead_letters_count_against_max_events_and_go_oldest_first(store, caplog
 
 
 def test_max_age_drops_dead_letters_with_the_events_of_their_time(store):
-    from agent import dead_letters
+    from edge_agent import dead_letters
 
     clock = SteppedClock()
     queue = QueueWriter(store, clock=clock)

@@ -12,7 +12,7 @@ import pytest
 from conftest import mqtt_agent_config, run_cli
 from test_mqtt_sink import make_ca, make_cert
 
-from agent.testing import Mosquitto, Subscriber, free_port, wait_for
+from edge_agent.testing import Mosquitto, Subscriber, free_port, wait_for
 
 
 def check_connect(tmp_path, sinks: str, *extra: str) -> subprocess.CompletedProcess:

@@ -168,14 +168,14 @@ def test_unknown_plugin_is_named_with_what_is_installed(tmp_path):
     assert "sources.flie: no source plugin named 'flie' is installed; did you mean 'file'?" in (
         result.stderr
     )
-    from agent.plugins import load_plugins
+    from edge_agent.plugin_host import load_plugins
 
     installed = ", ".join(sorted(load_plugins().sources))  # every source plugin, by name
     assert f"(installed: {installed})" in result.stderr
 
 
 def test_plugins_lists_the_builtins_with_package_and_version():
-    from agent import __version__
+    from edge_agent import __version__
 
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr

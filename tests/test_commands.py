@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.testing import Mosquitto, Subscriber, wait_for
+from edge_agent.testing import Mosquitto, Subscriber, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -259,7 +259,7 @@ def test_mqtt_3_1_1_refuses_commands_with_a_config_error(tmp_path):
 PLUGIN = """
 import time
 
-from agent import hookimpl
+from edge_agent import hookimpl
 
 
 def echo(arguments):
@@ -399,11 +399,11 @@ def test_commands_that_overrun_are_answered_timeout_then_busy(tmp_path):
     """In process: two handlers that never return hold both places; the third is 'busy'."""
     import tomllib
 
-    from agent import hookimpl
-    from agent.commands import MAX_RUNNING, Dispatcher
-    from agent.config import parse_config
-    from agent.plugins import load_plugins
-    from agent.runtime import Agent
+    from edge_agent import hookimpl
+    from edge_agent.commands import MAX_RUNNING, Dispatcher
+    from edge_agent.config import parse_config
+    from edge_agent.plugin_host import load_plugins
+    from edge_agent.runtime import Agent
 
     release = threading.Event()
 

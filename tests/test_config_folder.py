@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from conftest import run_cli
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -210,8 +210,8 @@ def test_default_names_count_across_files_and_a_core_problem_names_its_file(tmp_
     result = run_cli("check", "-c", str(folder))
     assert result.returncode == 0, result.stderr
     assert "(3 files, 2 sources, 1 sinks" in result.stdout
-    from agent.config import load_config
-    from agent.plugins import load_plugins
+    from edge_agent.config import load_config
+    from edge_agent.plugin_host import load_plugins
 
     config = load_config(str(folder), load_plugins())
     assert [(s.name, s.file) for s in config.sources] == [

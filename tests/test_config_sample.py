@@ -8,7 +8,7 @@ import tomllib
 import pytest
 from conftest import run_cli
 
-from agent.plugins import load_plugins
+from edge_agent.plugin_host import load_plugins
 
 HOST = load_plugins()
 BUILT_INS = [

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from agent import Event, Sink
-from agent.event import encode_data
-from agent.queue import QueueStore, QueueWriter
-from agent.testing import Mosquitto, SinkHarness, Subscriber, wait_for
-from plugins.mqtt import MqttSink
+from edge_agent import Event, Sink
+from edge_agent.event import encode_data
+from edge_agent.plugins.mqtt import MqttSink
+from edge_agent.queue import QueueStore, QueueWriter
+from edge_agent.testing import Mosquitto, SinkHarness, Subscriber, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import created_paths, mqtt_agent_config
 
-from agent.testing import Mosquitto, Subscriber, wait_for
+from edge_agent.testing import Mosquitto, Subscriber, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -14,10 +14,10 @@ import threading
 import pytest
 from conftest import run_cli
 
-from agent.testing import SourceHarness, wait_for
-from plugins.exec import ExecSource
-from plugins.serial import SerialSource
-from plugins.udev import UdevSource
+from edge_agent.plugins.exec import ExecSource
+from edge_agent.plugins.serial import SerialSource
+from edge_agent.plugins.udev import UdevSource
+from edge_agent.testing import SourceHarness, wait_for
 
 # Every test that makes network devices is in this module, which make test runs on one
 # worker (--dist loadfile): a udev source sees every device on the machine.
@@ -89,12 +89,12 @@ def test_udev_property_match_keeps_only_matching_devices(veth, caplog):
 def test_netlink_udev_without_a_udev_daemon_says_so(tmp_path, monkeypatch, caplog, daemon_runs):
     """netlink = "udev" where no udev daemon runs (no control socket) would listen to
     nothing at all: a warning says so, once, and what to set instead."""
-    import plugins.udev
+    import edge_agent.plugins.udev
 
     control = tmp_path / "control"
     if daemon_runs:
         control.touch()
-    monkeypatch.setattr(plugins.udev, "UDEV_CONTROL", str(control))
+    monkeypatch.setattr(edge_agent.plugins.udev, "UDEV_CONTROL", str(control))
     caplog.set_level(logging.INFO)
     with SourceHarness(UdevSource, {"subsystems": ["net"], "netlink": "udev"}):
         wait_for(lambda: "listening to udev device events" in caplog.text, 5, "the monitor")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.testing import free_port, wait_for
+from edge_agent.testing import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,7 +86,7 @@ def test_full_disk_blocks_then_resumes_on_its_own_and_loses_nothing(
     tmp_path, small_disk, broker, agent_process
 ):
     """when_full = "block": the tail source stops reading; nothing is lost."""
-    from agent.testing import Subscriber
+    from edge_agent.testing import Subscriber
 
     if broker.process is None:
         broker.start()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentSettings, MetricsSettings, QueueSettings
-from agent.plugins import load_plugins
+from edge_agent.config import AgentSettings, MetricsSettings, QueueSettings
+from edge_agent.plugin_host import load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_readme_shows_the_real_plugins_output():
     shown = readme.split("<!-- plugins-output -->")[1].split("<!-- /plugins-output -->")[0]
     shown = shown.strip().removeprefix("```").removesuffix("```").strip()
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "plugins"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "edge_agent", "plugins"], capture_output=True, text=True, timeout=30
     )
     assert result.stdout.strip() == shown
 
@@ -103,8 +103,8 @@ def test_readme_starts_with_the_two_commands():
 
 
 def test_every_commands_option_code_and_command_is_in_docs_commands():
-    from agent.commands import BUILTIN_COMMANDS, CODES
-    from plugins.mqtt_commands import CommandsConfig
+    from edge_agent.commands import BUILTIN_COMMANDS, CODES
+    from edge_agent.plugins.mqtt_commands import CommandsConfig
 
     documented = documented_keys("docs/commands.md")
     assert {f.name for f in dataclasses.fields(CommandsConfig)} <= documented

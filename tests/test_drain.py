@@ -12,13 +12,13 @@ import pytest
 from conftest import run_cli
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import load_config
-from agent.drain import BURST_SECONDS, Limiter, TokenBucket, parse_limits
-from agent.errors import ConfigError
-from agent.event import Event
-from agent.plugins import load_plugins
-from agent.queue import QueueStore, QueueWriter
-from agent.testing import CuttableProxy, queued_events, wait_for
+from edge_agent.config import load_config
+from edge_agent.drain import BURST_SECONDS, Limiter, TokenBucket, parse_limits
+from edge_agent.errors import ConfigError
+from edge_agent.event import Event
+from edge_agent.plugin_host import load_plugins
+from edge_agent.queue import QueueStore, QueueWriter
+from edge_agent.testing import CuttableProxy, queued_events, wait_for
 
 
 class Clock:

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from conftest import created_paths, first_deliveries, make_files, mqtt_agent_config
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,7 +89,7 @@ def test_sigkill_with_backlog_loses_nothing(tmp_path, subscriber, running_broker
 
 
 def test_offline_at_start_says_so_once_and_buffers(tmp_path, agent_process):
-    from agent.testing import free_port
+    from edge_agent.testing import free_port
 
     agent = agent_process(mqtt_agent_config(tmp_path, free_port())).start()
     agent.wait_log("Offline", timeout=15)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "edge-agent-heartbeat"
@@ -113,9 +113,11 @@ def test_the_plugin_authors_tests_pass_with_our_fixtures(fresh_venv):
 def test_the_example_uses_only_the_public_api():
     source = (EXAMPLE / "edge_agent_heartbeat.py").read_text()
     imports = [
-        line for line in source.splitlines() if line.startswith(("from agent", "import agent"))
+        line
+        for line in source.splitlines()
+        if line.startswith(("from edge_agent", "import edge_agent"))
     ]
-    assert imports == ["from agent import Duration, QueuedEvent, Sink, Source, hookimpl, option"], (
-        imports
-    )
+    assert imports == [
+        "from edge_agent import Duration, QueuedEvent, Sink, Source, hookimpl, option"
+    ], imports
     assert sys.version_info >= (3, 11)

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-import plugins.exec
-from agent.testing import SourceHarness, wait_for
-from plugins.exec import ExecSource
+import edge_agent.plugins.exec
+from edge_agent.plugins.exec import ExecSource
+from edge_agent.testing import SourceHarness, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,8 +51,8 @@ def cgroups(request, monkeypatch):
     """Each test runs with a cgroup per run (if this machine allows) and without one; a
     machine without a writable cgroup v2 is simulated by finding no cgroup of our own."""
     if request.param == "no cgroup":
-        monkeypatch.setattr(plugins.exec, "_own_cgroup", lambda: None)
-    elif plugins.exec._own_cgroup() is None:
+        monkeypatch.setattr(edge_agent.plugins.exec, "_own_cgroup", lambda: None)
+    elif edge_agent.plugins.exec._own_cgroup() is None:
         pytest.skip("no cgroup v2 here")
     return request.param
 
@@ -134,7 +134,7 @@ def test_a_command_that_cannot_start_is_counted_and_said_once(tmp_path, caplog):
 def test_what_a_command_started_ends_with_the_agent_even_after_a_crash(
     tmp_path, running_broker, agent_process
 ):
-    if plugins.exec._own_cgroup() is None:
+    if edge_agent.plugins.exec._own_cgroup() is None:
         pytest.skip("no cgroup v2 here: an escaped child of a killed agent is out of reach")
     pidfile = tmp_path / "child.pid"
     command = script(tmp_path, "escape.py", ESCAPING.format(parent=COMMAND_WAITS))

@@ -13,9 +13,9 @@ import time
 import pytest
 from conftest import inotify_watched, mqtt_agent_config, run_cli
 
-from agent.testing import SourceHarness, wait_for
-from plugins.file import FileSource
-from plugins.file_scan import EVENTS_PER_COMMIT
+from edge_agent.plugins.file import FileSource
+from edge_agent.plugins.file_scan import EVENTS_PER_COMMIT
+from edge_agent.testing import SourceHarness, wait_for
 
 #: A burst's messages carry up to this many events (a JSON array): fewer round trips.
 #: Only consecutive events bound for one topic share a message, hence CREATED_ONLY.

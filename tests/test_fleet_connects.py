@@ -32,7 +32,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.testing import Mosquitto, wait_for
+from edge_agent.testing import Mosquitto, wait_for
 
 AGENTS = 50
 WINDOW = 5.0
@@ -110,7 +110,7 @@ first_connect_delay = "{WINDOW:g}s"
             logs.append(handle)
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "agent", "run", "-c", str(folder / "agent.toml")],
+                    [sys.executable, "-m", "edge_agent", "run", "-c", str(folder / "agent.toml")],
                     stdout=subprocess.DEVNULL,
                     stderr=handle,
                     env={**os.environ, "EDGE_AGENT_LOAD_PLUGINS": "mqtt"},  # starts faster

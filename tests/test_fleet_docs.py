@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import AgentProcess, run_cli
 
-from agent.testing import Mosquitto, Subscriber, free_port, wait_for
+from edge_agent.testing import Mosquitto, Subscriber, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "fleet.md"

@@ -9,8 +9,8 @@ import pytest
 from conftest import created_paths, mqtt_agent_config
 from test_bounds import batch
 
-from agent.queue import QueueStore, QueueWriter
-from agent.testing import wait_for
+from edge_agent.queue import QueueStore, QueueWriter
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

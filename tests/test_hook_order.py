@@ -7,10 +7,10 @@ import tomllib
 
 import pytest
 
-from agent import Event, hookimpl
-from agent.config import parse_config
-from agent.plugins import load_plugins
-from agent.runtime import Agent
+from edge_agent import Event, hookimpl
+from edge_agent.config import parse_config
+from edge_agent.plugin_host import load_plugins
+from edge_agent.runtime import Agent
 
 pytestmark = pytest.mark.timeout(60)
 

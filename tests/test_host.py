@@ -13,8 +13,8 @@ from datetime import datetime
 import pytest
 from conftest import run_cli
 
-from agent.testing import SourceHarness, wait_for
-from plugins.host import COLLECTORS, HostSource
+from edge_agent.plugins.host import COLLECTORS, HostSource
+from edge_agent.testing import SourceHarness, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,7 +164,7 @@ def test_psutil_is_imported_only_when_a_host_source_runs(tmp_path):
     config.write_text(host_config(tmp_path, 1883, "") + "\n[[sources.journald]]\n")
     for args in (["--version"], ["plugins"], ["check", "-c", str(config)]):
         done = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", "agent", *args],
+            [sys.executable, "-X", "importtime", "-m", "edge_agent", *args],
             capture_output=True,
             text=True,
             timeout=30,

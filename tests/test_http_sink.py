@@ -14,9 +14,9 @@ import pytest
 from test_http_source import post
 from test_mqtt_sink import make_ca, make_cert
 
-from agent import Event, SinkUnavailable
-from agent.testing import SinkHarness, free_port, wait_for
-from plugins.http_sink import HttpSink
+from edge_agent import Event, SinkUnavailable
+from edge_agent.plugins.http_sink import HttpSink
+from edge_agent.testing import SinkHarness, free_port, wait_for
 
 
 class Receiver:
@@ -206,7 +206,7 @@ def test_retry_after_is_honoured():
 
 
 def _queued(count):
-    from agent.testing import queued_events
+    from edge_agent.testing import queued_events
 
     return queued_events(events(count))
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from agent.testing import SourceHarness, free_port, wait_for
-from plugins.http_source import HttpSource
+from edge_agent.plugins.http_source import HttpSource
+from edge_agent.testing import SourceHarness, free_port, wait_for
 
 JSON = {"Content-Type": "application/json"}
 

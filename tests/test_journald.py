@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import first_deliveries, run_cli
 
-from agent.testing import SourceHarness, wait_for
-from plugins.journald import JournaldSource
+from edge_agent.plugins.journald import JournaldSource
+from edge_agent.testing import SourceHarness, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

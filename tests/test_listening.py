@@ -7,9 +7,9 @@ import logging
 import pytest
 from test_plugins import agent_for
 
-from agent import Source, hookimpl, status
-from agent.queue import read_stats
-from agent.testing import wait_for
+from edge_agent import Source, hookimpl, status
+from edge_agent.queue import read_stats
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,7 +67,7 @@ def test_start_returns_only_once_every_source_listens(tmp_path):
 
 
 def test_a_source_that_never_listens_is_named_and_start_goes_on(tmp_path, monkeypatch, caplog):
-    from agent import runtime
+    from edge_agent import runtime
 
     monkeypatch.setattr(runtime, "LISTEN_TIMEOUT", 0.5)
     agent = agent_for(tmp_path, [(Plugin(), "test")], "[[sources.deaf]]\nname = 'radio'")
@@ -102,7 +102,7 @@ def test_report_gap_wants_a_gap_type(tmp_path):
 
 
 def test_a_replaced_source_keeps_its_counters(tmp_path):
-    from agent.runtime import SourceRunner
+    from edge_agent.runtime import SourceRunner
 
     agent = agent_for(tmp_path, [(Plugin(), "test")], "[[sources.lossy]]\nname = 'buf'")
     try:

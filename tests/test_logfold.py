@@ -7,8 +7,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from agent.logfold import RepeatFolder
-from agent.testing import wait_for
+from edge_agent.logfold import RepeatFolder
+from edge_agent.testing import wait_for
 
 
 @contextmanager

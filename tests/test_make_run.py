@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing import Mosquitto, Subscriber, free_port, wait_for
+from edge_agent.testing import Mosquitto, Subscriber, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "run.py"

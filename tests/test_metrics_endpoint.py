@@ -15,8 +15,8 @@ from conftest import mqtt_agent_config
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import __version__, metrics
-from agent.testing import free_port, wait_for
+from edge_agent import __version__, metrics
+from edge_agent.testing import free_port, wait_for
 
 
 def get(port: int, path: str) -> tuple[int, str, str]:

@@ -15,9 +15,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.testing import wait_for
-from plugins.mqtt_clients import InboundClient, OutboundClient, Received
-from plugins.mqtt_redelivery import RedeliveryLog
+from edge_agent.plugins.mqtt_clients import InboundClient, OutboundClient, Received
+from edge_agent.plugins.mqtt_redelivery import RedeliveryLog
+from edge_agent.testing import wait_for
 
 
 def inbound(port: int, client_id: str, collected: list[Received]) -> InboundClient:

@@ -14,10 +14,10 @@ import threading
 
 import pytest
 
-from agent.errors import SinkUnavailable
-from agent.event import Event
-from agent.testing import Listener, free_port, plugin_config, queued_events, wait_for
-from plugins.mqtt import MqttSink
+from edge_agent.errors import SinkUnavailable
+from edge_agent.event import Event
+from edge_agent.plugins.mqtt import MqttSink
+from edge_agent.testing import Listener, free_port, plugin_config, queued_events, wait_for
 
 
 def _varint(value: int) -> bytes:

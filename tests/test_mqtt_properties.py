@@ -16,10 +16,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import Event
-from agent.schema import build
-from agent.testing import Subscriber, queued_events, wait_for
-from plugins.mqtt_messages import MqttConfig, PackedProperties, build_messages
+from edge_agent import Event
+from edge_agent.plugins.mqtt_messages import MqttConfig, PackedProperties, build_messages
+from edge_agent.schema import build
+from edge_agent.testing import Subscriber, queued_events, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

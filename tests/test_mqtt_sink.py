@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import created_paths, make_files, mqtt_agent_config
 
-from agent import Event
-from agent.testing import Mosquitto, SinkHarness, Subscriber, free_port, wait_for
-from plugins.mqtt import MqttSink
+from edge_agent import Event
+from edge_agent.plugins.mqtt import MqttSink
+from edge_agent.testing import Mosquitto, SinkHarness, Subscriber, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -288,9 +288,9 @@ def test_status_topic_online_offline_and_the_will(tmp_path, running_broker, agen
 
 
 def test_bad_options_are_config_errors():
-    from agent.config import parse_config
-    from agent.errors import ConfigError
-    from agent.plugins import load_plugins
+    from edge_agent.config import parse_config
+    from edge_agent.errors import ConfigError
+    from edge_agent.plugin_host import load_plugins
 
     data = {
         "sinks": {
@@ -422,7 +422,7 @@ def test_a_socket_numbered_1024_or_above_still_works(broker):
 
 def sink_losing_its_connection(broker, provoke) -> str:
     """Open an MQTT 5 sink, ``provoke(sink)``, and return why the sink says it was lost."""
-    from agent import SinkUnavailable
+    from edge_agent import SinkUnavailable
 
     config = {"port": broker.port, "protocol": "5", "client_id": "edge-test-same-id"}
     sink = SinkHarness(MqttSink, config, agent_id="gw-01").sink

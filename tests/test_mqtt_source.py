@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
+from edge_agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
 
 
 class Publisher:

@@ -23,7 +23,7 @@ from collections import defaultdict
 import pytest
 from conftest import created_paths, make_files, mqtt_agent_config
 
-from agent.testing import (
+from edge_agent.testing import (
     CuttableProxy,
     Listener,
     Mosquitto,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import mqtt_agent_config, run_cli
 
-from agent.testing import free_port, wait_for
+from edge_agent.testing import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,9 +138,9 @@ def test_json_logs_for_shippers(tmp_path, agent_process):
 def test_a_large_backlog_drains_with_calm_progress_lines(tmp_path, monkeypatch, caplog):
     import logging
 
-    from agent import Event, Sink
-    from agent import forwarder as forwarding
-    from agent.queue import QueueStore, QueueWriter
+    from edge_agent import Event, Sink
+    from edge_agent import forwarder as forwarding
+    from edge_agent.queue import QueueStore, QueueWriter
 
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(forwarding, "DRAIN_REPORT_MIN", 20)
@@ -246,7 +246,7 @@ def test_the_status_source_sends_the_agents_health_to_the_broker(
 
 
 def test_an_idle_agent_touches_its_status_instead_of_rewriting_it(tmp_path):
-    from agent import status
+    from edge_agent import status
 
     first = {"agent": "a", "updated": "2026-11-27T03:00:00Z", "queue": {"events": 0}}
     status.write(str(tmp_path), first)
@@ -288,8 +288,8 @@ def test_counters_survive_a_reload_that_restarts_the_sink(
 def test_plugin_warnings_are_counted_even_when_the_log_level_hides_them(capsys):
     import logging
 
-    from agent.cli import setup_logging
-    from agent.counters import LoggedProblems
+    from edge_agent.cli import setup_logging
+    from edge_agent.counters import LoggedProblems
 
     root = logging.getLogger()
     saved = (root.level, root.handlers[:])
@@ -310,7 +310,7 @@ def test_plugin_warnings_are_counted_even_when_the_log_level_hides_them(capsys):
 
 
 def test_bytes_are_counted_in_utf8():
-    from agent.counters import utf8_len
+    from edge_agent.counters import utf8_len
 
     assert utf8_len('{"path": "/data/x.csv"}') == 23
     text = '{"path": "/data/Übersicht-日本.csv"}'

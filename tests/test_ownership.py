@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import mqtt_agent_config, run_cli
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,10 +137,10 @@ def test_a_deleted_state_dir_stops_the_agent_and_the_next_start_reports_it(
 
 @pytest.mark.parametrize("how", ["renamed", "replaced"])
 def test_a_queue_file_renamed_or_replaced_takes_no_more_commits(tmp_path, how):
-    from agent.errors import QueueError
-    from agent.event import Event
-    from agent.queue import QueueStore
-    from agent.writer import Writer
+    from edge_agent.errors import QueueError
+    from edge_agent.event import Event
+    from edge_agent.queue import QueueStore
+    from edge_agent.writer import Writer
 
     store = QueueStore(str(tmp_path / "state"))
     store.open()

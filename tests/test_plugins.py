@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import run_cli
 
-from agent import Event, Sink, SinkUnavailable, Source, hookimpl, hookspecs, option
-from agent.config import parse_config
-from agent.plugins import load_plugins
-from agent.queue import read_stats
-from agent.runtime import Agent
-from agent.testing import wait_for
+from edge_agent import Event, Sink, SinkUnavailable, Source, hookimpl, hookspecs, option
+from edge_agent.config import parse_config
+from edge_agent.plugin_host import load_plugins
+from edge_agent.queue import read_stats
+from edge_agent.runtime import Agent
+from edge_agent.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ class Plugin:
 
     @hookimpl
     def register_processors(self, register):
-        from plugins.processors import Drop
+        from edge_agent.plugins.processors import Drop
 
         register("my_drop", Drop)
 
@@ -149,7 +149,7 @@ def test_hooks_register_and_run(tmp_path, capsys):
     assert "secret.thing" not in "".join(printed)
     assert plugin.calls == ["startup gw", "shutdown gw"]
 
-    from agent.cli import cli
+    from edge_agent.cli import cli
 
     host.call_each("register_commands", cli=cli)
     result = CliRunner().invoke(cli, ["hello"], obj=host)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.event import Event
-from agent.plugins import load_plugins
-from agent.runtime import Agent
+from edge_agent.config import load_config
+from edge_agent.errors import ConfigError
+from edge_agent.event import Event
+from edge_agent.plugin_host import load_plugins
+from edge_agent.runtime import Agent
 
 
 def event(type="file.created", source="inbox", data=None, subject=None) -> Event:
@@ -276,8 +276,8 @@ def test_the_docs_example_does_what_its_comments_say(tmp_path):
 def test_a_processor_plugin_with_an_option_named_type_is_refused(tmp_path):
     from dataclasses import dataclass
 
-    from agent import Processor, hookimpl, option
-    from agent.config import parse_config
+    from edge_agent import Processor, hookimpl, option
+    from edge_agent.config import parse_config
 
     class Tagger(Processor):
         @dataclass(kw_only=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from agent.event import Event, new_event_id
-from agent.queue import (
+from edge_agent.event import Event, new_event_id
+from edge_agent.queue import (
     QueueStore,
     QueueWriter,
     SinkCursor,
@@ -151,7 +151,7 @@ def test_cloudevent_json_holds_the_stored_data_unchanged(tmp_path):
 
 
 def test_event_times_are_kept_in_one_form():
-    from agent.event import canonical_time
+    from edge_agent.event import canonical_time
 
     assert canonical_time("2026-11-26T23:59:01.123456Z") == "2026-11-26T23:59:01.123456Z"
     assert canonical_time("2026-11-26T23:59:01Z") == "2026-11-26T23:59:01.000000Z"

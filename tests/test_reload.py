@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import created_paths, mqtt_agent_config
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from agent import dead_letters
-from agent.event import Event
-from agent.queue import (
+from edge_agent import dead_letters
+from edge_agent.event import Event
+from edge_agent.queue import (
     QueueStore,
     QueueWriter,
     SinkCursor,
@@ -18,7 +18,7 @@ from agent.queue import (
     purge_plan,
     read_stats,
 )
-from agent.routing import EVERYTHING, Route, parse_route
+from edge_agent.routing import EVERYTHING, Route, parse_route
 
 FILES = Route(types=("file.*",))
 MQTT = Route(types=("mqtt.*",))
@@ -235,7 +235,7 @@ def test_a_bad_selection_is_a_problem_naming_the_key_and_the_sink(value, message
 def test_a_selecting_sinks_backlog_is_counted_by_blocks_that_stay_right(store, monkeypatch):
     """status reads it every few seconds: whole blocks above the cursor are counted once,
     and stay right while the sink confirms, others' events go and the bounds drop."""
-    monkeypatch.setattr("agent.queue.COUNT_BLOCK", 10)
+    monkeypatch.setattr("edge_agent.queue.COUNT_BLOCK", 10)
     writer = QueueWriter(store)
     routes = {"all": EVERYTHING, "files": FILES}
     all_ = SinkCursor(store, "all", "gw")

@@ -9,7 +9,7 @@ import signal
 import pytest
 from conftest import run_cli
 
-from agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
+from edge_agent.testing import CuttableProxy, Mosquitto, Subscriber, wait_for
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from agent import Duration, OptionError, option
-from agent.schema import build
+from edge_agent import Duration, OptionError, option
+from edge_agent.schema import build
 
 pytestmark = pytest.mark.timeout(60)
 

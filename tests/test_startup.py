@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from agent import hookimpl
+from edge_agent import hookimpl
 
 HEAVY = (
     "pika",
@@ -44,7 +44,7 @@ PROBE = textwrap.dedent(
             json.dump(sorted(found), f)
     atexit.register(report)
     sys.argv[0] = "edge-agent"
-    from agent.cli import main
+    from edge_agent.cli import main
     main()
     """
 )
@@ -104,8 +104,8 @@ def test_short_commands_import_no_plugin_library(tmp_path, args):
 
 
 def test_version_loads_no_plugin(tmp_path):
-    assert imported_by(tmp_path, ("plugins",), "--version") == []
-    assert "plugins.mqtt" in imported_by(tmp_path, ("plugins",), "plugins")
+    assert imported_by(tmp_path, ("edge_agent.plugins",), "--version") == []
+    assert "edge_agent.plugins.mqtt" in imported_by(tmp_path, ("edge_agent.plugins",), "plugins")
 
 
 class Greeter:
@@ -119,8 +119,8 @@ class Greeter:
 
 def test_plugin_commands_are_added_before_a_command_is_looked_up(monkeypatch):
     """A plugin's command works and is listed; --version loads no plugin."""
-    import agent.cli
-    from agent.plugins import load_plugins
+    import edge_agent.cli
+    from edge_agent.plugin_host import load_plugins
 
     monkeypatch.setenv("EDGE_AGENT_LOAD_PLUGINS", "")
     loads = []
@@ -129,8 +129,8 @@ def test_plugin_commands_are_added_before_a_command_is_looked_up(monkeypatch):
         loads.append(1)
         return load_plugins(extra=[(Greeter(), "greeter")])
 
-    monkeypatch.setattr(agent.cli, "load_plugins", load)
-    cli = agent.cli.cli
+    monkeypatch.setattr(edge_agent.cli, "load_plugins", load)
+    cli = edge_agent.cli.cli
     try:
         assert CliRunner().invoke(cli, ["--version"]).exit_code == 0
         assert loads == []  # --version needs no plugin

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from agent.testing import SourceHarness, wait_for
-from plugins.status import StatusSource
+from edge_agent.plugins.status import StatusSource
+from edge_agent.testing import SourceHarness, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import mqtt_agent_config
 
-from agent.testing import free_port, wait_for
+from edge_agent.testing import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -103,7 +103,7 @@ def test_sd_notify_ready_status_watchdog_stopping_in_order(tmp_path, agent_proce
 
 @pytest.mark.timeout(10)
 def test_a_listener_that_stops_reading_never_blocks_the_agent(tmp_path):
-    from agent.systemd import Notifier
+    from edge_agent.systemd import Notifier
 
     path = str(tmp_path / "notify")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

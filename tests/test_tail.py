@@ -10,8 +10,8 @@ import shutil
 import pytest
 from conftest import first_deliveries
 
-from agent.testing import SourceHarness, wait_for
-from plugins.tail import LINES_PER_COMMIT, TailSource
+from edge_agent.plugins.tail import LINES_PER_COMMIT, TailSource
+from edge_agent.testing import SourceHarness, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 

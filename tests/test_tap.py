@@ -15,9 +15,9 @@ import threading
 import pytest
 from conftest import run_cli
 
-from agent.event import Event
-from agent.tap import MISSED_LINE, SOCKET_NAME, TapServer, connect, follow
-from agent.testing import wait_for
+from edge_agent.event import Event
+from edge_agent.tap import MISSED_LINE, SOCKET_NAME, TapServer, connect, follow
+from edge_agent.testing import wait_for
 
 
 def tail_config(tmp_path) -> str:
@@ -49,7 +49,7 @@ class Tapper:
         self._err = open(self.err_path, "w")  # noqa: SIM115 (closed in wait)
         self._out = None if stdout is not None else open(self.out_path, "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "tap", "-c", str(tmp_path / "agent.toml"), *args],
+            [sys.executable, "-m", "edge_agent", "tap", "-c", str(tmp_path / "agent.toml"), *args],
             stdout=stdout if stdout is not None else self._out,
             stderr=self._err,
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import AgentProcess, run_cli
 
-from agent.testing import wait_for
+from edge_agent.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIAL = ROOT / "docs" / "plugins.md"

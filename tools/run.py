@@ -205,7 +205,7 @@ def agent_command(config: str) -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "edge-agent")
     if os.access(script, os.X_OK):
         return [script, "run", "-c", config]
-    return [sys.executable, "-m", "agent", "run", "-c", config]
+    return [sys.executable, "-m", "edge_agent", "run", "-c", config]
 
 
 def main() -> int:

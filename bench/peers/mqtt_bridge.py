@@ -59,7 +59,6 @@ from typing import Any  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
-from agent.testing import Mosquitto, wait_for  # noqa: E402
 from bench.common import (  # noqa: E402
     agent_command,
     cpu_seconds,
@@ -67,6 +66,7 @@ from bench.common import (  # noqa: E402
     package_version,
     rss_mib,
 )
+from edge_agent.testing import Mosquitto, wait_for  # noqa: E402
 
 TB_VERSION = "3.8.5"
 TB_VENV = os.path.join(HERE, ".venv-tb")
@@ -950,7 +950,7 @@ def ensure_tb_gateway() -> str | None:
 def edge_agent_source_missing() -> str | None:
     """None if this checkout's edge-agent has an ``mqtt`` source; else why not."""
     code = (
-        "from agent.plugins import load_plugins\n"
+        "from edge_agent.plugin_host import load_plugins\n"
         "import sys\n"
         "print('ok' if 'mqtt' in load_plugins().sources else 'missing')\n"
     )

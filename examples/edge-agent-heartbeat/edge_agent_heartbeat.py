@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from agent import Duration, QueuedEvent, Sink, Source, hookimpl, option
+from edge_agent import Duration, QueuedEvent, Sink, Source, hookimpl, option
 
 
 class Heartbeat(Source):

@@ -4,7 +4,7 @@ import json
 
 from edge_agent_heartbeat import Heartbeat, JsonLines
 
-from agent import Event
+from edge_agent import Event
 
 
 def test_heartbeat_beats(source_harness):

@@ -21,10 +21,10 @@ from typing import Any
 
 import pluggy
 
-from agent import hookspecs
-from agent.api import Processor, Sink, Source
-from agent.commands import BUILTIN_COMMANDS, RemoteCommand, command_name_problem
-from agent.event import Event
+from edge_agent import hookspecs
+from edge_agent.api import Processor, Sink, Source
+from edge_agent.commands import BUILTIN_COMMANDS, RemoteCommand, command_name_problem
+from edge_agent.event import Event
 
 log = logging.getLogger("edge_agent.plugins")
 
