@@ -230,7 +230,9 @@ class TapServer:
             ) from exc
         self._sock = sock
         self._inode = (info.st_dev, info.st_ino)
-        self._thread = threading.Thread(target=self._accept, name="tap", daemon=True)
+        # The thread gets the socket itself: stop() clears self._sock, maybe before the
+        # thread first runs.
+        self._thread = threading.Thread(target=self._accept, args=(sock,), name="tap", daemon=True)
         self._thread.start()
 
     @property
@@ -238,11 +240,10 @@ class TapServer:
         """How many clients tap now."""
         return sum(not t.closed for t in self._tappers)
 
-    def _accept(self) -> None:
-        assert self._sock is not None
+    def _accept(self, sock: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return  # the server was stopped
             threading.Thread(

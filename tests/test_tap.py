@@ -40,6 +40,10 @@ def tail_config(tmp_path) -> str:
         """
 
 
+def _sigint_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Tapper:
     """``edge-agent tap ARGS`` as a child process, its output in files."""
 
@@ -52,6 +56,9 @@ class Tapper:
             [sys.executable, "-m", "edge_agent", "tap", "-c", str(tmp_path / "agent.toml"), *args],
             stdout=stdout if stdout is not None else self._out,
             stderr=self._err,
+            # As from a terminal: a test run started in the background (`make test &`)
+            # passes SIGINT on ignored, and Python then never turns it into Ctrl-C.
+            preexec_fn=_sigint_as_at_a_terminal,
         )
 
     def err(self) -> str:
@@ -66,6 +73,9 @@ class Tapper:
     def wait(self, timeout: float = 20) -> int:
         try:
             return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            said = self.err()
+            raise AssertionError(f"the tap still runs after {timeout}s; it said: {said}") from None
         finally:
             self._err.close()
             if self._out is not None:
