@@ -861,7 +861,7 @@ def rogue_device(
         stop_agents([rogue])
     log = rogue.agent.log()
     refused = sum("refused" in line.lower() for line in log.splitlines())
-    lost = sum("connection lost" in line for line in log.splitlines())
+    lost = sum("connection lost" in line or ": lost " in line for line in log.splitlines())
     connects = sum("connected to" in line for line in log.splitlines())
     dead = subprocess.run(
         [*agent_command(), "queue", "dead", "list", "-c", rogue.agent.config_path, "--json"],
@@ -891,7 +891,7 @@ def rogue_device(
         "a device publishing into another's topics"
         + (" (AMQP, confirms)" if sink == "amqp" else " (3.1.1)"),
         f"{arrived} of {made} arrived",
-        beside=f"{connects} connections made in {args.rogue:g} s, {lost} 'connection lost';"
+        beside=f"{connects} connections made in {args.rogue:g} s, {lost} logged as lost;"
         f" {refused} lines saying refused; {set_aside} set aside, {rogue.queued()} kept queued",
         met=arrived == 0,
         values={
