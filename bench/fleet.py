@@ -12,6 +12,14 @@ a rotated order, through one counting TCP proxy per node: the proxies note
 every connection attempt, also while a node is down. A consumer reads the
 quorum queue over AMQP (pika) and counts per agent.
 
+With ``--sink amqp`` each agent has the ``amqp`` sink instead (publisher
+confirms) to the same nodes' AMQP listeners, through counting proxies too,
+with the same user: it publishes into ``amq.topic`` with the routing key the
+MQTT plugin makes of the MQTT topic (``edge.{agent}.{source}.{type}``), so
+the same quorum queue and consumer count both. ``--sink both`` runs every
+scenario once per sink, each against a fresh cluster, and prints one table
+with a column per sink.
+
 Scenarios, in order: steady load; one node killed (SIGKILL) and started
 again; the whole cluster killed for ``--outage`` seconds (2 minutes by
 default) while the agents buffer, then started again: connection attempts per
@@ -25,6 +33,7 @@ fault), and whether any agent's ``sequence`` has a gap.
     .venv/bin/python bench/fleet.py                       # 100 agents, a 2-minute outage
     .venv/bin/python bench/fleet.py --agents 20 --outage 20 --steady 20   # a trial run
     .venv/bin/python bench/fleet.py --json fleet.json
+    .venv/bin/python bench/fleet.py --sink both --agents 30 --steady 30 --node-outage 20 --outage 60
 
 Every port is loopback. Only the processes the script started are stopped.
 """
@@ -457,7 +466,9 @@ GENERATOR = (
 class Device:
     """One agent process and its serial number generator."""
 
-    def __init__(self, folder: str, name: str, ports: list[int], args: Any, extra: dict) -> None:
+    def __init__(
+        self, folder: str, name: str, ports: list[int], args: Any, extra: dict, sink: str = "mqtt"
+    ) -> None:
         self.name = name
         self.folder = os.path.join(folder, name)
         os.makedirs(self.folder, exist_ok=True)
@@ -469,21 +480,37 @@ class Device:
             shell=True,
             cwd=self.folder,
         )
-        sink = plugin_table(
-            "sinks.mqtt",
-            name="cloud",
-            hosts=[f"127.0.0.1:{port}" for port in ports],
-            protocol="3.1.1",
-            qos=1,
-            client_id=name,
-            username=name,
-            password=f"pw-{name}",
-            topic="edge/{agent}/{source}/{type}",
-            reconnect_min="1s",
-            reconnect_max=args.reconnect_max,
-            **extra,
-        )
-        config = agent_toml(name, os.path.join(self.folder, "state"), source + sink)
+        if sink == "amqp":
+            # amq.topic, with the routing key RabbitMQ's MQTT plugin makes of the MQTT
+            # topic ("/" becomes "."): the same binding, permissions and consumer.
+            table = plugin_table(
+                "sinks.amqp",
+                name="cloud",
+                url=f"amqp://{name}:pw-{name}@127.0.0.1:{ports[0]}/%2F",
+                hosts=[f"127.0.0.1:{port}" for port in ports],
+                exchange="amq.topic",
+                declare_exchange=False,
+                routing_key="edge.{agent}.{source}.{type}",
+                reconnect_min="1s",
+                reconnect_max=args.reconnect_max,
+                **extra,
+            )
+        else:
+            table = plugin_table(
+                "sinks.mqtt",
+                name="cloud",
+                hosts=[f"127.0.0.1:{port}" for port in ports],
+                protocol="3.1.1",
+                qos=1,
+                client_id=name,
+                username=name,
+                password=f"pw-{name}",
+                topic="edge/{agent}/{source}/{type}",
+                reconnect_min="1s",
+                reconnect_max=args.reconnect_max,
+                **extra,
+            )
+        config = agent_toml(name, os.path.join(self.folder, "state"), source + table)
         config = config.replace('shutdown_grace = "2s"', 'shutdown_grace = "5s"')
         self.agent = AgentProcess(self.folder, config)
 
@@ -529,11 +556,11 @@ def stop_agents(devices: list[Device]) -> None:
             device.agent.stop()
 
 
-def sink_options() -> set[str]:
-    """The MQTT sink options the installed agent knows (the drain options may be missing)."""
+def sink_options(sink: str = "mqtt") -> set[str]:
+    """The sink's options the installed agent knows (the drain options may be missing)."""
     from edge_agent.plugin_host import load_plugins
 
-    known = {f.name for f in dataclasses.fields(load_plugins().sinks["mqtt"].cls.Config)}
+    known = {f.name for f in dataclasses.fields(load_plugins().sinks[sink].cls.Config)}
     try:  # the options the agent handles for every sink
         from edge_agent.drain import DRAIN_KEYS
     except ImportError:
@@ -565,16 +592,20 @@ def load() -> str:
         return " ".join(handle.read().split()[:3])
 
 
-def run(args: argparse.Namespace, folder: str) -> tuple[list[Row], dict[str, Any]]:
+def run(
+    args: argparse.Namespace, folder: str, sink: str = "mqtt"
+) -> tuple[list[Row], dict[str, Any]]:
     rows: list[Row] = []
     notes: dict[str, Any] = {"faults": []}
-    known = sink_options()
+    known = sink_options(sink)
     variants: list[tuple[str, dict]] = []
     jitter = "reconnect_jitter" in known
     rate = "max_rate" in known
     if jitter:
         variants.append(("jitter on", {"reconnect_jitter": True}))
         variants.append(("jitter off", {"reconnect_jitter": False}))
+    elif sink == "amqp":  # full jitter always: it has no switch
+        variants.append(("full jitter, always on", {}))
     else:
         variants.append(("the agent's own backoff", {}))
     if rate:
@@ -583,7 +614,7 @@ def run(args: argparse.Namespace, folder: str) -> tuple[list[Row], dict[str, Any
             if jitter
             else (f"max_rate {args.max_rate}/s", {"max_rate": args.max_rate})
         )
-    if not jitter or not rate:
+    if (not jitter and sink == "mqtt") or not rate:
         missing = [n for n, ok in (("reconnect_jitter", jitter), ("max_rate", rate)) if not ok]
         print(f"this agent has no {', '.join(missing)} (branch drain): those runs are left out")
 
@@ -614,12 +645,15 @@ def run(args: argparse.Namespace, folder: str) -> tuple[list[Row], dict[str, Any
             channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
             channel.queue_bind(QUEUE, "amq.topic", routing_key="edge.#")
         consumer = Consumer(cluster).start()
-        proxies = [CountingProxy(node.mqtt_port).start() for node in cluster.nodes]
+        proxies = [
+            CountingProxy(node.amqp_port if sink == "amqp" else node.mqtt_port).start()
+            for node in cluster.nodes
+        ]
         ports = [p.port for p in proxies]
         first = variants[0][1]
         for i, name in enumerate(names):
             turn = i % len(ports)
-            devices.append(Device(folder, name, ports[turn:] + ports[:turn], args, first))
+            devices.append(Device(folder, name, ports[turn:] + ports[:turn], args, first, sink))
 
         print(f"starting {len(devices)} agents ...", flush=True)
         began = time.monotonic()
@@ -677,7 +711,7 @@ def run(args: argparse.Namespace, folder: str) -> tuple[list[Row], dict[str, Any
         del settle
 
         if args.rogue > 0:
-            rows.append(rogue_device(folder, ports, args, consumer))
+            rows.append(rogue_device(folder, ports, args, consumer, sink))
 
         threshold = max(2, int(args.rate * 2))
         # -- one node killed and started again
@@ -804,12 +838,18 @@ def run(args: argparse.Namespace, folder: str) -> tuple[list[Row], dict[str, Any
     return rows, notes
 
 
-def rogue_device(folder: str, ports: list[int], args: Any, consumer: Consumer) -> Row:
-    """An agent with its own user that publishes into another device's topics (MQTT 3.1.1):
-    what the broker and the agent make of it."""
-    rogue = Device(folder, "gw-rogue", ports, args, {})
+def rogue_device(
+    folder: str, ports: list[int], args: Any, consumer: Consumer, sink: str = "mqtt"
+) -> Row:
+    """An agent with its own user that publishes into another device's topics: what the
+    broker and the agent make of it (MQTT 3.1.1, or AMQP with publisher confirms)."""
+    rogue = Device(folder, "gw-rogue", ports, args, {}, sink)
     with open(rogue.agent.config_path) as handle:
-        text = handle.read().replace("edge/{agent}/{source}/{type}", "edge/gw-000/{source}/{type}")
+        text = (
+            handle.read()
+            .replace("edge/{agent}/{source}/{type}", "edge/gw-000/{source}/{type}")
+            .replace("edge.{agent}.{source}.{type}", "edge.gw-000.{source}.{type}")
+        )
     with open(rogue.agent.config_path, "w") as handle:
         handle.write(text)
     print(f"a device writing into another's topics, for {args.rogue:g}s ...", flush=True)
@@ -820,8 +860,9 @@ def rogue_device(folder: str, ports: list[int], args: Any, consumer: Consumer) -
     finally:
         stop_agents([rogue])
     log = rogue.agent.log()
-    refused = sum("refused" in line for line in log.splitlines())
-    lost = sum("connection lost" in line for line in log.splitlines())
+    refused = sum("refused" in line.lower() for line in log.splitlines())
+    lost = sum("connection lost" in line or ": lost " in line for line in log.splitlines())
+    connects = sum("connected to" in line for line in log.splitlines())
     dead = subprocess.run(
         [*agent_command(), "queue", "dead", "list", "-c", rogue.agent.config_path, "--json"],
         capture_output=True,
@@ -839,19 +880,28 @@ def rogue_device(folder: str, ports: list[int], args: Any, consumer: Consumer) -
         arrived = len(consumer.agents["gw-rogue"].ids)
     made = rogue.last_serial()
     print(
-        f"  {made} events made, {arrived} arrived, {lost} connections lost, {refused} refusals,"
+        f"  {made} events made, {arrived} arrived, {connects} connections made, {lost} lost,"
+        f" {refused} refusals,"
         f" {set_aside} dead letters, {rogue.queued()} still queued",
         flush=True,
     )
-    for line in [ln for ln in log.splitlines() if "refused" in ln or "lost" in ln][:3]:
+    for line in [ln for ln in log.splitlines() if "refused" in ln.lower() or "lost" in ln][:3]:
         print(f"    {line[:200]}")
     return Row(
-        "a device publishing into another's topics (3.1.1)",
+        "a device publishing into another's topics"
+        + (" (AMQP, confirms)" if sink == "amqp" else " (3.1.1)"),
         f"{arrived} of {made} arrived",
-        beside=f"broker closed the connection {lost}x; {refused} refusals logged, {set_aside}"
-        f" set aside, {rogue.queued()} kept queued",
+        beside=f"{connects} connections made in {args.rogue:g} s, {lost} logged as lost;"
+        f" {refused} lines saying refused; {set_aside} set aside, {rogue.queued()} kept queued",
         met=arrived == 0,
-        values={"made": made, "arrived": arrived, "refusal_lines": refused, "lost": lost},
+        values={
+            "made": made,
+            "arrived": arrived,
+            "refusal_lines": refused,
+            "lost": lost,
+            "connects": connects,
+            "log": [ln for ln in log.splitlines() if "refused" in ln.lower()][:3],
+        },
     )
 
 
@@ -933,6 +983,13 @@ def main() -> int:
     )
     parser.add_argument("--max-rate", type=float, default=5, help="max_rate variant (5/s)")
     parser.add_argument("--reconnect-max", default="60s", help='sinks\' reconnect_max ("60s")')
+    parser.add_argument(
+        "--sink",
+        choices=["mqtt", "amqp", "both"],
+        default="mqtt",
+        help="the agents' sink: MQTT 3.1.1 (default), AMQP with publisher confirms, or both"
+        " (one run each, one table)",
+    )
     parser.add_argument("--drain-timeout", type=float, default=900, help="per drain, s (900)")
     add_output_arguments(parser)
     args = parser.parse_args()
@@ -940,18 +997,60 @@ def main() -> int:
     print_machine(info)
     print(f"command: {' '.join(sys.argv)}")
     started = time.monotonic()
+    sinks = ["mqtt", "amqp"] if args.sink == "both" else [args.sink]
+    results: dict[str, list[Row]] = {}
     with workdir("fleet", args.dir, args.keep) as folder:
-        rows, _ = run(args, folder)
+        for sink in sinks:
+            print(f"== the agents' sink: {SINK_TITLES[sink]}", flush=True)
+            place = os.path.join(folder, sink)
+            os.makedirs(place, exist_ok=True)
+            results[sink], _ = run(args, place, sink)
     print()
-    print(f"RabbitMQ 3-node cluster (MQTT 3.1.1 plugin); {args.agents} agents;")
+    print(f"RabbitMQ 3-node cluster; {args.agents} agents; sink: {args.sink};")
     print(f"{time.monotonic() - started:.0f} s in all; load at the end {load()}")
     print()
-    print("| what | measured | beside it |")
-    print("| --- | --- | --- |")
-    for row in rows:
-        print(f"| {row.what} | {row.agent} | {row.beside} |")
+    rows = [r for sink in sinks for r in results[sink]]
+    if len(sinks) == 1:
+        print("| what | measured | beside it |")
+        print("| --- | --- | --- |")
+        for row in rows:
+            print(f"| {row.what} | {row.agent} | {row.beside} |")
+    else:
+        print_side_by_side(results)
+        for sink in sinks:
+            for row in results[sink]:
+                row.what = f"[{sink}] {row.what}"
     write_results(args.json, "fleet.py", rows, info)
     return 0 if all(r.met is not False for r in rows) else 1
+
+
+SINK_TITLES = {"mqtt": "MQTT 3.1.1 (QoS 1)", "amqp": "AMQP 0-9-1 (publisher confirms)"}
+
+
+def row_key(what: str) -> str:
+    """The same measurement under both sinks: AMQP's jitter (always full) beside MQTT's
+    ``reconnect_jitter = true``, the rogue device's row without its sink's name."""
+    return (
+        what.replace("(full jitter, always on)", "(jitter on)")
+        .replace(" (AMQP, confirms)", "")
+        .replace(" (3.1.1)", "")
+    )
+
+
+def print_side_by_side(results: dict[str, list[Row]]) -> None:
+    """One table, a column per sink; a cell holds the figure, then what it is beside."""
+    keys: list[str] = []
+    cells: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for sink, rows in results.items():
+        for row in rows:
+            key = row_key(row.what)
+            if key not in keys:
+                keys.append(key)
+            cells[key][sink] = row.agent + (f" ({row.beside})" if row.beside else "")
+    print("| what | " + " | ".join(SINK_TITLES[s] for s in results) + " |")
+    print("| --- |" + " --- |" * len(results))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(cells[key].get(s, "-") for s in results) + " |")
 
 
 if __name__ == "__main__":

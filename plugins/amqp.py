@@ -68,6 +68,11 @@ class AmqpSink(Sink):
             secret=True,
             doc="amqp:// or amqps:// URL with credentials; or url_file = PATH.",
         )
+        hosts: list[str] = option(
+            [],
+            doc='Brokers tried in turn, "host:port" each (the nodes of a cluster); replaces'
+            " the URL's host and port, which keeps the credentials, vhost and options.",
+        )
         exchange: str = option("edge", doc='Exchange to publish to; "" is the default exchange.')
         exchange_type: Literal["topic", "direct", "fanout", "headers"] = option(
             "topic", doc="Type used when declaring the exchange."
@@ -101,6 +106,8 @@ class AmqpSink(Sink):
         def __post_init__(self) -> None:
             if not self.url.startswith(("amqp://", "amqps://")):
                 raise ValueError("url must start with amqp:// or amqps://")
+            for entry in self.hosts:
+                split_host(entry, 5672)
             unknown = [m for m in _PLACEHOLDER.findall(self.routing_key) if m not in FIELDS]
             if unknown:
                 raise ValueError(
@@ -121,10 +128,7 @@ class AmqpSink(Sink):
         self.retry_max = self.config.reconnect_max
         self._connection: Any = None
         self._channel: Any = None
-        params = pika.URLParameters(self.config.url)
-        self._where = (
-            f"{params.host}:{params.port}{params.virtual_host and '/' + params.virtual_host}"
-        )
+        self._where = _where(pika.URLParameters(self.config.url))
         #: Messages nacked or returned by the broker, since start.
         self.refused = 0
         if not self.config.mandatory:
@@ -138,15 +142,42 @@ class AmqpSink(Sink):
     def target(self) -> str:
         return self._where  # the URL without its credentials
 
+    def brokers(self) -> list[Any]:
+        """Connection parameters of every broker, in the order they are tried."""
+        config = self.config
+        found = []
+        for entry in config.hosts or [None]:
+            params = pika.URLParameters(config.url)
+            if entry is not None:
+                params.host, params.port = split_host(entry, params.port)
+            params.heartbeat = config.heartbeat
+            params.socket_timeout = config.connect_timeout
+            params.blocked_connection_timeout = config.connect_timeout * 3
+            params.connection_attempts = 1
+            found.append(params)
+        return found
+
+    def _connect(self) -> Any:
+        """A connection to the first broker that answers; the last one's error if none does.
+        Credentials refused are final: every node of a cluster shares its users."""
+        brokers = self.brokers()
+        for index, params in enumerate(brokers):
+            self._where = _where(params)
+            try:
+                return pika.BlockingConnection(params)
+            except pika.exceptions.ProbableAuthenticationError:
+                raise
+            except (pika.exceptions.AMQPError, OSError):
+                if index == len(brokers) - 1:
+                    raise
+                self.log.debug("%s does not answer; trying the next of hosts", self._where)
+        raise AssertionError("no brokers")  # brokers() has at least one
+
     def open(self) -> None:
         config = self.config
-        params = pika.URLParameters(config.url)
-        params.heartbeat = config.heartbeat
-        params.socket_timeout = config.connect_timeout
-        params.blocked_connection_timeout = config.connect_timeout * 3
-        params.connection_attempts = 1
+        params = self.brokers()[-1]  # the one whose error is raised
         try:
-            self._connection = pika.BlockingConnection(params)
+            self._connection = self._connect()
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
             if config.declare_exchange and config.exchange:
@@ -244,6 +275,21 @@ def routing_key(template: str, event: QueuedEvent) -> str:
     """Fill ``{agent}``, ``{source}`` and ``{type}``."""
     values = {"agent": event.agent_id, "source": event.source, "type": event.type}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def split_host(entry: str, default_port: int) -> tuple[str, int]:
+    """``"node1:5672"`` → ("node1", 5672); ``"[::1]:5672"`` too; ValueError if malformed."""
+    host, sep, port = entry.rpartition(":")
+    if not sep or "]" in port:
+        return entry.strip("[]"), default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"hosts: {entry!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _where(params: Any) -> str:
+    """host:port/vhost, without the credentials."""
+    return f"{params.host}:{params.port}{params.virtual_host and '/' + params.virtual_host}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from conftest import run_cli
 
-from edge_agent import Event
+from edge_agent import Event, SinkUnavailable
 from edge_agent.plugins.amqp import AmqpSink
 from edge_agent.testing import CuttableProxy, SinkHarness, wait_for
 
@@ -231,3 +231,46 @@ def test_pika_stays_quiet_and_returned_messages_fold_into_one_line(exchange):
     assert len(ours) == 2, text  # the first, then one with the count of the rest
     assert "routing key nobody.file.created" in ours[0]
     assert "29 more like this" in ours[1]
+
+
+def test_hosts_are_tried_in_turn_and_the_target_names_the_one_that_answered(exchange):
+    name, channel, queue = exchange
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    config = {
+        "url": "amqp://guest:guest@127.0.0.1:1/%2F",
+        "hosts": [f"127.0.0.1:{dead}", "127.0.0.1:5672"],
+        "exchange": name,
+        "declare_exchange": False,
+    }
+    sink = SinkHarness(AmqpSink, config, agent_id="gw-01").sink
+    sink.open()
+    try:
+        assert sink.target == "127.0.0.1:5672//"
+        from edge_agent.testing import queued_events
+
+        batch = queued_events(events(2), "gw-01")
+        assert sink.publish(batch) == batch
+    finally:
+        sink.close()
+    got: list = []
+    wait_for(lambda: got.extend(received(channel, queue)) or len(got) >= 2, 5, "2 messages")
+
+
+def test_hosts_none_of_which_answers_is_unavailable_naming_the_last():
+    ports = []
+    for _ in range(2):
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            ports.append(closed.getsockname()[1])
+    config = {"hosts": [f"127.0.0.1:{p}" for p in ports], "connect_timeout": "2s"}
+    sink = SinkHarness(AmqpSink, config).sink
+    with pytest.raises(SinkUnavailable):
+        sink.open()
+    assert sink.target.startswith(f"127.0.0.1:{ports[1]}")
+
+
+def test_a_malformed_host_is_a_config_error():
+    with pytest.raises(Exception, match="is not host:port"):
+        SinkHarness(AmqpSink, {"hosts": ["node1:port"]})
