@@ -48,6 +48,7 @@ as in queue order.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,12 +67,20 @@ DRAIN_KEYS = ("max_rate", "max_bytes_rate", "priority")
 BURST_SECONDS = 1.0
 
 
+def _finite(value: float) -> None:
+    if math.isinf(value):
+        raise ValueError("must be a number of events per second (0 for no limit), got inf")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DrainLimits:
     """A sink's ``max_rate``, ``max_bytes_rate`` and ``priority`` (see the module docstring)."""
 
     max_rate: float = option(
-        0.0, min=0, doc="Events per second this sink sends at most; 0: no limit."
+        0.0,
+        min=0,
+        validator=_finite,
+        doc="Events per second this sink sends at most; 0: no limit.",
     )
     max_bytes_rate: ByteSize = option(
         ByteSize(0),

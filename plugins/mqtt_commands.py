@@ -376,7 +376,7 @@ class CommandListener:
         if response:
             name = message.topic.rpartition("/")[2]
             answer = {"agent": self.agent.id, "command": name, "ok": False}
-            answer.update(code=code, error=reason)
+            answer.update(code=code, error=reason, seconds=0.0)
             self._outbox.put((response, _encode(answer), _correlation(properties)))
 
     # -- the requests thread ------------------------------------------------

@@ -137,6 +137,10 @@ def test_limits_are_checked_at_their_key_paths(tmp_path):
         "sinks.stdout.max_bytes_rate",
         "sinks.stdout.priority",
     } <= keys, info.value
+    path.write_text(f'[agent]\nstate_dir = "{tmp_path}"\n[[sinks.stdout]]\nmax_rate = inf\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), load_plugins())
+    assert [p.key for p in info.value.problems] == ["sinks.stdout.max_rate"], info.value
     path.write_text(
         f"""
         [agent]
