@@ -499,12 +499,10 @@ class Agent:
 
         def on_stop(signum: int, _frame: Any) -> None:
             log.info("received %s; stopping", signal.Signals(signum).name)
-            self._stop_requested.set()
-            self._wake.set()
+            self.request_stop()
 
         def on_hup(_signum: int, _frame: Any) -> None:
-            self._reload_requested.set()
-            self._wake.set()
+            self.request_reload()
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)

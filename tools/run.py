@@ -34,6 +34,8 @@ import time
 from types import FrameType
 from typing import Any
 
+from edge_agent.testing import free_port, mosquitto_binary
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
 DEFAULT_CONFIG = "config/agent.toml"
@@ -61,21 +63,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def mosquitto_binary() -> str | None:
-    """The mosquitto broker binary: on PATH, or Debian's /usr/sbin/mosquitto; None if absent."""
-    found = shutil.which("mosquitto")
-    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
-        found = "/usr/sbin/mosquitto"
-    return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -276,7 +263,10 @@ def find_broker(host: str, port: int, env: dict[str, str]) -> ThrowawayBroker | 
     if not is_loopback(host):
         say(f"nothing answers on {host}:{port}; events wait on disk until the broker answers")
         return None
-    binary = mosquitto_binary()
+    try:
+        binary = mosquitto_binary()
+    except RuntimeError:  # not installed
+        binary = None
     if binary is None:
         say(
             f"nothing answers on {host}:{port}, and Mosquitto is not installed: events wait on"
