@@ -148,6 +148,19 @@ class Event:
     attributes: dict[str, Any] | None = None
 
 
+@dataclass(slots=True)
+class EncodedEvent(Event):
+    """An :class:`Event` whose data arrived as JSON text (an MQTT payload, say), kept so the
+    queue need not encode the data again.
+
+    The text is queued as it came only when no processor or ``process_event`` hook ran
+    on the event (they may change ``data``); it must be valid UTF-8 JSON of ``data`` on
+    one line (stdout and the tap write an event a line).
+    """
+
+    data_json: str = "null"
+
+
 def make_events(
     type: str, source: str, data: Sequence[Any], *, subject: str | None = None
 ) -> list[Event]:

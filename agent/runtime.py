@@ -32,7 +32,7 @@ from edge_agent.config import Config, InstanceConfig
 from edge_agent.counters import LoggedProblems, utf8_len
 from edge_agent.drain import UNLIMITED
 from edge_agent.errors import QueueError
-from edge_agent.event import Event, check_event, encode_data
+from edge_agent.event import EncodedEvent, Event, check_event, encode_data
 from edge_agent.forwarder import Forwarder
 from edge_agent.logfold import flush_folded
 from edge_agent.plugin_host import PluginHost, SlowReporter
@@ -191,12 +191,19 @@ class Agent:
         ``cancel`` (the source's ``stopping``) is set while it waits for room.
         """
         try:
-            if self.processors or self.host.processes_events:
+            processing = self.processors or self.host.processes_events
+            if processing:
                 processed = [self._process(event) for event in events]
                 events = [event for event in processed if event is not None]
             for event in events:
                 check_event(event)
-            items = [(event, encode_data(event.data)) for event in events]
+            items = [
+                # Data that came as JSON text is queued as it is, unless a processor ran.
+                (event, event.data_json)
+                if type(event) is EncodedEvent and not processing
+                else (event, encode_data(event.data))
+                for event in events
+            ]
             if self.writer is None:
                 raise QueueError("the agent has not started its queue")
             rows = [(source, key, value) for key, value in (checkpoint or {}).items()]

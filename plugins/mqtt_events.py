@@ -19,10 +19,16 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from edge_agent import Event, Source
-from edge_agent.event import canonical_time, check_event
+from edge_agent.event import (
+    EncodedEvent,
+    canonical_time,
+    check_event,
+    new_event_id,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -48,20 +54,35 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _parse_json(payload: bytes) -> tuple[bool, Any]:
-    """(True, value) if ``payload`` is UTF-8 JSON without NaN or Infinity, and without
-    escapes of lone surrogates (``"\\ud800"``: no UTF-8 holds such a value; the payload
-    is then kept as the text it is)."""
+class Parsed(NamedTuple):
+    """What a payload holds as JSON: ``ok`` False when it is not UTF-8 JSON the queue can
+    keep; ``text`` the payload's text, to be queued as it is (None when it spans lines)."""
+
+    ok: bool
+    value: Any = None
+    text: str | None = None
+
+
+_NOT_JSON = Parsed(False)
+
+
+def _parse_json(payload: bytes) -> Parsed:
+    """``payload`` as UTF-8 JSON without NaN or Infinity, and without escapes of lone
+    surrogates (``"\\ud800"``: no UTF-8 holds such a value; the payload is then kept as
+    the text it is)."""
     try:
-        value = _DECODER.decode(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        value = _DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return False, None
+        return _NOT_JSON
     if _SURROGATE_ESCAPE.search(payload):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            return False, None
-    return True, value
+            return _NOT_JSON
+    # The queue keeps an event's data on one line (stdout and the tap print a line each).
+    one_line = b"\n" not in payload and b"\r" not in payload
+    return Parsed(True, value, text if one_line else None)
 
 
 def _properties(message: Received | mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, str]]]:
@@ -74,8 +95,14 @@ def _properties(message: Received | mqtt.MQTTMessage) -> tuple[str | None, list[
     return content_type, pairs
 
 
-def message_event(source: Source, message: Received | mqtt.MQTTMessage) -> Event | None:
-    """The event for ``message``; a CloudEvent stays one (see the module docstring)."""
+def message_event(
+    source: Source, message: Received | mqtt.MQTTMessage, stamp: tuple[str, str] | None = None
+) -> Event | None:
+    """The event for ``message``; a CloudEvent stays one (see the module docstring).
+
+    ``stamp``: the event's (id, time), when the caller made them for a whole batch at
+    once (:func:`edge_agent.event.new_event_ids`); a CloudEvent keeps its own id.
+    """
     try:
         topic = message.topic
     except UnicodeDecodeError:  # brokers refuse such topics; be safe all the same
@@ -85,18 +112,17 @@ def message_event(source: Source, message: Received | mqtt.MQTTMessage) -> Event
     payload = message.payload
     content_type, pairs = _properties(message)
     event = None
-    parsed: tuple[bool, Any] | None = None
+    parsed: Parsed | None = None
     names = {name for name, _ in pairs} if pairs else ()
     if "specversion" in names or "ce_specversion" in names:
         # MQTT 5 binary mode: the CloudEvents MQTT binding names user properties as the
         # attributes (as our sink sends them); some producers prefix them with ce_.
         prefix = "" if "specversion" in names else "ce_"
-        event = _binary_cloudevent(source, topic, payload, content_type, pairs, prefix)
+        event = _binary_cloudevent(source, topic, payload, content_type, pairs, prefix, stamp)
     elif content_type is None or "json" in content_type:
         parsed = _parse_json(payload)
-        is_json, value = parsed
-        if is_json and isinstance(value, dict) and _looks_structured(value):
-            event = _structured_cloudevent(source, topic, value)
+        if parsed.ok and isinstance(parsed.value, dict) and _looks_structured(parsed.value):
+            event = _structured_cloudevent(source, topic, parsed.value, stamp)
     if event is not None:
         return event
     attributes: dict[str, Any] = {}
@@ -113,21 +139,36 @@ def message_event(source: Source, message: Received | mqtt.MQTTMessage) -> Event
         attributes["mqttuserproperties"] = json.dumps(pairs, ensure_ascii=False)
     if message.retain:
         attributes["mqttretain"] = True
-    event = source.event(source.config.type, data, subject=topic)
-    event.attributes = attributes or None
-    return event
+    # JSON on one line is queued as the text it came in (no second encoding).
+    data_json = parsed.text if kind == "json" and parsed is not None else None
+    return _new_event(source, source.config.type, data, topic, stamp, attributes or None, data_json)
+
+
+def _new_event(
+    source: Source,
+    type: str,
+    data: Any,
+    subject: str,
+    stamp: tuple[str, str] | None,
+    attributes: dict[str, Any] | None,
+    data_json: str | None = None,
+) -> Event:
+    event_id, time = stamp if stamp is not None else (new_event_id(), utc_now())
+    if data_json is None:
+        return Event(type, source.name, data, subject, event_id, time, attributes)
+    return EncodedEvent(type, source.name, data, subject, event_id, time, attributes, data_json)
 
 
 def _payload_data(
-    payload: bytes, content_type: str | None, parsed: tuple[bool, Any] | None = None
+    payload: bytes, content_type: str | None, parsed: Parsed | None = None
 ) -> tuple[Any, str]:
     """(data, "json" | "text" | "base64") for a payload (``parsed``: what _parse_json gave
     for it, if it was called already)."""
     textual = content_type is not None and content_type.startswith(_TEXT_TYPES)
     if not textual:
-        is_json, value = parsed or _parse_json(payload)
-        if is_json:
-            return value, "json"
+        parsed = parsed or _parse_json(payload)
+        if parsed.ok:
+            return parsed.value, "json"
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -143,13 +184,15 @@ def _looks_structured(value: dict[str, Any]) -> bool:
     return all(isinstance(value.get(k), str) for k in ("specversion", "id", "source", "type"))
 
 
-def _structured_cloudevent(source: Source, topic: str, value: dict[str, Any]) -> Event | None:
+def _structured_cloudevent(
+    source: Source, topic: str, value: dict[str, Any], stamp: tuple[str, str] | None
+) -> Event | None:
     attributes = {k: v for k, v in value.items() if k not in _OWN}
     if "data_base64" in value:
         data, base64_data = value["data_base64"], True
     else:
         data, base64_data = value.get("data"), False
-    return _cloudevent(source, topic, value, attributes, data, base64_data)
+    return _cloudevent(source, topic, value, attributes, data, base64_data, stamp)
 
 
 def _binary_cloudevent(
@@ -159,6 +202,7 @@ def _binary_cloudevent(
     content_type: str | None,
     pairs: list[tuple[str, str]],
     prefix: str,
+    stamp: tuple[str, str] | None,
 ) -> Event | None:
     size = len(prefix)
     found = {
@@ -175,7 +219,7 @@ def _binary_cloudevent(
     if content_type:
         attributes["datacontenttype"] = content_type
     data, kind = _payload_data(payload, content_type)
-    return _cloudevent(source, topic, found, attributes, data, kind == "base64")
+    return _cloudevent(source, topic, found, attributes, data, kind == "base64", stamp)
 
 
 def _cloudevent(
@@ -185,6 +229,7 @@ def _cloudevent(
     attributes: dict[str, Any],
     data: Any,
     base64_data: bool,
+    stamp: tuple[str, str] | None,
 ) -> Event | None:
     """An Event keeping the CloudEvent's own attributes; None if it cannot carry them."""
     extra: dict[str, Any] = {}
@@ -198,7 +243,7 @@ def _cloudevent(
     if base64_data:
         extra["data_base64"] = True
     subject = envelope.get("subject")
-    event = source.event(envelope["type"], data, subject=subject or topic)
+    event = _new_event(source, envelope["type"], data, subject or topic, stamp, None)
     event.id = envelope["id"]
     if envelope.get("time"):
         try:

@@ -38,7 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge_agent import Duration, Event, Source, hookimpl, option
 from edge_agent.backoff import Backoff
 from edge_agent.errors import QueueError
-from edge_agent.event import check_event
+from edge_agent.event import check_event, new_event_ids, utc_now
 from edge_agent.plugins.mqtt_events import message_event, own_output
 from edge_agent.plugins.mqtt_messages import (
     MqttConnectionConfig,
@@ -434,7 +434,11 @@ class MqttSource(Source):
         skip_retained = self.config.retained == "skip"
         skip_own = self.config.skip_own
         redelivered = retained = own = 0
+        # Ids and the arrival time for the whole batch at once (one lock, one clock read).
+        now = utc_now()
+        stamps = iter(new_event_ids(len(messages)))
         for message in messages:
+            stamp = (next(stamps), now)
             qos = message.qos
             mid = message.mid
             message_digest = ""
@@ -447,7 +451,7 @@ class MqttSource(Source):
                 retained += 1
                 event = None
             else:
-                event = message_event(self, message)
+                event = message_event(self, message, stamp)
             if event is not None and skip_own and own_output(event, self._own_prefix):
                 own += 1
                 event = None

@@ -113,6 +113,7 @@ def test_json_text_binary_and_cloudevents_become_events(
     publisher.send_all(
         [
             ("devices/a/json", json.dumps({"t": 21.5})),
+            ("devices/a/pretty", json.dumps({"t": [1, 2], "u": "x"}, indent=2)),
             ("devices/a/text", "hello, world"),
             ("devices/a/bin", b"\x00\xff\x10binary"),
             ("devices/a/ce", json.dumps(cloudevent)),
@@ -128,11 +129,15 @@ def test_json_text_binary_and_cloudevents_become_events(
         ("line", "3"),
     ]
     publisher.send("devices/a/ce-binary", b'{"on":true}', user=binary_mode).wait_for_publish(10)
-    wait_for(lambda: len(forwarded(subscriber, "gw-kinds")) >= 7, 15, "seven events")
+    wait_for(lambda: len(forwarded(subscriber, "gw-kinds")) >= 8, 15, "eight events")
     by_subject = {e["subject"]: e for e in forwarded(subscriber, "gw-kinds")}
     plain = by_subject["devices/a/json"]
     assert plain["type"] == "mqtt.message" and plain["data"] == {"t": 21.5}
     assert plain["source"] == "edge-agent://gw-kinds/local"
+    # JSON over several lines is queued on one (stdout and the tap print an event a line)
+    assert by_subject["devices/a/pretty"]["data"] == {"t": [1, 2], "u": "x"}
+    pretty = next(m for m in list(subscriber.messages) if b"devices/a/pretty" in m.payload)
+    assert b"\n" not in pretty.payload
     assert by_subject["devices/a/text"]["data"] == "hello, world"
     assert by_subject["devices/a/text"]["datacontenttype"].startswith("text/plain")
     raw = by_subject["devices/a/bin"]
@@ -150,6 +155,20 @@ def test_json_text_binary_and_cloudevents_become_events(
     assert by_subject["devices/a/surrogate"]["data"] == '{"s": "\\ud800"}'  # kept as text
     tab = by_subject["devices/a/ce-tab"]  # an id no broker takes: a plain message
     assert tab["type"] == "mqtt.message" and tab["data"]["id"] == "a\tb"
+
+
+def test_a_processor_sees_and_changes_the_data_of_json_messages(
+    tmp_path, running_broker, agent_process, subscriber, publisher
+):
+    # The payload's JSON text is queued as it came only when no processor ran: enrich
+    # changes the data in place, and the change must reach the broker.
+    processors = '[[processors]]\ntype = "enrich"\nfields = { site = "north" }\n'
+    agent = agent_process(config(tmp_path, running_broker.port, "gw-enrich") + processors)
+    agent.start()
+    agent.wait_started()
+    publisher.send_all([("devices/b/json", '{"t": 21.5}')])
+    wait_for(lambda: forwarded(subscriber, "gw-enrich"), 15, "the enriched event")
+    assert forwarded(subscriber, "gw-enrich")[0]["data"] == {"t": 21.5, "site": "north"}
 
 
 def test_messages_before_during_and_after_a_sigkill_all_arrive(
