@@ -14,7 +14,7 @@ asking a Receive Maximum of 65535) commits them and acknowledges them, and its
   stopped; time from its start to the last event at the subscriber.
 
     .venv/bin/python bench/mqtt_source.py [-n 20000] [--repeat 3] [--sink-batch 100]
-        [--publishers 4] [--profile]
+        [--publishers 4] [--base REF] [--profile]
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    AgentProcess,
     Arrivals,
     Row,
     add_output_arguments,
@@ -55,6 +54,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from bench.profiling import Profile, profile_path, summary  # noqa: E402
+from bench.source_rate import CodeAgent, unpack  # noqa: E402
 from edge_agent.testing import Mosquitto  # noqa: E402
 
 TARGET = 18_000  # events/s end to end
@@ -135,11 +135,13 @@ def run_once(
     publishers: int,
     sink_batch: int,
     profile: str | None = None,
+    code: str | None = None,
 ) -> tuple[float, float, float]:
     """(events/s into the queue, events/s end to end, agent CPU µs per event); with
-    ``profile``, py-spy samples the agent meanwhile and writes its stacks there."""
+    ``profile``, py-spy samples the agent meanwhile and writes its stacks there; ``code``:
+    the agent's code from another commit (None: this checkout)."""
     broker = Mosquitto(os.path.join(folder, "mosquitto"), extra_config=BROKER_CONFIG).start()
-    agent = AgentProcess(folder, agent_config(folder, broker.port, sink_batch))
+    agent = CodeAgent(folder, agent_config(folder, broker.port, sink_batch), code)
     arrivals = Arrivals(broker.port, "edge/#").start()
     arrivals.expect(count)
     queue_file = os.path.join(folder, "state", "queue.db")
@@ -221,6 +223,9 @@ def main() -> None:
         " bench/peers/mqtt_bridge.py runs edge-agent with 100)",
     )
     parser.add_argument(
+        "--base", metavar="REF", help="also run the code of this commit, alternated (A/B)"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="sample the agent with py-spy during each run; print where its time went",
@@ -244,44 +249,52 @@ def main() -> None:
         )
         print("-" * 96)
         profiles = []
+        cases: dict[str, str | None] = {"": None}
+        if args.base:
+            cases[f" ({args.base})"] = unpack(args.base, folder)
         for label, backlog in (("live", False), ("backlog", True)):
-            queue_rates, end_rates, cpus = [], [], []
+            results = {case: ([], [], []) for case in cases}
             for run in range(args.repeat):
-                sub = os.path.join(folder, f"{label}-{run}")
-                os.makedirs(sub)
-                profile = None
-                if args.profile:
-                    profile = profile_path(f"mqtt_source-{label}-{run + 1}")
-                    profiles.append(profile)
-                into, end, cpu = run_once(
-                    sub,
-                    args.n,
-                    backlog,
-                    publishers=args.publishers,
-                    sink_batch=args.sink_batch,
-                    profile=profile,
+                for case, code in cases.items():  # alternated, so load hits both alike
+                    sub = os.path.join(folder, f"{label}-{run}{case.strip(' ()')}")
+                    os.makedirs(sub)
+                    profile = None
+                    if args.profile:
+                        profile = profile_path(f"mqtt_source-{label}-{run + 1}")
+                        profiles.append(profile)
+                    into, end, cpu = run_once(
+                        sub,
+                        args.n,
+                        backlog,
+                        publishers=args.publishers,
+                        sink_batch=args.sink_batch,
+                        profile=profile,
+                        code=code,
+                    )
+                    for values, value in zip(results[case], (into, end, cpu), strict=True):
+                        values.append(value)
+            for case, (queue_rates, end_rates, cpus) in results.items():
+                into, end, cpu = median(queue_rates), median(end_rates), median(cpus)
+                name = f"{label}{case}"
+                print(
+                    f"{name:<10} | {into:>16,.0f} | {end:>12,.0f} | {cpu:>6.1f} µs |"
+                    f" {runs_text(queue_rates)}; {runs_text(end_rates)}"
                 )
-                queue_rates.append(into)
-                end_rates.append(end)
-                cpus.append(cpu)
-            into, end, cpu = median(queue_rates), median(end_rates), median(cpus)
-            print(
-                f"{label:<10} | {into:>16,.0f} | {end:>12,.0f} | {cpu:>6.1f} µs |"
-                f" {runs_text(queue_rates)}; {runs_text(end_rates)}"
-            )
-            rows.append(
-                Row(
-                    what=f"mqtt source, {label}: {args.n:,} QoS 1 messages end to end",
-                    agent=f"{end:,.0f} events/s",
-                    target=f">= {TARGET:,} events/s",
-                    met=end >= TARGET,
-                    values={
-                        "into_queue": queue_rates,
-                        "end_to_end": end_rates,
-                        "cpu_us_per_event": cpus,
-                    },
+                if case:
+                    continue  # the base is for comparison; the results are this checkout's
+                rows.append(
+                    Row(
+                        what=f"mqtt source, {label}: {args.n:,} QoS 1 messages end to end",
+                        agent=f"{end:,.0f} events/s",
+                        target=f">= {TARGET:,} events/s",
+                        met=end >= TARGET,
+                        values={
+                            "into_queue": queue_rates,
+                            "end_to_end": end_rates,
+                            "cpu_us_per_event": cpus,
+                        },
+                    )
                 )
-            )
         live = rows[0]
         print(
             f"\ntarget: live end to end >= {TARGET:,} events/s: {live.agent} -> {verdict(live.met)}"

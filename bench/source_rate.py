@@ -61,7 +61,16 @@ def unpack(ref: str, folder: str) -> str:
         check=True,
         capture_output=True,
     ).stdout
+    # Importable under both layouts: edge_agent and edge_agent.plugins (the installed
+    # names since 0.1.0's packaging), and agent and plugins (older commits).
     subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
+    transform = [
+        "--transform",
+        "s,^agent,edge_agent,",
+        "--transform",
+        "s,^plugins,edge_agent/plugins,",
+    ]
+    subprocess.run(["tar", "-x", "-C", target, *transform], input=archive, check=True)
     return target
 
 
