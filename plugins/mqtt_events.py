@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import Event, Source
 from edge_agent.event import (
@@ -54,16 +54,11 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-class Parsed(NamedTuple):
-    """What a payload holds as JSON: ``ok`` False when it is not UTF-8 JSON the queue can
-    keep; ``text`` the payload's text, to be queued as it is (None when it spans lines)."""
-
-    ok: bool
-    value: Any = None
-    text: str | None = None
-
-
-_NOT_JSON = Parsed(False)
+#: What a payload holds as JSON: (True, value, text) or (False, None, None). ``text`` is
+#: the payload as it came, to be queued as it is; None when it spans lines (the queue keeps
+#: an event's data on one line: stdout and the tap print an event a line).
+Parsed = tuple[bool, Any, str | None]
+_NOT_JSON: Parsed = (False, None, None)
 
 
 def _parse_json(payload: bytes) -> Parsed:
@@ -75,14 +70,13 @@ def _parse_json(payload: bytes) -> Parsed:
         value = _DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return _NOT_JSON
-    if _SURROGATE_ESCAPE.search(payload):
+    if b"\\u" in payload and _SURROGATE_ESCAPE.search(payload):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             return _NOT_JSON
-    # The queue keeps an event's data on one line (stdout and the tap print a line each).
     one_line = b"\n" not in payload and b"\r" not in payload
-    return Parsed(True, value, text if one_line else None)
+    return (True, value, text if one_line else None)
 
 
 def _properties(message: Received | mqtt.MQTTMessage) -> tuple[str | None, list[tuple[str, str]]]:
@@ -121,8 +115,9 @@ def message_event(
         event = _binary_cloudevent(source, topic, payload, content_type, pairs, prefix, stamp)
     elif content_type is None or "json" in content_type:
         parsed = _parse_json(payload)
-        if parsed.ok and isinstance(parsed.value, dict) and _looks_structured(parsed.value):
-            event = _structured_cloudevent(source, topic, parsed.value, stamp)
+        is_json, value, _ = parsed
+        if is_json and isinstance(value, dict) and _looks_structured(value):
+            event = _structured_cloudevent(source, topic, value, stamp)
     if event is not None:
         return event
     attributes: dict[str, Any] = {}
@@ -140,7 +135,7 @@ def message_event(
     if message.retain:
         attributes["mqttretain"] = True
     # JSON on one line is queued as the text it came in (no second encoding).
-    data_json = parsed.text if kind == "json" and parsed is not None else None
+    data_json = parsed[2] if kind == "json" and parsed is not None else None
     return _new_event(source, source.config.type, data, topic, stamp, attributes or None, data_json)
 
 
@@ -166,9 +161,9 @@ def _payload_data(
     for it, if it was called already)."""
     textual = content_type is not None and content_type.startswith(_TEXT_TYPES)
     if not textual:
-        parsed = parsed or _parse_json(payload)
-        if parsed.ok:
-            return parsed.value, "json"
+        is_json, value, _ = parsed or _parse_json(payload)
+        if is_json:
+            return value, "json"
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
