@@ -51,6 +51,8 @@ LINES_PER_COMMIT = 1000
 #: Checkpoint key saying this source has run before (files it meets later are new).
 STARTED_KEY = "started"
 WARN_EVERY = 60.0
+#: A str as a JSON string, non-ASCII kept as it is (what the queue's own encoder does).
+_quote = json.encoder.encode_basestring
 
 
 class TailSource(Source):
@@ -576,7 +578,19 @@ class TailSource(Source):
             {"path": path, "line": text, "offset": offset}
             for text, offset in zip(texts, offsets, strict=False)
         ]
-        return make_events("log.line", self.name, data, subject=path)
+        if not path.isascii():
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:  # an undecodable name: the queue's check says so
+                return make_events("log.line", self.name, data, subject=path)
+        # The same data as JSON text, built here at a fraction of what encoding each dict
+        # costs: decoded with errors="replace", the texts hold no lone surrogates.
+        head = f'{{"path":{_quote(path)},"line":'
+        data_json = [
+            f'{head}{_quote(text)},"offset":{offset}}}'
+            for text, offset in zip(texts, offsets, strict=False)
+        ]
+        return make_events("log.line", self.name, data, subject=path, data_json=data_json)
 
     def _commit(self, item: Tailed, events: list[Event], consumed: int) -> bool:
         """Commit lines and the new offset together; on failure, rewind to read them again."""
