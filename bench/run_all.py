@@ -58,6 +58,17 @@ SCRIPTS = [
     Script("footprint", ["--seconds", "5", "--repeat", "1"], "the idle agent, start-up time"),
     Script("latency", ["--seconds", "2", "--repeat", "1"], "line written → subscriber"),
     Script("tap", ["--seconds", "2", "--repeat", "1"], "edge-agent tap: no tapper / one tapper"),
+    Script(
+        "mqtt_source",
+        ["-n", "2000", "--repeat", "1"],
+        "local broker → mqtt source → queue → mqtt sink",
+    ),
+    Script(
+        "http_source",
+        ["--rates", "100", "--seconds", "1"],
+        "posts → http source → queue → Mosquitto",
+    ),
+    Script("http_sink", ["-n", "5000"], "a backlog drained by the http sink"),
     Script("catchup", ["--files", "20000", "--idle", "5"], "the file source's catch-up scans"),
     Script("startup", ["--runs", "5"], "edge-agent --version, check and plugins: start to exit"),
 ]
