@@ -144,10 +144,16 @@ class _DeadlineRaw(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int | None:
         if self.nonblocking:
+            # A socket with a timeout waits for data (up to that timeout) before any
+            # recv(), MSG_DONTWAIT or not: make it non-blocking for this one look.
+            timeout = self.sock.gettimeout()
+            self.sock.setblocking(False)
             try:
-                count = self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+                count = self.sock.recv_into(buffer)
             except BlockingIOError:
                 return None
+            finally:
+                self.sock.settimeout(timeout)
             self.eof = count == 0
             return count
         left = self.deadline - time.monotonic()

@@ -203,6 +203,34 @@ def test_slow_and_idle_clients_do_not_starve_the_others(source):
     assert len(harness.events) == 5
 
 
+def test_idle_kept_alive_connections_give_their_workers_up(source):
+    """Kept-alive connections that posted once and then idle hold no worker another
+    client needs, and one alone is closed after keepalive_timeout, not request_timeout."""
+    harness = source(threads=2, keepalive_timeout=20, request_timeout=30)
+    kept = [http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10) for _ in range(2)]
+    try:
+        for n, conn in enumerate(kept):
+            assert post(harness.port, {"n": n}, conn=conn)[0] == 200
+        # Every worker now has an idle kept-alive connection; a third client is served
+        # long before keepalive_timeout (20 s) or request_timeout (30 s) would free one.
+        third = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=5)
+        assert post(harness.port, {"n": 2}, conn=third)[0] == 200
+        third.close()
+    finally:
+        for conn in kept:
+            conn.close()
+    assert [e.data["n"] for e in harness.events] == [0, 1, 2]
+
+    harness = source(keepalive_timeout=1, request_timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10)
+    try:
+        assert post(harness.port, {"n": 0}, conn=conn)[0] == 200
+        conn.sock.settimeout(10)  # well under request_timeout
+        assert conn.sock.recv(1) == b""  # closed by the agent after keepalive_timeout
+    finally:
+        conn.close()
+
+
 def test_a_body_shorter_than_its_length_gets_408_and_a_closed_connection(source):
     harness = source(request_timeout=1)
     client = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
