@@ -336,6 +336,19 @@ class HttpSource(Source):
                 f"invalid JSON at line {exc.lineno} column {exc.colno} (character {exc.pos}):"
                 f" {exc.msg}",
             ) from None
+        except RecursionError:
+            raise Refused(
+                400,
+                "the JSON is nested too deep (arrays and objects within each other);"
+                " send it flatter",
+            ) from None
+        except ValueError as exc:
+            if "digits" not in str(exc):
+                raise Refused(400, f"the JSON cannot be read: {exc}") from None
+            raise Refused(  # an integer over sys.get_int_max_str_digits() digits
+                400,
+                f"a number in the JSON has more than {_max_digits()} digits; send it as a string",
+            ) from None
         if kind == JSON:
             items = value if isinstance(value, list) else [value]
             events = [self.event(self.config.type, item) for item in items]
@@ -449,6 +462,12 @@ def _which_event(events: list[Event], error: ValueError) -> str:
             except ValueError as exc:
                 return f"event {i} (counting from 0): {exc}"
     return str(error)
+
+
+def _max_digits() -> int:
+    import sys
+
+    return sys.get_int_max_str_digits()
 
 
 def _now_text() -> str:

@@ -101,6 +101,19 @@ def test_errors_are_small_json_bodies_that_say_what_is_wrong(source):
     assert harness.events == []
 
 
+def test_json_too_deep_or_with_a_huge_number_is_refused_400(source, caplog):
+    harness = source(max_body_bytes=100_000)
+    status, _, answer = post(harness.port, b"[" * 5000 + b"]" * 5000)
+    assert status == 400
+    assert "nested too deep" in answer["error"]
+    status, _, answer = post(harness.port, b'{"n": ' + b"7" * 5000 + b"}")
+    assert status == 400
+    assert "more than 4300 digits" in answer["error"] and "as a string" in answer["error"]
+    assert post(harness.port, {"n": 1})[0] == 200  # and the source goes on
+    assert [e.data for e in harness.events] == [{"n": 1}]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_sent(source):
     """A client that asks first (Expect: 100-continue) gets its 413 without sending the body."""
     harness = source(max_body_bytes=1000)
