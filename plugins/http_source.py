@@ -89,7 +89,8 @@ class HttpSourceConfig:
 
 class _Stopping(threading.Event):
     """The source's ``stopping``, which also reads as set, in one request's thread, once
-    that request has waited ``queue_wait`` for room in a full queue.
+    that request has waited ``queue_wait`` for room in a full queue, or once the queue
+    is known to be full (``full``) and the request is not the one that probes it.
 
     The agent hands a source's ``stopping`` to the queue's writer as the signal that
     ends a wait for room, and the writer looks at it in the committing thread: so a
@@ -99,20 +100,31 @@ class _Stopping(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self._local = threading.local()
+        #: A request waited queue_wait for room in vain, and nothing was committed since.
+        self.full = False
 
     def is_set(self) -> bool:
         if super().is_set():
             return True
         deadline = getattr(self._local, "deadline", None)
-        return deadline is not None and time.monotonic() >= deadline
+        if deadline is None:
+            return False
+        return time.monotonic() >= deadline or (self.full and not self._local.probing)
 
-    def limit(self, deadline: float | None) -> None:
-        """Set (or, with None, clear) this thread's deadline."""
+    def limit(self, deadline: float | None, probing: bool = False) -> None:
+        """Set (or, with None, clear) this thread's deadline; ``probing``: this thread's
+        request is the one that waits while the queue is known to be full."""
         self._local.deadline = deadline
+        self._local.probing = probing
 
     def expired(self) -> bool:
-        """True if this thread's deadline passed (and the source is not stopping)."""
+        """True if this thread's wait ended for room (and the source is not stopping)."""
         return not super().is_set() and self.is_set()
+
+    def waited(self) -> bool:
+        """True if this thread's deadline passed."""
+        deadline = getattr(self._local, "deadline", None)
+        return deadline is not None and time.monotonic() >= deadline
 
 
 class Refused(Exception):
@@ -178,8 +190,7 @@ class HttpSource(Source):
         self._counts_lock = threading.Lock()
         self._keys_lock = threading.Lock()
         self._keys_in_flight: set[str] = set()
-        self._blocked = False  # the last commit waited queue_wait in vain
-        self._probe = threading.Lock()  # while blocked, one request at a time tries
+        self._probe = threading.Lock()  # while the queue is known full, one request waits
         self.address: tuple[str, int] | None = None
 
     # -- life --------------------------------------------------------------
@@ -389,12 +400,22 @@ class HttpSource(Source):
         return event
 
     def commit(self, events: list[Event], checkpoint: dict[str, str | None] | None) -> None:
-        """Commit, waiting at most queue_wait for room; Refused(503) if it could not."""
-        if self._blocked and not self._probe.acquire(blocking=False):
-            raise self._busy("the queue is full and the agent waits for room")
-        probing = self._blocked
+        """Commit, waiting at most queue_wait for room; Refused(503) if it could not.
+
+        Until a request has waited queue_wait in vain, every request may wait (a full
+        queue cannot be told from a slow commit sooner). From then until something is
+        committed the queue is known to be full: the requests still waiting are
+        answered 503 at once, and so are new ones, but for one at a time (the probe)
+        that waits queue_wait to see whether room came.
+        """
+        probing = False
+        if self.stopping.full:
+            if not self._probe.acquire(blocking=False):
+                self.counted("refused_full")
+                raise self._busy("the queue is full and another request waits for room")
+            probing = True
         try:
-            self.stopping.limit(time.monotonic() + self.config.queue_wait)
+            self.stopping.limit(time.monotonic() + self.config.queue_wait, probing)
             try:
                 self.emit_many(events, checkpoint=checkpoint)
             except ValueError as exc:  # an event that cannot be queued: none were accepted
@@ -402,16 +423,21 @@ class HttpSource(Source):
             except TooManyAtOnce as exc:  # sent again, it would be refused again
                 raise Refused(413, str(exc)) from None
             except QueueError as exc:
-                if self.stopping.expired():
-                    self._blocked = True
-                    self.counted("refused_full")
+                if not self.stopping.expired():
+                    raise self._busy(f"the queue cannot take the events now: {exc}") from None
+                self.counted("refused_full")
+                if not self.stopping.waited():  # another request's wait ran out first
                     raise self._busy(
-                        f"the queue is full and no room came within {self.config.queue_wait:g}s"
+                        "the queue is full: another request waited"
+                        f" {self.config.queue_wait:g}s for room in vain"
                     ) from None
-                raise self._busy(f"the queue cannot take the events now: {exc}") from None
+                self.stopping.full = True
+                raise self._busy(
+                    f"the queue is full and no room came within {self.config.queue_wait:g}s"
+                ) from None
             finally:
                 self.stopping.limit(None)
-            self._blocked = False
+            self.stopping.full = False
         finally:
             if probing:
                 self._probe.release()

@@ -310,13 +310,16 @@ def queued_ids(state_dir) -> list[str]:
 
 
 def test_a_full_blocking_queue_answers_503_with_retry_after(agent_process, tmp_path):
+    """Until one request has waited queue_wait in vain each may wait; from then on the
+    queue is known full: the waiting ones and new ones are answered 503 at once, but for
+    one request at a time, which waits queue_wait to see whether room came."""
     port = free_port()
     (tmp_path / "token").write_text("from-a-file\n")
     agent = agent_process(
         agent_config(
             tmp_path,
             port,
-            f'token_file = "{tmp_path / "token"}"\nqueue_wait = "1s"\nretry_after = 7',
+            f'token_file = "{tmp_path / "token"}"\nqueue_wait = "4s"\nretry_after = 7',
             'max_events = 10\nwhen_full = "block"',
         )
     ).start()
@@ -325,16 +328,43 @@ def test_a_full_blocking_queue_answers_503_with_retry_after(agent_process, tmp_p
     status, _, answer = post(port, [{"n": i} for i in range(11)], auth)
     assert status == 413 and "max_events" in answer["error"]  # could never fit: not 503
     assert post(port, [{"n": i} for i in range(10)], auth)[0] == 200
-    started = time.monotonic()
-    status, headers, answer = post(port, {"n": 10}, auth)
-    assert status == 503
-    assert headers["Retry-After"] == "7"
-    assert "queue is full" in answer["error"]
-    assert time.monotonic() - started < 5
-    # A second request does not wait again while the queue stays full.
-    started = time.monotonic()
-    assert post(port, {"n": 11}, auth)[0] == 503
-    assert time.monotonic() - started < 5
+
+    answers: list[tuple[int, dict, str]] = []  # in the order they came
+
+    def poster(n: int) -> None:
+        status, headers, answer = post(port, {"n": n}, auth)
+        answers.append((status, headers, answer["error"]))
+
+    # The first request to find the queue full waits queue_wait; one that came while it
+    # waited is answered with it, before its own queue_wait ran out.
+    first = threading.Thread(target=poster, args=(100,))
+    first.start()
+    first.join(1.5)
+    assert first.is_alive()  # it waits for room
+    second = threading.Thread(target=poster, args=(101,))
+    second.start()
+    for thread in (first, second):
+        thread.join(30)
+    assert [status for status, _, _ in answers] == [503, 503]
+    assert answers[0][1]["Retry-After"] == "7"
+    assert "no room came within 4s" in answers[0][2]  # the first, after its queue_wait
+    assert "another request waited 4s for room in vain" in answers[1][2]  # before its own
+
+    # Now four at once: one waits queue_wait, the three others are answered before it.
+    answers.clear()
+    threads = [threading.Thread(target=poster, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [status for status, _, _ in answers] == [503] * 4
+    assert ["another request waits for room" in error for _, _, error in answers] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert "no room came within 4s" in answers[3][2]
     assert agent.queued() == 10
     assert agent.terminate() == 0
 
