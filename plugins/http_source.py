@@ -11,8 +11,9 @@ thread accepts connections; ``threads`` workers serve them, so a burst of
 connections waits in line instead of starting a thread each. A request must
 arrive whole within ``request_timeout`` of its first byte (a client that
 trickles its headers is cut off, answered 408), and a kept-alive connection
-that sends nothing gives its worker up after ``keepalive_timeout``, or at once
-when other connections wait for a worker.
+that sends nothing gives its worker up after ``keepalive_timeout``, or after
+half a second when other connections wait for a worker (and while others wait,
+an answer closes its connection: ``Connection: close``).
 
 While the queue is full and ``[queue] when_full = "block"``, a request waits
 at most ``queue_wait`` for room and is then answered 503 with ``Retry-After``;
@@ -45,6 +46,10 @@ IDEM_MAX_LENGTH = 200
 IDEM_PRUNE_EVERY = 600.0
 #: After refusing a body unread, drop what the client still sends for this long (seconds).
 LINGER = 1.0
+#: A kept-alive connection idle this long gives its worker up to connections that wait
+#: (seconds). Not at once: a client sending request after request is not cut off
+#: between two of them (it would find its connection closed as it sends).
+IDLE_YIELD = 0.5
 
 
 @dataclass(kw_only=True)
@@ -580,7 +585,7 @@ def _make_handler(source: HttpSource) -> type:
                 waited = time.monotonic() - started
                 if waited >= most:
                     return False
-                if source.others_waiting():
+                if waited >= IDLE_YIELD and source.others_waiting():
                     return False  # give the worker to a connection that has something
                 readable, _, _ = select.select([self.connection], [], [], 0.1)
                 if readable:
@@ -761,6 +766,8 @@ def _make_handler(source: HttpSource) -> type:
                 self.send_header("Content-Length", str(len(body)))
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
+                if not self.close_connection and source.others_waiting():
+                    self.close_connection = True  # others wait: the client reconnects
                 if self.close_connection or config.keepalive_timeout == 0:
                     self.close_connection = True
                     self.send_header("Connection", "close")
