@@ -11,8 +11,9 @@ thread accepts connections; ``threads`` workers serve them, so a burst of
 connections waits in line instead of starting a thread each. A request must
 arrive whole within ``request_timeout`` of its first byte (a client that
 trickles its headers is cut off, answered 408), and a kept-alive connection
-that sends nothing gives its worker up after ``keepalive_timeout``, or at once
-when other connections wait for a worker.
+that sends nothing gives its worker up after ``keepalive_timeout``, or after
+half a second when other connections wait for a worker (and while others wait,
+an answer closes its connection: ``Connection: close``).
 
 While the queue is full and ``[queue] when_full = "block"``, a request waits
 at most ``queue_wait`` for room and is then answered 503 with ``Retry-After``;
@@ -45,6 +46,10 @@ IDEM_MAX_LENGTH = 200
 IDEM_PRUNE_EVERY = 600.0
 #: After refusing a body unread, drop what the client still sends for this long (seconds).
 LINGER = 1.0
+#: A kept-alive connection idle this long gives its worker up to connections that wait
+#: (seconds). Not at once: a client sending request after request is not cut off
+#: between two of them (it would find its connection closed as it sends).
+IDLE_YIELD = 0.5
 
 
 @dataclass(kw_only=True)
@@ -89,7 +94,8 @@ class HttpSourceConfig:
 
 class _Stopping(threading.Event):
     """The source's ``stopping``, which also reads as set, in one request's thread, once
-    that request has waited ``queue_wait`` for room in a full queue.
+    that request has waited ``queue_wait`` for room in a full queue, or once the queue
+    is known to be full (``full``) and the request is not the one that probes it.
 
     The agent hands a source's ``stopping`` to the queue's writer as the signal that
     ends a wait for room, and the writer looks at it in the committing thread: so a
@@ -99,20 +105,31 @@ class _Stopping(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self._local = threading.local()
+        #: A request waited queue_wait for room in vain, and nothing was committed since.
+        self.full = False
 
     def is_set(self) -> bool:
         if super().is_set():
             return True
         deadline = getattr(self._local, "deadline", None)
-        return deadline is not None and time.monotonic() >= deadline
+        if deadline is None:
+            return False
+        return time.monotonic() >= deadline or (self.full and not self._local.probing)
 
-    def limit(self, deadline: float | None) -> None:
-        """Set (or, with None, clear) this thread's deadline."""
+    def limit(self, deadline: float | None, probing: bool = False) -> None:
+        """Set (or, with None, clear) this thread's deadline; ``probing``: this thread's
+        request is the one that waits while the queue is known to be full."""
         self._local.deadline = deadline
+        self._local.probing = probing
 
     def expired(self) -> bool:
-        """True if this thread's deadline passed (and the source is not stopping)."""
+        """True if this thread's wait ended for room (and the source is not stopping)."""
         return not super().is_set() and self.is_set()
+
+    def waited(self) -> bool:
+        """True if this thread's deadline passed."""
+        deadline = getattr(self._local, "deadline", None)
+        return deadline is not None and time.monotonic() >= deadline
 
 
 class Refused(Exception):
@@ -144,10 +161,16 @@ class _DeadlineRaw(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int | None:
         if self.nonblocking:
+            # A socket with a timeout waits for data (up to that timeout) before any
+            # recv(), MSG_DONTWAIT or not: make it non-blocking for this one look.
+            timeout = self.sock.gettimeout()
+            self.sock.setblocking(False)
             try:
-                count = self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+                count = self.sock.recv_into(buffer)
             except BlockingIOError:
                 return None
+            finally:
+                self.sock.settimeout(timeout)
             self.eof = count == 0
             return count
         left = self.deadline - time.monotonic()
@@ -172,8 +195,7 @@ class HttpSource(Source):
         self._counts_lock = threading.Lock()
         self._keys_lock = threading.Lock()
         self._keys_in_flight: set[str] = set()
-        self._blocked = False  # the last commit waited queue_wait in vain
-        self._probe = threading.Lock()  # while blocked, one request at a time tries
+        self._probe = threading.Lock()  # while the queue is known full, one request waits
         self.address: tuple[str, int] | None = None
 
     # -- life --------------------------------------------------------------
@@ -330,6 +352,19 @@ class HttpSource(Source):
                 f"invalid JSON at line {exc.lineno} column {exc.colno} (character {exc.pos}):"
                 f" {exc.msg}",
             ) from None
+        except RecursionError:
+            raise Refused(
+                400,
+                "the JSON is nested too deep (arrays and objects within each other);"
+                " send it flatter",
+            ) from None
+        except ValueError as exc:
+            if "digits" not in str(exc):
+                raise Refused(400, f"the JSON cannot be read: {exc}") from None
+            raise Refused(  # an integer over sys.get_int_max_str_digits() digits
+                400,
+                f"a number in the JSON has more than {_max_digits()} digits; send it as a string",
+            ) from None
         if kind == JSON:
             items = value if isinstance(value, list) else [value]
             events = [self.event(self.config.type, item) for item in items]
@@ -370,12 +405,22 @@ class HttpSource(Source):
         return event
 
     def commit(self, events: list[Event], checkpoint: dict[str, str | None] | None) -> None:
-        """Commit, waiting at most queue_wait for room; Refused(503) if it could not."""
-        if self._blocked and not self._probe.acquire(blocking=False):
-            raise self._busy("the queue is full and the agent waits for room")
-        probing = self._blocked
+        """Commit, waiting at most queue_wait for room; Refused(503) if it could not.
+
+        Until a request has waited queue_wait in vain, every request may wait (a full
+        queue cannot be told from a slow commit sooner). From then until something is
+        committed the queue is known to be full: the requests still waiting are
+        answered 503 at once, and so are new ones, but for one at a time (the probe)
+        that waits queue_wait to see whether room came.
+        """
+        probing = False
+        if self.stopping.full:
+            if not self._probe.acquire(blocking=False):
+                self.counted("refused_full")
+                raise self._busy("the queue is full and another request waits for room")
+            probing = True
         try:
-            self.stopping.limit(time.monotonic() + self.config.queue_wait)
+            self.stopping.limit(time.monotonic() + self.config.queue_wait, probing)
             try:
                 self.emit_many(events, checkpoint=checkpoint)
             except ValueError as exc:  # an event that cannot be queued: none were accepted
@@ -383,16 +428,21 @@ class HttpSource(Source):
             except TooManyAtOnce as exc:  # sent again, it would be refused again
                 raise Refused(413, str(exc)) from None
             except QueueError as exc:
-                if self.stopping.expired():
-                    self._blocked = True
-                    self.counted("refused_full")
+                if not self.stopping.expired():
+                    raise self._busy(f"the queue cannot take the events now: {exc}") from None
+                self.counted("refused_full")
+                if not self.stopping.waited():  # another request's wait ran out first
                     raise self._busy(
-                        f"the queue is full and no room came within {self.config.queue_wait:g}s"
+                        "the queue is full: another request waited"
+                        f" {self.config.queue_wait:g}s for room in vain"
                     ) from None
-                raise self._busy(f"the queue cannot take the events now: {exc}") from None
+                self.stopping.full = True
+                raise self._busy(
+                    f"the queue is full and no room came within {self.config.queue_wait:g}s"
+                ) from None
             finally:
                 self.stopping.limit(None)
-            self._blocked = False
+            self.stopping.full = False
         finally:
             if probing:
                 self._probe.release()
@@ -443,6 +493,12 @@ def _which_event(events: list[Event], error: ValueError) -> str:
             except ValueError as exc:
                 return f"event {i} (counting from 0): {exc}"
     return str(error)
+
+
+def _max_digits() -> int:
+    import sys
+
+    return sys.get_int_max_str_digits()
 
 
 def _now_text() -> str:
@@ -529,7 +585,7 @@ def _make_handler(source: HttpSource) -> type:
                 waited = time.monotonic() - started
                 if waited >= most:
                     return False
-                if source.others_waiting():
+                if waited >= IDLE_YIELD and source.others_waiting():
                     return False  # give the worker to a connection that has something
                 readable, _, _ = select.select([self.connection], [], [], 0.1)
                 if readable:
@@ -710,6 +766,8 @@ def _make_handler(source: HttpSource) -> type:
                 self.send_header("Content-Length", str(len(body)))
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
+                if not self.close_connection and source.others_waiting():
+                    self.close_connection = True  # others wait: the client reconnects
                 if self.close_connection or config.keepalive_timeout == 0:
                     self.close_connection = True
                     self.send_header("Connection", "close")

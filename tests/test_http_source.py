@@ -101,6 +101,19 @@ def test_errors_are_small_json_bodies_that_say_what_is_wrong(source):
     assert harness.events == []
 
 
+def test_json_too_deep_or_with_a_huge_number_is_refused_400(source, caplog):
+    harness = source(max_body_bytes=100_000)
+    status, _, answer = post(harness.port, b"[" * 5000 + b"]" * 5000)
+    assert status == 400
+    assert "nested too deep" in answer["error"]
+    status, _, answer = post(harness.port, b'{"n": ' + b"7" * 5000 + b"}")
+    assert status == 400
+    assert "more than 4300 digits" in answer["error"] and "as a string" in answer["error"]
+    assert post(harness.port, {"n": 1})[0] == 200  # and the source goes on
+    assert [e.data for e in harness.events] == [{"n": 1}]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_sent(source):
     """A client that asks first (Expect: 100-continue) gets its 413 without sending the body."""
     harness = source(max_body_bytes=1000)
@@ -203,6 +216,34 @@ def test_slow_and_idle_clients_do_not_starve_the_others(source):
     assert len(harness.events) == 5
 
 
+def test_idle_kept_alive_connections_give_their_workers_up(source):
+    """Kept-alive connections that posted once and then idle hold no worker another
+    client needs, and one alone is closed after keepalive_timeout, not request_timeout."""
+    harness = source(threads=2, keepalive_timeout=20, request_timeout=30)
+    kept = [http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10) for _ in range(2)]
+    try:
+        for n, conn in enumerate(kept):
+            assert post(harness.port, {"n": n}, conn=conn)[0] == 200
+        # Every worker now has an idle kept-alive connection; a third client is served
+        # long before keepalive_timeout (20 s) or request_timeout (30 s) would free one.
+        third = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=5)
+        assert post(harness.port, {"n": 2}, conn=third)[0] == 200
+        third.close()
+    finally:
+        for conn in kept:
+            conn.close()
+    assert [e.data["n"] for e in harness.events] == [0, 1, 2]
+
+    harness = source(keepalive_timeout=1, request_timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10)
+    try:
+        assert post(harness.port, {"n": 0}, conn=conn)[0] == 200
+        conn.sock.settimeout(10)  # well under request_timeout
+        assert conn.sock.recv(1) == b""  # closed by the agent after keepalive_timeout
+    finally:
+        conn.close()
+
+
 def test_a_body_shorter_than_its_length_gets_408_and_a_closed_connection(source):
     harness = source(request_timeout=1)
     client = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
@@ -269,13 +310,16 @@ def queued_ids(state_dir) -> list[str]:
 
 
 def test_a_full_blocking_queue_answers_503_with_retry_after(agent_process, tmp_path):
+    """Until one request has waited queue_wait in vain each may wait; from then on the
+    queue is known full: the waiting ones and new ones are answered 503 at once, but for
+    one request at a time, which waits queue_wait to see whether room came."""
     port = free_port()
     (tmp_path / "token").write_text("from-a-file\n")
     agent = agent_process(
         agent_config(
             tmp_path,
             port,
-            f'token_file = "{tmp_path / "token"}"\nqueue_wait = "1s"\nretry_after = 7',
+            f'token_file = "{tmp_path / "token"}"\nqueue_wait = "4s"\nretry_after = 7',
             'max_events = 10\nwhen_full = "block"',
         )
     ).start()
@@ -284,16 +328,43 @@ def test_a_full_blocking_queue_answers_503_with_retry_after(agent_process, tmp_p
     status, _, answer = post(port, [{"n": i} for i in range(11)], auth)
     assert status == 413 and "max_events" in answer["error"]  # could never fit: not 503
     assert post(port, [{"n": i} for i in range(10)], auth)[0] == 200
-    started = time.monotonic()
-    status, headers, answer = post(port, {"n": 10}, auth)
-    assert status == 503
-    assert headers["Retry-After"] == "7"
-    assert "queue is full" in answer["error"]
-    assert time.monotonic() - started < 5
-    # A second request does not wait again while the queue stays full.
-    started = time.monotonic()
-    assert post(port, {"n": 11}, auth)[0] == 503
-    assert time.monotonic() - started < 5
+
+    answers: list[tuple[int, dict, str]] = []  # in the order they came
+
+    def poster(n: int) -> None:
+        status, headers, answer = post(port, {"n": n}, auth)
+        answers.append((status, headers, answer["error"]))
+
+    # The first request to find the queue full waits queue_wait; one that came while it
+    # waited is answered with it, before its own queue_wait ran out.
+    first = threading.Thread(target=poster, args=(100,))
+    first.start()
+    first.join(1.5)
+    assert first.is_alive()  # it waits for room
+    second = threading.Thread(target=poster, args=(101,))
+    second.start()
+    for thread in (first, second):
+        thread.join(30)
+    assert [status for status, _, _ in answers] == [503, 503]
+    assert answers[0][1]["Retry-After"] == "7"
+    assert "no room came within 4s" in answers[0][2]  # the first, after its queue_wait
+    assert "another request waited 4s for room in vain" in answers[1][2]  # before its own
+
+    # Now four at once: one waits queue_wait, the three others are answered before it.
+    answers.clear()
+    threads = [threading.Thread(target=poster, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [status for status, _, _ in answers] == [503] * 4
+    assert ["another request waits for room" in error for _, _, error in answers] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert "no room came within 4s" in answers[3][2]
     assert agent.queued() == 10
     assert agent.terminate() == 0
 
