@@ -111,17 +111,29 @@ class SourceRunner:
                     return
                 self.restarts += 1
                 self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() - started > SOURCE_RESTART_MAX:
                     backoff.reset()
+                    self.last_error = None  # it ran a while: a new failure, said in full
                 delay = backoff.next()
-                log.exception(
-                    "source %s (plugin %s) failed: %s; restarting it in %.1fs",
-                    source.name,
-                    self.plugin,
-                    self.last_error,
-                    delay,
-                )
+                if error != self.last_error:
+                    log.exception(
+                        "source %s (plugin %s) failed: %s; restarting it in %.1fs",
+                        source.name,
+                        self.plugin,
+                        error,
+                        delay,
+                    )
+                else:  # the traceback was logged; the same line repeats (and is folded)
+                    log.error(
+                        "source %s (plugin %s) failed again: %s; restarting it with a"
+                        " backoff of up to %gs",
+                        source.name,
+                        self.plugin,
+                        error,
+                        SOURCE_RESTART_MAX,
+                    )
+                self.last_error = error
                 source.stopping.wait(delay)
                 continue
             if not source.stopping.is_set():
