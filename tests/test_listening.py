@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import textwrap
 import time
 
 import pytest
@@ -211,3 +212,21 @@ def test_the_ready_line_names_the_sources_that_do_not_listen(
     assert "source radio (plugin deaf_source)" in line
     assert "every source listens" not in agent.run_log().replace("not every source listens", "")
     assert agent.terminate() == 0
+
+
+def test_sigterm_while_a_reload_waits_for_a_new_source_stops_the_agent_at_once(
+    agent_process, tmp_path, busy_port
+):
+    """SIGHUP adds a source that never listens; SIGTERM during the reload's wait for it."""
+    config = busy_port_config(tmp_path, busy_port)
+    agent = agent_process(config.split("[[sources.http]]")[0] + "[[sinks.stdout]]\n").start()
+    agent.wait_ready()
+    agent.config_path.write_text(textwrap.dedent(config))
+    os.kill(agent.pid, signal.SIGHUP)
+    agent.wait_log("source web (plugin http_source) failed again", 15)
+    os.kill(agent.pid, signal.SIGTERM)
+    asked = time.monotonic()
+    wait_for(lambda: agent.process.poll() is not None, 10, "the agent to exit after SIGTERM")
+    assert time.monotonic() - asked < 10  # not the 30s a reload waits for sources at most
+    assert agent.process.returncode == 0
+    assert "is not listening yet" not in agent.run_log()
