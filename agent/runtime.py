@@ -61,6 +61,8 @@ STALLED_AFTER = 10.0
 AGENT_SOURCE = "agent"
 #: How long start-up (and a reload) waits for sources to listen before READY=1.
 LISTEN_TIMEOUT = 30.0
+#: How often that wait looks for a stop request (seconds).
+LISTEN_POLL = 0.1
 
 
 class SourceRunner:
@@ -109,17 +111,29 @@ class SourceRunner:
                     return
                 self.restarts += 1
                 self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() - started > SOURCE_RESTART_MAX:
                     backoff.reset()
+                    self.last_error = None  # it ran a while: a new failure, said in full
                 delay = backoff.next()
-                log.exception(
-                    "source %s (plugin %s) failed: %s; restarting it in %.1fs",
-                    source.name,
-                    self.plugin,
-                    self.last_error,
-                    delay,
-                )
+                if error != self.last_error:
+                    log.exception(
+                        "source %s (plugin %s) failed: %s; restarting it in %.1fs",
+                        source.name,
+                        self.plugin,
+                        error,
+                        delay,
+                    )
+                else:  # the traceback was logged; the same line repeats (and is folded)
+                    log.error(
+                        "source %s (plugin %s) failed again: %s; restarting it with a"
+                        " backoff of up to %gs",
+                        source.name,
+                        self.plugin,
+                        error,
+                        SOURCE_RESTART_MAX,
+                    )
+                self.last_error = error
                 source.stopping.wait(delay)
                 continue
             if not source.stopping.is_set():
@@ -335,17 +349,25 @@ class Agent:
 
     def wait_until_listening(
         self, runners: Sequence[SourceRunner], timeout: float | None = None
-    ) -> None:
+    ) -> list[SourceRunner]:
         """Wait (at most ``timeout``) until ``runners``' sources listen; name the late ones.
 
         READY=1 follows this, so that what happens after ``systemctl start``
         returns is seen. A source that is still not listening is named in a
-        warning, and start-up goes on: READY is never held forever.
+        warning, and start-up goes on: READY is never held forever. A stop
+        request (SIGTERM, SIGINT) ends the wait at once. Returns the runners
+        whose sources do not listen (none when a stop ended the wait).
         """
         timeout = LISTEN_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + timeout
         for runner in runners:
-            runner.source.is_listening.wait(max(0.0, deadline - time.monotonic()))
+            while not runner.source.is_listening.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop_requested.is_set():
+                    break
+                runner.source.is_listening.wait(min(left, LISTEN_POLL))
+        if self._stop_requested.is_set():
+            return []
         late = [r for r in runners if not r.source.is_listening.is_set()]
         for runner in late:
             log.warning(
@@ -356,6 +378,24 @@ class Agent:
                 timeout,
                 f" (it failed: {runner.last_error})" if runner.last_error else "",
             )
+        return late
+
+    def not_listening(self) -> list[str]:
+        """Each configured source that does not listen now, as "source NAME (plugin P)"
+        with why when known; empty when every source listens."""
+        running = {r.source.name: r for r in self.sources}
+        late = []
+        for instance in self.config.sources:
+            runner = running.get(instance.name)
+            if runner is None:
+                late.append(
+                    f"source {instance.name} (plugin {instance.registration.plugin})"
+                    " could not be created"
+                )
+            elif not runner.source.is_listening.is_set():
+                why = f", it failed: {runner.last_error}" if runner.last_error else ""
+                late.append(f"source {instance.name} (plugin {runner.plugin}{why})")
+        return late
 
     def _report_lost_queue(self) -> None:
         """A queue lost at start or in the last run is a certain loss: say so in the stream.
@@ -518,8 +558,19 @@ class Agent:
     def run_until_stopped(self) -> None:
         """Block the main thread until SIGTERM or SIGINT (or :meth:`request_stop`)."""
         last_reminder = last_status = time.monotonic()
+        if self._stop_requested.is_set():
+            log.info("edge-agent %s stopping before it was ready", self.id)
+            return
         self.notifier.ready(self.summary())
-        log.info("edge-agent %s ready: every source listens", self.id)
+        late = self.not_listening()
+        if late:
+            log.warning(
+                "edge-agent %s ready, but not every source listens: %s; the others run",
+                self.id,
+                "; ".join(late),
+            )
+        else:
+            log.info("edge-agent %s ready: every source listens", self.id)
         self.write_status()
         while not self._stop_requested.is_set():
             self._wake.wait(1.0)

@@ -22,6 +22,8 @@ What an answer means:
   alone is found; the others are delivered. That event is rejected
   (:meth:`edge_agent.Sink.reject`): as invalid for a 413 (set aside at once), as
   permanent otherwise (set aside after ``[queue] dead_letter_after`` refusals).
+  Each such refusal is counted (``refused``, in ``edge-agent status``) and logged
+  as a warning naming the answer, so that a server refusing every event is seen.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class HttpSink(Sink):
         self._not_before = 0.0
         self.requests = 0
         self.reused = 0  # requests sent on a connection already used
+        #: Events the server refused alone (a 4xx blaming the event), since start.
+        self.refused = 0
 
     @property
     def target(self) -> str:
@@ -219,7 +223,20 @@ class HttpSink(Sink):
             raise SinkUnavailable(f"{self.target} refuses every request: {said}; {hint}")
         if len(batch) == 1:
             event = batch[0][0]
+            self.refused += 1
             self.reject(event, f"{self.target} answered {said}", invalid=status == 413)
+            # The same line for each event refused with this answer, so that the log folds
+            # the repeats into a count; which events, and why, is in the dead letters.
+            self.log.warning(
+                "%s refused an event: %s; %s",
+                self.target,
+                said,
+                "it is too large for the server and is set aside as a dead letter"
+                if status == 413
+                else "it is sent again, and set aside as a dead letter after [queue]"
+                " dead_letter_after refusals once events behind it get through (while the"
+                " server refuses every event, they all stay queued: check what it expects)",
+            )
             return []
         half = len(batch) // 2
         return self._deliver(batch[:half]) + self._deliver(batch[half:])

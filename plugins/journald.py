@@ -146,6 +146,48 @@ def entry_data(entry: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _no_empty_names(names: list[str], what: str, example: str) -> None:
+    """A config validator: an empty name would select nothing (or, to journalctl, anything)."""
+    if any(not name.strip() for name in names):
+        raise ValueError(
+            f"an empty {what} selects no entry: give {what} names (such as {example}),"
+            " or leave the list empty to send every entry"
+        )
+
+
+def _no_empty_matches(matches: dict[str, str | list[str]]) -> None:
+    """A config validator: every field given must match, and an empty list matches nothing."""
+    empty = [field for field, values in matches.items() if values == []]
+    if empty:
+        raise ValueError(
+            f"{', '.join(empty)} = [] lists no value: every field given must match, so give"
+            f' the values to match (FIELD = "value" or ["a", "b"]), or remove the field'
+        )
+
+
+#: How to get journalctl, in messages.
+INSTALL_JOURNALCTL = (
+    "install journalctl (on Debian, the systemd package provides it) or set journalctl to its path"
+)
+
+
+def _find_journalctl(program: str) -> None:
+    """A config validator: the journalctl program must be there, as a path or on PATH."""
+    if not program.strip():
+        raise ValueError(f"is empty: {INSTALL_JOURNALCTL}")
+    if os.sep in program:
+        if not os.path.isfile(program):
+            raise ValueError(f"{program} does not exist: {INSTALL_JOURNALCTL}")
+        if not os.access(program, os.X_OK):
+            raise ValueError(f"{program} is not executable: make it so (chmod +x) or fix the path")
+        return
+    if shutil.which(program) is None:
+        path = os.environ.get("PATH", os.defpath)
+        raise ValueError(
+            f"cannot find {program!r} in the folders of PATH ({path}): {INSTALL_JOURNALCTL}"
+        )
+
+
 def _die_with_parent(parent: int) -> Callable[[], None]:
     """A preexec_fn: the child gets SIGKILL when the thread that started it ends."""
     import ctypes
@@ -169,10 +211,14 @@ class JournaldSource(Source):
     @dataclass(kw_only=True)
     class Config:
         units: list[str] = option(
-            [], doc='Only entries of these systemd units (journalctl -u; globs allowed: "ssh*").'
+            [],
+            doc='Only entries of these systemd units (journalctl -u; globs allowed: "ssh*").',
+            validator=lambda units: _no_empty_names(units, "unit", '"ssh.service"'),
         )
         identifiers: list[str] = option(
-            [], doc="Only entries with these syslog identifiers (journalctl -t)."
+            [],
+            doc="Only entries with these syslog identifiers (journalctl -t).",
+            validator=lambda names: _no_empty_names(names, "identifier", '"sshd"'),
         )
         priority: int | str | None = option(
             None,
@@ -183,6 +229,7 @@ class JournaldSource(Source):
             {},
             doc="Field matches: FIELD = value, or a list of values (any of them). Every field"
             " must match.",
+            validator=_no_empty_matches,
         )
         directory: str | None = option(
             None, doc="Read the journal files in this folder instead of the system journal."
@@ -192,7 +239,11 @@ class JournaldSource(Source):
             doc='The first time the source runs: "end" sends only entries written from then'
             ' on, "beginning" the whole journal too.',
         )
-        journalctl: str = option("journalctl", doc="The journalctl program (a name or a path).")
+        journalctl: str = option(
+            "journalctl",
+            doc="The journalctl program (a name or a path).",
+            validator=_find_journalctl,
+        )
 
         def __post_init__(self) -> None:
             problems = []

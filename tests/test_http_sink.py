@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import run_cli
 from test_http_source import post
 from test_mqtt_sink import make_ca, make_cert
 
@@ -312,3 +313,37 @@ def test_the_agent_delivers_through_failures_and_sets_one_bad_event_aside(agent_
         busy = next(i for i, r in enumerate(ordered) if r["status"] == 429)
         assert ordered[busy + 1]["at"] - ordered[busy]["at"] >= 0.95  # Retry-After: 1
         assert agent.terminate() == 0
+
+
+def test_a_server_that_refuses_every_event_is_warned_about_and_counted(agent_process, tmp_path):
+    """A 400 for every event: nothing is set aside (no event gets through to prove the
+    others bad), but the log says what the server answered, once for its repeats, and
+    status counts the refusals."""
+    port = free_port()
+    with Receiver() as receiver:
+        receiver.answer = lambda request: (400, {})
+        agent = agent_process(relay_config(tmp_path, port, receiver.url())).start()
+        agent.wait_ready()
+        assert post(port, [{"i": i} for i in range(4)])[0] == 200
+        wait_for(lambda: len(receiver.requests) >= 14, 20, "two rounds of split requests")
+
+        def refused() -> int:
+            result = run_cli("status", "--json", "-c", str(agent.config_path))
+            return json.loads(result.stdout)["status"]["sinks"]["backend"]["refused"]
+
+        wait_for(lambda: refused() >= 8, 20, "status to count the refusals of two rounds")
+        warning = f'{receiver.url()} refused an event: 400 Bad Request: {{"status": 400}}'
+        agent.wait_log(warning)
+        line = next(x for x in agent.run_log().splitlines() if warning in x)
+        assert "WARNING" in line and "they all stay queued" in line
+        said = [x for x in agent.run_log().splitlines() if warning in x]
+        assert len([x for x in said if "more like this" not in x]) == 1, "repeats are folded"
+        table = run_cli("status", "-c", str(agent.config_path)).stdout
+        assert "REFUSED" in table
+        assert receiver.delivered == []
+        assert agent.terminate() == 0
+    dead = sqlite3.connect(str(tmp_path / "state" / "queue.db"))
+    try:
+        assert dead.execute("SELECT COUNT(*) FROM dead_letters").fetchone() == (0,)
+    finally:
+        dead.close()

@@ -242,6 +242,89 @@ def test_bad_filters_are_config_errors(tmp_path):
     assert "'unit' is not a journal field name" in done.stderr
 
 
+def test_filters_that_select_nothing_or_everything_are_config_errors(tmp_path):
+    """An empty unit or identifier would send nothing; an empty list of values for a
+    field would send every entry, although every field given must match."""
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f"""
+        [agent]
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.journald]]
+        units = ["app.service", ""]
+        identifiers = [" "]
+        matches = {{ _TRANSPORT = [], _COMM = "sshd" }}
+
+        [[sinks.stdout]]
+        """
+    )
+    done = run_cli("check", "-c", str(config_file))
+    assert done.returncode == 78, done.stderr
+    assert "sources.journald.units: an empty unit selects no entry" in done.stderr
+    assert "sources.journald.identifiers: an empty identifier selects no entry" in done.stderr
+    assert "sources.journald.matches: _TRANSPORT = [] lists no value" in done.stderr
+    assert "_COMM" not in done.stderr
+    assert "3 problems" in done.stderr
+
+
+def test_a_journalctl_that_is_not_there_is_a_config_error(tmp_path):
+    not_executable = tmp_path / "journalctl"
+    not_executable.write_text("#!/bin/sh\n")
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f"""
+        [agent]
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.journald]]
+        name = "by-path"
+        journalctl = "{tmp_path / "missing" / "journalctl"}"
+
+        [[sources.journald]]
+        name = "by-name"
+        journalctl = "journalctl-of-nowhere"
+
+        [[sources.journald]]
+        name = "not-executable"
+        journalctl = "{not_executable}"
+
+        [[sinks.stdout]]
+        """
+    )
+    done = run_cli("check", "-c", str(config_file))
+    assert done.returncode == 78, done.stderr
+    install = "install journalctl (on Debian, the systemd package provides it)"
+    assert (
+        f"sources.journald[0].journalctl: {tmp_path / 'missing' / 'journalctl'} does not exist:"
+        f" {install}" in done.stderr
+    )
+    assert (
+        "sources.journald[1].journalctl: cannot find 'journalctl-of-nowhere' in the folders of"
+        f" PATH ({os.environ['PATH']}): {install}" in done.stderr
+    )
+    assert f"sources.journald[2].journalctl: {not_executable} is not executable" in done.stderr
+
+    not_executable.chmod(0o755)  # a journalctl of one's own, by path or by name, is taken
+    config_file.write_text(
+        f"""
+        [agent]
+        state_dir = "{tmp_path / "state"}"
+
+        [[sources.journald]]
+        journalctl = "{not_executable}"
+
+        [[sources.journald]]
+        name = "by-name"
+        journalctl = "journalctl"
+
+        [[sinks.stdout]]
+        """
+    )
+    done = run_cli("check", "-c", str(config_file), env={**os.environ, "PATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+
+
 class Writer(threading.Thread):
     """Appends numbered entries to the journal in small batches until told to stop."""
 

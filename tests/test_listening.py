@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import textwrap
+import time
 
 import pytest
 from test_plugins import agent_for
@@ -114,3 +119,114 @@ def test_a_replaced_source_keeps_its_counters(tmp_path):
         assert new.source.counters["overflows"] == 1
     finally:
         agent.stop()
+
+
+def busy_port_config(tmp_path, port: int) -> str:
+    """An http source on a port another socket holds: it fails at start and never listens."""
+    return f"""
+        [agent]
+        id = "gw"
+        state_dir = "{tmp_path / "state"}"
+        shutdown_grace = "1s"
+
+        [[sources.http]]
+        name = "web"
+        address = "127.0.0.1"
+        port = {port}
+
+        [[sinks.stdout]]
+        """
+
+
+@pytest.fixture
+def busy_port():
+    """A port held by a listening socket of the test's own."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def test_sigterm_while_a_source_never_listens_stops_the_agent_at_once(
+    agent_process, tmp_path, busy_port
+):
+    agent = agent_process(busy_port_config(tmp_path, busy_port)).start()
+    agent.wait_log("source web (plugin http_source) failed again", 15)
+    os.kill(agent.pid, signal.SIGTERM)
+    asked = time.monotonic()
+    wait_for(lambda: agent.process.poll() is not None, 10, "the agent to exit after SIGTERM")
+    assert time.monotonic() - asked < 10  # not the 30s start-up waits for sources at most
+    assert agent.process.returncode == 0
+    log = agent.run_log()
+    assert "stopping before it was ready" in log
+    assert "ready:" not in log and "ready, but" not in log
+    assert "is not listening yet" not in log
+    # One traceback for the failure repeated: the repeats are one line each.
+    assert log.count("Traceback") <= 2  # the error and the one it was raised from
+    assert log.count("failed: OSError: cannot listen") == 1
+
+
+DEAF_PLUGIN = """
+from edge_agent import Source, hookimpl, runtime
+
+
+class Deaf(Source):
+    announces_listening = True
+
+    def run(self):
+        self.stopping.wait()
+
+
+@hookimpl
+def register_sources(register):
+    register("deaf", Deaf)
+
+
+@hookimpl
+def startup(agent):
+    runtime.LISTEN_TIMEOUT = 1.0  # READY after 1s of waiting, not 30s
+"""
+
+
+@pytest.fixture
+def deaf_plugin_env(tmp_path):
+    """A pip-installed plugin with a source that never listens (its dist-info on PYTHONPATH)."""
+    site = tmp_path / "site"
+    info = site / "deaf_source-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: deaf-source\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[edge_agent]\ndeaf_source = deaf_source\n")
+    (site / "deaf_source.py").write_text(DEAF_PLUGIN)
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_ready_line_names_the_sources_that_do_not_listen(
+    agent_process, tmp_path, busy_port, deaf_plugin_env
+):
+    config = busy_port_config(tmp_path, busy_port) + "\n[[sources.deaf]]\nname = 'radio'\n"
+    agent = agent_process(config).start(env=deaf_plugin_env)
+    agent.wait_log("ready, but not every source listens", 15)
+    line = next(x for x in agent.run_log().splitlines() if "ready, but" in x)
+    assert "WARNING" in line
+    assert "source web (plugin http_source, it failed: OSError: cannot listen" in line
+    assert "source radio (plugin deaf_source)" in line
+    assert "every source listens" not in agent.run_log().replace("not every source listens", "")
+    assert agent.terminate() == 0
+
+
+def test_sigterm_while_a_reload_waits_for_a_new_source_stops_the_agent_at_once(
+    agent_process, tmp_path, busy_port
+):
+    """SIGHUP adds a source that never listens; SIGTERM during the reload's wait for it."""
+    config = busy_port_config(tmp_path, busy_port)
+    agent = agent_process(config.split("[[sources.http]]")[0] + "[[sinks.stdout]]\n").start()
+    agent.wait_ready()
+    agent.config_path.write_text(textwrap.dedent(config))
+    os.kill(agent.pid, signal.SIGHUP)
+    agent.wait_log("source web (plugin http_source) failed again", 15)
+    os.kill(agent.pid, signal.SIGTERM)
+    asked = time.monotonic()
+    wait_for(lambda: agent.process.poll() is not None, 10, "the agent to exit after SIGTERM")
+    assert time.monotonic() - asked < 10  # not the 30s a reload waits for sources at most
+    assert agent.process.returncode == 0
+    assert "is not listening yet" not in agent.run_log()
