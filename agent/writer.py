@@ -149,7 +149,9 @@ class Writer:
                 and self._waiting_events + len(events) > self.handoff_max_events
                 and not self._stopping
             ):
-                self._cond.wait()
+                if cancel is not None and cancel.is_set():
+                    raise QueueError(CANCELLED)  # nothing was handed over
+                self._cond.wait(None if cancel is None else CANCEL_CHECK)
             if self._stopping:
                 raise QueueError("the agent is stopping; the event was not accepted")
             self._waiting.append(pending)

@@ -358,12 +358,10 @@ class HttpSource(Source):
                 "the JSON is nested too deep (arrays and objects within each other);"
                 " send it flatter",
             ) from None
-        except ValueError as exc:
-            if "digits" not in str(exc):
-                raise Refused(400, f"the JSON cannot be read: {exc}") from None
-            raise Refused(  # an integer over sys.get_int_max_str_digits() digits
+        except ValueError as exc:  # not a JSONDecodeError: an integer over Python's limit
+            raise Refused(
                 400,
-                f"a number in the JSON has more than {_max_digits()} digits; send it as a string",
+                f"the JSON cannot be read: {exc} (a number that long is better sent as a string)",
             ) from None
         if kind == JSON:
             items = value if isinstance(value, list) else [value]
@@ -442,7 +440,8 @@ class HttpSource(Source):
                 ) from None
             finally:
                 self.stopping.limit(None)
-            self.stopping.full = False
+            if events:  # room came (a request with no events learnt nothing of it)
+                self.stopping.full = False
         finally:
             if probing:
                 self._probe.release()
@@ -493,12 +492,6 @@ def _which_event(events: list[Event], error: ValueError) -> str:
             except ValueError as exc:
                 return f"event {i} (counting from 0): {exc}"
     return str(error)
-
-
-def _max_digits() -> int:
-    import sys
-
-    return sys.get_int_max_str_digits()
 
 
 def _now_text() -> str:

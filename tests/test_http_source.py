@@ -108,7 +108,7 @@ def test_json_too_deep_or_with_a_huge_number_is_refused_400(source, caplog):
     assert "nested too deep" in answer["error"]
     status, _, answer = post(harness.port, b'{"n": ' + b"7" * 5000 + b"}")
     assert status == 400
-    assert "more than 4300 digits" in answer["error"] and "as a string" in answer["error"]
+    assert "4300 digits" in answer["error"] and "as a string" in answer["error"]
     assert post(harness.port, {"n": 1})[0] == 200  # and the source goes on
     assert [e.data for e in harness.events] == [{"n": 1}]
     assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
