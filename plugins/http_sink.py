@@ -225,12 +225,15 @@ class HttpSink(Sink):
             event = batch[0][0]
             self.refused += 1
             self.reject(event, f"{self.target} answered {said}", invalid=status == 413)
-            # The same line for each event refused with this answer, so that the log folds
-            # the repeats into a count; which events, and why, is in the dead letters.
+            # The same line for each event refused with this status (the body, which often
+            # names the event, is left out), so that the log folds the repeats into a count;
+            # which events, and the whole answer, are in the dead letters.
+            self.log.debug("%s refused event %s: %s", self.target, event.id, said)
             self.log.warning(
-                "%s refused an event: %s; %s",
+                "%s refused an event: %s %s; %s",
                 self.target,
-                said,
+                status,
+                reason,
                 "it is too large for the server and is set aside as a dead letter"
                 if status == 413
                 else "it is sent again, and set aside as a dead letter after [queue]"

@@ -332,7 +332,7 @@ def test_a_server_that_refuses_every_event_is_warned_about_and_counted(agent_pro
             return json.loads(result.stdout)["status"]["sinks"]["backend"]["refused"]
 
         wait_for(lambda: refused() >= 8, 20, "status to count the refusals of two rounds")
-        warning = f'{receiver.url()} refused an event: 400 Bad Request: {{"status": 400}}'
+        warning = f"{receiver.url()} refused an event: 400 Bad Request;"
         agent.wait_log(warning)
         line = next(x for x in agent.run_log().splitlines() if warning in x)
         assert "WARNING" in line and "they all stay queued" in line
