@@ -176,6 +176,11 @@ def _find_journalctl(program: str) -> None:
     if not program.strip():
         raise ValueError(f"is empty: {INSTALL_JOURNALCTL}")
     if os.sep in program:
+        if not os.path.isabs(program):
+            raise ValueError(
+                f"{program} is a relative path (the service does not run from this folder):"
+                " give an absolute path, or a name found on PATH"
+            )
         if not os.path.isfile(program):
             raise ValueError(f"{program} does not exist: {INSTALL_JOURNALCTL}")
         if not os.access(program, os.X_OK):
