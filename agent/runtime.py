@@ -349,14 +349,13 @@ class Agent:
 
     def wait_until_listening(
         self, runners: Sequence[SourceRunner], timeout: float | None = None
-    ) -> list[SourceRunner]:
+    ) -> None:
         """Wait (at most ``timeout``) until ``runners``' sources listen; name the late ones.
 
         READY=1 follows this, so that what happens after ``systemctl start``
         returns is seen. A source that is still not listening is named in a
         warning, and start-up goes on: READY is never held forever. A stop
-        request (SIGTERM, SIGINT) ends the wait at once. Returns the runners
-        whose sources do not listen (none when a stop ended the wait).
+        request (SIGTERM, SIGINT) ends the wait at once.
         """
         timeout = LISTEN_TIMEOUT if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -367,7 +366,7 @@ class Agent:
                     break
                 runner.source.is_listening.wait(min(left, LISTEN_POLL))
         if self._stop_requested.is_set():
-            return []
+            return
         late = [r for r in runners if not r.source.is_listening.is_set()]
         for runner in late:
             log.warning(
@@ -378,7 +377,6 @@ class Agent:
                 timeout,
                 f" (it failed: {runner.last_error})" if runner.last_error else "",
             )
-        return late
 
     def not_listening(self) -> list[str]:
         """Each configured source that does not listen now, as "source NAME (plugin P)"
@@ -650,7 +648,8 @@ class Agent:
                 self._reloads_done += 1
                 self._last_reload_applied = applied
                 self._reloads.notify_all()
-        self.notifier.ready(self.summary())
+        if not self._stop_requested.is_set():  # else STOPPING=1 follows and ends the reload
+            self.notifier.ready(self.summary())
         return applied
 
     def request_reload(self) -> None:
