@@ -158,7 +158,7 @@ class EncodedEvent(Event):
     one line (stdout and the tap write an event a line).
     """
 
-    data_json: str = "null"
+    data_json: str = field(kw_only=True)
 
 
 def make_events(
@@ -185,7 +185,7 @@ def make_events(
             for item, event_id in zip(data, ids, strict=True)
         ]
     return [
-        EncodedEvent(type, source, item, subject, event_id, now, None, text)
+        EncodedEvent(type, source, item, subject, event_id, now, data_json=text)
         for item, event_id, text in zip(data, ids, data_json, strict=True)
     ]
 

@@ -44,6 +44,9 @@ _TEXT_TYPES = ("text/", "application/xml", "application/yaml")
 _ATTRIBUTE = re.compile(r"[a-z0-9]{1,64}")
 #: A JSON escape of a surrogate code point.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: A number that may be too large for a float (JSON has no infinity): a three-digit
+#: exponent, or 309 digits in a row. Such a payload is checked before it is taken as JSON.
+_HUGE_NUMBER = re.compile(rb"[0-9][eE][+]?[0-9]{3}|[0-9]{309}")
 
 
 def _reject_constant(name: str) -> Any:
@@ -70,10 +73,10 @@ def _parse_json(payload: bytes) -> Parsed:
         value = _DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return _NOT_JSON
-    if b"\\u" in payload and _SURROGATE_ESCAPE.search(payload):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
+    if (b"\\u" in payload and _SURROGATE_ESCAPE.search(payload)) or _HUGE_NUMBER.search(payload):
+        try:  # what the queue could not keep: text that is no UTF-8, a float past 1.8e308
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError):
             return _NOT_JSON
     one_line = b"\n" not in payload and b"\r" not in payload
     return (True, value, text if one_line else None)
@@ -151,7 +154,9 @@ def _new_event(
     event_id, time = stamp if stamp is not None else (new_event_id(), utc_now())
     if data_json is None:
         return Event(type, source.name, data, subject, event_id, time, attributes)
-    return EncodedEvent(type, source.name, data, subject, event_id, time, attributes, data_json)
+    return EncodedEvent(
+        type, source.name, data, subject, event_id, time, attributes, data_json=data_json
+    )
 
 
 def _payload_data(

@@ -10,7 +10,8 @@ import shutil
 import pytest
 from conftest import first_deliveries
 
-from edge_agent.plugins.tail import LINES_PER_COMMIT, TailSource
+from edge_agent.event import encode_data
+from edge_agent.plugins.tail import LINES_PER_COMMIT, TailSource, line_json
 from edge_agent.testing import SourceHarness, wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -450,3 +451,15 @@ def test_the_agent_restarted_after_rotations_sends_every_generation_and_one_gap(
     assert gap["data"]["path"] == str(other)
     assert gap["data"]["from_offset"] == offset
     assert agent.terminate() == 0
+
+
+def test_lines_are_queued_as_the_json_the_queue_would_make():
+    """tail builds each line's JSON as text (cheaper than encoding a dict): it must be the
+    very text the queue would store for the line's data."""
+    texts = ["plain", 'quote " and \\ backslash', "tab\tand\x00\x1f\x7f", "é ü 😀 \u2028", ""]
+    path = '/var/log/ünïcode "app".log'
+    offsets = [0, 6, 40, 1 << 40, 99]
+    made = line_json(path, texts, offsets)
+    for text, offset, json_text in zip(texts, offsets, made, strict=True):
+        assert json_text == encode_data({"path": path, "line": text, "offset": offset})
+        assert json.loads(json_text)["line"] == text
