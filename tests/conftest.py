@@ -169,6 +169,22 @@ def agent_process(tmp_path):
             agent._close()
 
 
+def installed_plugin(
+    site: Path, distribution: str, module: str, code: str, plugin: str = ""
+) -> dict:
+    """A pip-installed plugin as ``pip install`` leaves it: ``module``.py and a dist-info
+    (METADATA, an edge_agent entry point ``plugin``, by default the module's name) in
+    ``site``. Returns the environment that puts ``site`` on PYTHONPATH for the agent."""
+    info = site / f"{distribution.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[edge_agent]\n{plugin or module} = {module}\n")
+    (site / f"{module}.py").write_text(code)
+    return dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    )
+
+
 def run_cli(*args: str, env: dict | None = None, stdin: str | None = None, cwd=None):
     """``edge-agent ARGS`` as a user types it; returns the CompletedProcess."""
     return subprocess.run(

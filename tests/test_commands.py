@@ -11,7 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import mqtt_agent_config, run_cli
+from conftest import installed_plugin, mqtt_agent_config, run_cli
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -287,13 +287,7 @@ def register_remote_commands(register):
 @pytest.fixture
 def command_plugin_env(tmp_path):
     """A pip-installed plugin registering remote commands (its dist-info on PYTHONPATH)."""
-    site = tmp_path / "site"
-    info = site / "fleet_tools-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fleet-tools\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[edge_agent]\nfleet_tools = fleet_tools\n")
-    (site / "fleet_tools.py").write_text(PLUGIN)
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return installed_plugin(tmp_path / "site", "fleet-tools", "fleet_tools", PLUGIN)
 
 
 def test_a_plugin_registered_command_works(

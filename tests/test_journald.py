@@ -289,6 +289,10 @@ def test_a_journalctl_that_is_not_there_is_a_config_error(tmp_path):
         name = "not-executable"
         journalctl = "{not_executable}"
 
+        [[sources.journald]]
+        name = "relative"
+        journalctl = "bin/journalctl"
+
         [[sinks.stdout]]
         """
     )
@@ -304,6 +308,7 @@ def test_a_journalctl_that_is_not_there_is_a_config_error(tmp_path):
         f" PATH ({os.environ['PATH']}): {install}" in done.stderr
     )
     assert f"sources.journald[2].journalctl: {not_executable} is not executable" in done.stderr
+    assert "sources.journald[3].journalctl: bin/journalctl is a relative path" in done.stderr
 
     not_executable.chmod(0o755)  # a journalctl of one's own, by path or by name, is taken
     config_file.write_text(

@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import installed_plugin
 from test_plugins import agent_for
 
 from edge_agent import Source, hookimpl, status
@@ -191,13 +192,7 @@ def startup(agent):
 @pytest.fixture
 def deaf_plugin_env(tmp_path):
     """A pip-installed plugin with a source that never listens (its dist-info on PYTHONPATH)."""
-    site = tmp_path / "site"
-    info = site / "deaf_source-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: deaf-source\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[edge_agent]\ndeaf_source = deaf_source\n")
-    (site / "deaf_source.py").write_text(DEAF_PLUGIN)
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return installed_plugin(tmp_path / "site", "deaf-source", "deaf_source", DEAF_PLUGIN)
 
 
 def test_the_ready_line_names_the_sources_that_do_not_listen(

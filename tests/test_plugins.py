@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli
+from conftest import installed_plugin, run_cli
 
 from edge_agent import Event, Sink, SinkUnavailable, Source, hookimpl, hookspecs, option
 from edge_agent.config import parse_config
@@ -256,14 +255,8 @@ def test_a_failing_sink_keeps_its_events_queued(tmp_path, caplog):
 @pytest.fixture
 def broken_plugin_on_path(tmp_path):
     """A pip-installed plugin whose module fails to import (its dist-info on PYTHONPATH)."""
-    site = tmp_path / "site"
-    info = site / "broken_plugin-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[edge_agent]\nbroken = broken_plugin\n")
-    (site / "broken_plugin.py").write_text("raise ImportError('needs libfoo.so.1')\n")
-    env = dict(os.environ, PYTHONPATH=str(site))
-    return env
+    code = "raise ImportError('needs libfoo.so.1')\n"
+    return installed_plugin(tmp_path / "site", "broken-plugin", "broken_plugin", code, "broken")
 
 
 def test_a_plugin_that_fails_to_import_is_reported_everywhere(broken_plugin_on_path, tmp_path):
