@@ -81,11 +81,12 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two workers: most tests wait on brokers, agents and the kernel, not on a core.
+# Three workers, even on two cores: most tests wait on brokers, agents and the kernel,
+# not on a core (on a slow 2-core VM the suite took 7 minutes with two, 5 with three).
 # A test module runs on one worker (loadfile): those that make network devices
 # are all in tests/test_device_sources.py, and a udev source sees every device.
 test: $(VENV)/.installed-test test-tools rabbitmq lint
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 3 --dist loadfile
 
 # The benchmarks (not run by CI): every script in bench/, then one table. They start
 # their own brokers and agents on free loopback ports. BENCH_ARGS=--quick: small counts.
