@@ -9,6 +9,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,22 @@ def installed_plugin(
     return dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     )
+
+
+def wait_while_growing(count: Callable[[], int], total: int, what: str, stall: float = 20.0):
+    """Wait until ``count()`` reaches ``total``, for as long as it keeps growing: fail once
+    it has not grown for ``stall`` seconds, saying how many of ``total`` came. For a big
+    delivery on a loaded machine, where how long it takes says nothing, but a stop does."""
+    last, since = -1, time.monotonic()
+    while True:
+        now = count()
+        if now >= total:
+            return
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > stall:
+            raise AssertionError(f"{what}: {now} of {total}, none more for {stall:g}s")
+        time.sleep(0.2)  # ok: a poll interval
 
 
 def run_cli(*args: str, env: dict | None = None, stdin: str | None = None, cwd=None):

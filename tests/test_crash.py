@@ -9,8 +9,7 @@ import threading
 import time
 
 import pytest
-
-from edge_agent.testing import wait_for
+from conftest import wait_while_growing
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -87,7 +86,7 @@ def test_sigkill_loop_loses_and_repeats_no_line(
     def delivered() -> set[int]:
         return {int(e["data"]["line"].split()[1]) for e in subscriber.events()}
 
-    wait_for(lambda: len(delivered()) == total, 60, f"all {total} lines at the broker")
+    wait_while_growing(lambda: len(delivered()), total, "lines at the broker")
     events = subscriber.events()
     assert delivered() == set(range(total))
 
@@ -107,7 +106,7 @@ def test_sigkill_loop_loses_and_repeats_no_line(
     assert agent.terminate() == 0
 
 
-@pytest.mark.timeout(90)  # ten agent starts on a loaded machine
+@pytest.mark.timeout(180)  # ten agent starts and 40,000 lines on a loaded machine
 def test_copytruncate_and_sigkill_loop_lose_no_line(
     tmp_path, subscriber, running_broker, agent_process
 ):
@@ -159,6 +158,6 @@ def test_copytruncate_and_sigkill_loop_lose_no_line(
             if e["type"] == "log.line"
         }
 
-    wait_for(lambda: len(delivered()) == total, 40, f"all {total} lines at the broker")
+    wait_while_growing(lambda: len(delivered()), total, "lines at the broker")
     assert not [e for e in subscriber.events() if e["type"] == "log.gap"]
     assert agent.terminate() == 0
