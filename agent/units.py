@@ -1,4 +1,5 @@
-"""Human units in configuration: durations ("10s", "7d") and sizes ("256MiB")."""
+"""Human units in configuration: durations ("10s", "7d"), sizes ("256MiB") and broker
+addresses ("host:port")."""
 
 from __future__ import annotations
 
@@ -50,3 +51,13 @@ def parse_size(value: str | int) -> int:
             ' such as "256MiB"'
         )
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def split_host(entry: str, default_port: int) -> tuple[str, int]:
+    """``"broker:8883"`` → ("broker", 8883); ``"[::1]:1883"`` too; ValueError if malformed."""
+    host, sep, port = entry.rpartition(":")
+    if not sep or "]" in port:
+        return entry.strip("[]"), default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"hosts: {entry!r} is not host:port")
+    return host.strip("[]"), int(port)

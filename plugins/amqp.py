@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edge_agent import Duration, QueuedEvent, Sink, SinkUnavailable, hookimpl, option
+from edge_agent.units import split_host
 
 #: pika, imported once an AMQP sink is configured: it costs about 3 MiB of memory
 #: and 50 ms of start-up, which an agent without one should not pay.
@@ -275,16 +276,6 @@ def routing_key(template: str, event: QueuedEvent) -> str:
     """Fill ``{agent}``, ``{source}`` and ``{type}``."""
     values = {"agent": event.agent_id, "source": event.source, "type": event.type}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def split_host(entry: str, default_port: int) -> tuple[str, int]:
-    """``"node1:5672"`` → ("node1", 5672); ``"[::1]:5672"`` too; ValueError if malformed."""
-    host, sep, port = entry.rpartition(":")
-    if not sep or "]" in port:
-        return entry.strip("[]"), default_port
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"hosts: {entry!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def _where(params: Any) -> str:

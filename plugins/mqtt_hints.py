@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_agent.plugins.mqtt_messages import split_host
+from edge_agent.units import split_host
 
 #: Reason codes (CONNACK or DISCONNECT) that send the client to another server.
 MOVED = {0x9C: "use another server", 0x9D: "server moved"}

@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent import ByteSize, Duration, OptionError, QueuedEvent, option
 from edge_agent.plugins.mqtt_commands import CommandsConfig
+from edge_agent.units import split_host
 
 if TYPE_CHECKING:
     # Imported by new_client() and connect(), when a client is made: the options and
@@ -312,16 +313,6 @@ def warn_if_insecure(config: MqttConnectionConfig, log: logging.Logger) -> None:
             " tests only: give the broker a certificate for the name used here instead",
             ", ".join(f"{h}:{p}" for h, p in config.brokers()),
         )
-
-
-def split_host(entry: str, default_port: int) -> tuple[str, int]:
-    """``"broker:8883"`` → ("broker", 8883); ``"[::1]:1883"`` too; ValueError if malformed."""
-    host, sep, port = entry.rpartition(":")
-    if not sep or "]" in port:
-        return entry.strip("[]"), default_port
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"hosts: {entry!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def render_topic(template: str, event: QueuedEvent, data: Any = None) -> str:
